@@ -1,0 +1,116 @@
+"""The three plugin interfaces: ``ConstraintManifold``, ``Projector`` and ``DescentRule``.
+
+Notation (DESIGN.md §1): loss ``f``, flat parameters ``θ ∈ R^d``, graph ``Γ = {(θ, f(θ))}``,
+gradient ``g = ∇f(θ)``, contact point ``p = (θ, f(θ))``, ball centre ``c = (θ_c, y_c) ∈ R^{d+1}``.
+Every vector here is a *flat* tensor over all parameters of all groups: one ball, never one per tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+import torch
+
+from nonlocal_opt.hyperparameters import Hyperparameter
+
+if TYPE_CHECKING:
+    from nonlocal_opt.step_context import StepContext
+
+
+@attrs.frozen
+class GraphPoint:
+    """A point ``p = (θ, f(θ))`` of Γ, with the gradient ``g = ∇f(θ)`` when it was evaluated."""
+
+    theta: torch.Tensor
+    loss: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
+@attrs.frozen
+class Centre:
+    """A point ``c = (θ_c, y_c)`` of ``R^{d+1}``: the ball's centre, or a proposed centre ``c̃``."""
+
+    theta: torch.Tensor
+    height: torch.Tensor
+
+
+@attrs.frozen
+class ProjectionResult:
+    """What a projector returns.
+
+    ``point``: the new contact point ``p_{t+1}`` (its ``grad`` is ``∇f`` there when it was evaluated).
+    ``centre``: the centre to carry into the next step, or ``None`` when the next step recomputes it
+    from the new mini-batch as ``c = p + ρ ν(p)`` (the paper's code does).
+    ``iterations``: inner iterations run; ``residual``: ``‖∇φ‖`` at ``point``.
+    """
+
+    point: GraphPoint
+    centre: Centre | None
+    iterations: int
+    residual: torch.Tensor
+
+
+class _Component(ABC):
+    """Shared shape of registered components: a ``name`` and declared ``hyperparameters``."""
+
+    name: ClassVar[str]
+    hyperparameters: ClassVar[Mapping[str, Hyperparameter]] = {}
+
+    def check_group(self, group: Mapping[str, object]) -> None:
+        """Reject combinations of hyperparameters (one parameter group, defaults filled in) with
+        ``ValueError``; single values are already checked by their ``Hyperparameter`` validators."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ConstraintManifold(_Component):
+    """The set the optimizer's state lives on.
+
+    ``offset``: ``S(Γ, ρ) = {c : d(c, Γ) = ρ}``, parametrised by the contact point, ``c(p) = p + ρ ν(p)``
+    with ``ν = (−g, 1)/sqrt(1 + ‖g‖²)``. ``euclidean``: no constraint, ``c(p) = p``.
+    """
+
+    @abstractmethod
+    def centre(self, point: GraphPoint, ctx: StepContext) -> Centre:
+        """``c(p)``: the state attached to the contact point ``p`` (needs ``point.grad``)."""
+
+    @abstractmethod
+    def offset_error(self, centre: Centre, point: GraphPoint, ctx: StepContext) -> torch.Tensor:
+        """How far ``(c, p)`` is from satisfying the constraint (0 on the manifold), as a 0-d tensor."""
+
+
+class Projector(_Component):
+    """Restores the constraint after a move: maps a proposed centre ``c̃`` back onto the manifold.
+
+    It may evaluate the loss as often as it needs through ``ctx.evaluate(θ)``, which runs the
+    closure on the *same* mini-batch. ``manifolds`` lists the manifolds it can project onto.
+    """
+
+    manifolds: ClassVar[tuple[str, ...]] = ("offset",)
+
+    @abstractmethod
+    def project(self, target: Centre, start: GraphPoint, ctx: StepContext) -> ProjectionResult:
+        """Return ``p_{t+1}`` (and optionally ``c_{t+1}``) for the proposed centre ``c̃ = target``,
+        starting from the current contact point ``start = p_t``."""
+
+
+class DescentRule(_Component):
+    """Proposes the move of one optimizer step, and drives the step.
+
+    ``default_manifold`` / ``default_projector`` are what ``compose`` picks for ``None``;
+    ``manifolds`` lists the manifolds the rule works on. ``requires_closure`` says whether ``step()``
+    needs a closure (LBFGS-style: it zeroes grads, runs forward and backward, returns the loss).
+    """
+
+    default_manifold: ClassVar[str] = "euclidean"
+    default_projector: ClassVar[str] = "none"
+    manifolds: ClassVar[tuple[str, ...]] = ("euclidean",)
+    requires_closure: ClassVar[bool] = True
+
+    @abstractmethod
+    def step(self, ctx: StepContext) -> torch.Tensor | None:
+        """Perform one optimizer step; return the loss at the start of the step (or ``None``)."""

@@ -1,0 +1,98 @@
+"""Name → class registry of rules, projectors and manifolds, built from the plugins' hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from nonlocal_opt.interfaces import ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.plugin_manager import get_plugin_manager
+
+KINDS: dict[str, tuple[str, type]] = {
+    "rule": ("nonlocal_opt_register_descent_rules", DescentRule),
+    "projector": ("nonlocal_opt_register_projectors", Projector),
+    "manifold": ("nonlocal_opt_register_manifolds", ConstraintManifold),
+}
+
+
+@attrs.frozen
+class Registration:
+    """Who registered what: the class, the plugin's name and its distribution (if installed)."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def provider(self) -> str:
+        if self.distribution is None:
+            return f"plugin {self.plugin!r}"
+        return f"plugin {self.plugin!r} ({self.distribution} {self.version})"
+
+
+def _check_kind(kind: str) -> tuple[str, type]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def _distributions() -> dict[int, tuple[str, str]]:
+    """id(plugin object) → (distribution name, version) for plugins loaded from entry points."""
+    return {
+        id(plugin): (dist.metadata["name"], dist.version)
+        for plugin, dist in get_plugin_manager().list_plugin_distinfo()
+    }
+
+
+def registrations(kind: str) -> dict[str, Registration]:
+    """Every class registered for ``kind``, by name. A name registered twice raises ``ValueError``."""
+    hook_name, base = _check_kind(kind)
+    manager = get_plugin_manager()
+    dists = _distributions()
+    found: dict[str, Registration] = {}
+    for impl in getattr(manager.hook, hook_name).get_hookimpls():
+        dist, version = dists.get(id(impl.plugin), (None, None))
+
+        def register(cls: type, _plugin: str = impl.plugin_name, _dist=dist, _version=version) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"plugin {_plugin!r} registered {cls!r}, which is not a {base.__name__} subclass")
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"plugin {_plugin!r} registered {cls.__name__} without a string `name` attribute")
+            entry = Registration(kind, name, cls, _plugin, _dist, _version)
+            if name in found:
+                raise ValueError(
+                    f"duplicate {kind} name {name!r}: registered by {found[name].provider} "
+                    f"({found[name].cls.__qualname__}) and by {entry.provider} ({cls.__qualname__})"
+                )
+            found[name] = entry
+
+        impl.function(register=register)
+    return found
+
+
+def available(kind: str) -> list[str]:
+    """Sorted registered names for ``kind`` in ``{"rule", "projector", "manifold"}``."""
+    return sorted(registrations(kind))
+
+
+def get(kind: str, name: str) -> type:
+    """The class registered for ``kind`` under ``name``; ``ValueError`` lists the available names."""
+    found = registrations(kind)
+    if name not in found:
+        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(found)) or 'none'}")
+    return found[name].cls
+
+
+def instantiate(kind: str, name_or_instance: Any) -> Any:
+    """An instance for ``kind``: a registered name is looked up, an instance is checked and kept."""
+    _, base = _check_kind(kind)
+    if isinstance(name_or_instance, str):
+        return get(kind, name_or_instance)()
+    if isinstance(name_or_instance, base):
+        return name_or_instance
+    raise TypeError(f"{kind} must be a registered name or a {base.__name__} instance, got {name_or_instance!r}")
