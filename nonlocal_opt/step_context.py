@@ -42,6 +42,7 @@ class StepContext:
         self.projector = optimizer.projector
         self.flat = FlatParams(optimizer.param_groups)
         self.grad_evals = 0
+        self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
         self.stats: dict[str, Any] = {"grad_evals": 0, "proj_iters": 0, "proj_residual": 0.0, "offset_error": 0.0}
 
     # -- hyperparameters --------------------------------------------------------------------------
@@ -89,8 +90,13 @@ class StepContext:
         return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad())
 
     # -- projection -------------------------------------------------------------------------------
-    def project(self, target: Centre, start: GraphPoint) -> ProjectionResult:
-        """Run the composed projector from ``start`` towards ``target`` and record its stats."""
+    def project(self, target: Centre, start: GraphPoint, centre: Centre | None = None) -> ProjectionResult:
+        """Run the composed projector from ``start`` towards ``target`` and record its stats.
+
+        ``centre`` is the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors
+        that move the centre rather than project it (``tangent``) read it as ``ctx.centre``.
+        """
+        self.centre = centre
         result = self.projector.project(target, start, self)
         self.stats["proj_iters"] = result.iterations
         self.stats["proj_residual"] = result.residual

@@ -5,23 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from nonlocal_opt import Centre, ConstraintManifold, DescentRule, GraphPoint, Hyperparameter, ProjectionResult, Projector, hookimpl
-from nonlocal_opt.base_updates import sgd_update
-from nonlocal_opt.hyperparameters import boolean, non_negative
-
-SGD_HYPERPARAMETERS = {
-    "lr": Hyperparameter(1e-3, "η", "learning rate", non_negative),
-    "momentum": Hyperparameter(0.0, "μ", "heavy-ball momentum factor", non_negative),
-    "dampening": Hyperparameter(0.0, "τ", "dampening of the momentum buffer", non_negative),
-    "nesterov": Hyperparameter(False, "—", "Nesterov momentum (needs momentum > 0, dampening = 0)", boolean),
-    "weight_decay": Hyperparameter(0.0, "λ", "coupled L2 weight decay added to the gradient", non_negative),
-}
-
-
-def check_nesterov(group: dict) -> None:
-    """Nesterov momentum needs ``momentum > 0`` and ``dampening = 0`` (as in ``torch.optim.SGD``)."""
-    if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
-        raise ValueError("invalid hyperparameter nesterov=True: it requires momentum > 0 and dampening = 0")
+from nonlocal_opt import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector, hookimpl
+from nonlocal_opt.base_updates import SGD_HYPERPARAMETERS, check_nesterov, sgd_update
 
 
 class SGDRule(DescentRule):

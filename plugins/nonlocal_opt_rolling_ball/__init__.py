@@ -58,7 +58,7 @@ class RollingBallRule(DescentRule):
     def step(self, ctx):
         start = ctx.evaluate(extra=False)
         centre = self._carried_centre(ctx) or ctx.manifold.centre(start, ctx)
-        result = ctx.project(self.propose(centre, start, ctx), start)
+        result = ctx.project(self.propose(centre, start, ctx), start, centre=centre)
         ctx.commit(result.point.theta, fallback=start.theta, loss=result.point.loss)
         self._carry_centre(ctx, result.centre)
         return start.loss

@@ -1,0 +1,114 @@
+"""First-party plugin: Entropy-SGD (Chaudhari et al., Algorithm 1), with the public reference code's
+variant as options. Registers the ``entropy-sgd`` rule through the ``nonlocal_opt`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
+from nonlocal_opt.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
+from nonlocal_opt.hyperparameters import (
+    boolean,
+    non_negative,
+    non_negative_int,
+    optional,
+    positive,
+    positive_int,
+    unit_interval,
+)
+from nonlocal_opt.step_context import accepts_fresh_batch
+
+
+class EntropySGDRule(DescentRule):
+    """One outer step: ``x', μ ← x``; ``L`` Langevin steps
+    ``x' ← x' − η' [∇f(x') − γ_t (x − x')] + sqrt(η') ε ξ``, ``μ ← (1 − α) μ + α x'``;
+    then the SGD base update from ``x`` with the gradient ``γ_t (x − μ)`` (``x − μ`` when
+    ``scale_outer_by_gamma=False``). Scoping ``γ_t = γ₀ (1 + γ₁)^t``, ``t`` = accepted outer steps
+    (``state['step']``, which ``load_state_dict`` keeps as it is).
+
+    The first Langevin step uses the gradient of the step's first pass (at ``x' = x``), so a step
+    costs ``L`` passes; only that first pass updates BatchNorm running statistics by default.
+    """
+
+    name = "entropy-sgd"
+    hyperparameters = {
+        **SGD_HYPERPARAMETERS,
+        "inner_steps": Hyperparameter(20, "L", "Langevin steps per outer step", positive_int),
+        "inner_lr": Hyperparameter(0.1, "η'", "step size of the Langevin steps", positive),
+        "gamma": Hyperparameter(3e-3, "γ₀", "scope: coupling of x' to x at t = 0", positive),
+        "scoping": Hyperparameter(0.0, "γ₁", "scoping rate: γ_t = γ₀ (1 + γ₁)^t", non_negative),
+        "noise": Hyperparameter(1e-4, "ε", "thermal noise of the Langevin steps", non_negative),
+        "alpha": Hyperparameter(0.75, "α", "weight of x' in the running mean μ", unit_interval),
+        "scale_outer_by_gamma": Hyperparameter(
+            True, "—", "outer gradient γ_t (x − μ) as in the paper; False: x − μ as in the reference code", boolean
+        ),
+        "fresh_batches": Hyperparameter(
+            False, "—", "Langevin steps 2..L call closure(fresh_batch=True) for a new mini-batch each", boolean
+        ),
+        "seed": Hyperparameter(
+            None, "—", "seed of the noise generator (None: drawn once from torch's global generator)",
+            optional(non_negative_int),
+        ),
+        "max_grad_norm": MAX_GRAD_NORM,
+    }
+
+    def check_group(self, group: dict) -> None:
+        check_nesterov(group)
+
+    def step(self, ctx):
+        fresh = ctx.hp("fresh_batches")
+        if fresh and not accepts_fresh_batch(ctx.closure):
+            raise ValueError(
+                "fresh_batches=True needs a closure that accepts the keyword fresh_batch, e.g. "
+                "def closure(fresh_batch=False): ...; or set fresh_batches=False to reuse the step's batch"
+            )
+        inner_lr, alpha, noise = ctx.hp("inner_lr"), ctx.hp("alpha"), ctx.hp("noise")
+        start = ctx.evaluate(extra=False)
+        x = start.theta
+        t = ctx.state.get("step", torch.zeros((), dtype=torch.int64, device=x.device))
+        gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
+        rng = self._noise_generator(ctx) if noise > 0 else None
+        finite = torch.isfinite(start.loss)
+        x_inner, mu, point = x.clone(), x.clone(), start
+        for inner in range(ctx.hp("inner_steps")):
+            if inner > 0:
+                point = ctx.evaluate(x_inner, fresh_batch=fresh)
+                finite = finite & torch.isfinite(point.loss)
+            x_inner = x_inner - inner_lr * (point.grad - gamma * (x - x_inner))
+            if rng is not None:
+                xi = torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+                x_inner = x_inner + math.sqrt(inner_lr) * noise * xi
+            mu = mu.lerp(x_inner, alpha)
+        outer = gamma * (x - mu) if ctx.hp("scale_outer_by_gamma") else x - mu
+        accepted = guarded_sgd_step(ctx, x, outer, finite)
+        ctx.state["step"] = t + accepted.to(t.dtype)
+        if rng is not None:
+            ctx.state["noise_rng"] = torch.where(accepted.cpu(), rng.get_state(), self._saved_rng_state(ctx))
+        ctx.stats["gamma"] = gamma
+        return start.loss
+
+    @staticmethod
+    def _saved_rng_state(ctx) -> torch.Tensor:
+        """``state['noise_rng']`` as the CPU byte tensor ``Generator.set_state`` wants:
+        ``Optimizer.load_state_dict`` moves state to the parameter's device and dtype (exact for 0..255)."""
+        return ctx.state["noise_rng"].to(device="cpu", dtype=torch.uint8)
+
+    def _noise_generator(self, ctx) -> torch.Generator:
+        """The generator of ``ξ ~ N(0, I)``, restored from ``state['noise_rng']`` (so ``state_dict``
+        round-trips it) or seeded from ``seed`` on the first step."""
+        rng = torch.Generator(device=ctx.flat.device)
+        if "noise_rng" in ctx.state:
+            rng.set_state(self._saved_rng_state(ctx))
+        else:
+            seed = ctx.hp("seed")
+            rng.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+            ctx.state["noise_rng"] = rng.get_state()
+        return rng
+
+
+@hookimpl
+def nonlocal_opt_register_descent_rules(register):
+    register(EntropySGDRule)

@@ -1,0 +1,42 @@
+"""O(d) algebra of the footpoint problem ``min_θ φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (DESIGN.md §1).
+
+With ``a = θ − θ̃`` and ``s = f(θ) − ỹ``: ``∇φ = a + s g`` and the Gauss–Newton matrix is
+``G = I + g gᵀ``. Everything here is a handful of dot products and axpys on flat tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nonlocal_opt import Centre, GraphPoint
+
+
+def phi(point: GraphPoint, target: Centre) -> torch.Tensor:
+    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``."""
+    return 0.5 * ((point.theta - target.theta).square().sum() + (point.loss - target.height).square())
+
+
+def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
+    """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
+    return (point.theta - target.theta) + (point.loss - target.height) * point.grad
+
+
+def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``((1 + μ) I + g gᵀ)⁻¹ v = [v − g (gᵀv)/(1 + μ + ‖g‖²)] / (1 + μ)`` (Sherman–Morrison)."""
+    shift = 1 + damping
+    return (v - grad * (grad.dot(v) / (shift + grad.dot(grad)))) / shift
+
+
+def tolerance(hp, start: GraphPoint, target: Centre) -> float | torch.Tensor | None:
+    """The stopping threshold on ``‖∇φ‖``: ``max(tol, rtol · ‖θ̃ − θ_t‖)``; ``None`` when both are off.
+
+    ``hp`` reads a hyperparameter (``ctx.hp``). On CUDA the threshold is never checked inside the
+    loop (it would synchronise the host), so ``None`` is returned there.
+    """
+    tol, rtol = hp("tol"), hp("rtol")
+    if start.theta.device.type != "cpu" or (tol is None and rtol is None):
+        return None
+    threshold = torch.zeros((), dtype=start.theta.dtype)
+    if rtol is not None:
+        threshold = rtol * torch.linalg.vector_norm(target.theta - start.theta)
+    return torch.clamp(threshold, min=tol or 0.0)

@@ -1,0 +1,141 @@
+"""Every registered projector (except ``none``) against the contract kit ``nonlocal_opt.testing``,
+plus projector-specific facts checked against independent formulas.
+
+``NONLOCAL_OPT_PROJECTOR=<name>`` restricts the parametrised tests to one projector (tox matrix).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import nonlocal_opt
+from nonlocal_opt.landscapes import Quadratic, Sine
+from nonlocal_opt.step_context import StepContext
+from nonlocal_opt.testing import carried_centre, check_projector
+
+from conftest import make_closure
+
+
+def projector_names() -> list[str]:
+    names = [name for name in nonlocal_opt.available("projector") if name != "none"]
+    chosen = os.environ.get("NONLOCAL_OPT_PROJECTOR")
+    if chosen is None:
+        return names
+    if chosen not in names:
+        raise pytest.UsageError(f"NONLOCAL_OPT_PROJECTOR={chosen!r} is not a registered projector; choose one of: {', '.join(names)}")
+    return [chosen]
+
+
+PROJECTORS = projector_names()
+
+
+@pytest.mark.parametrize("name", PROJECTORS)
+def test_projector_contract(name):
+    report = check_projector(name)
+    assert report.ok
+
+
+def value_and_grad(loss_fn, params):
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_first_gauss_newton_iterate_is_the_sgd_step(mlp_problem):
+    model, loss_fn = mlp_problem
+    params = list(model.parameters())
+    theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+    _, g = value_and_grad(loss_fn, params)
+    opt = nonlocal_opt.compose(params, "rbo", "gauss-newton", lr=0.3, rho=0.7, max_iters=1, rtol=None)
+    opt.step(make_closure(opt, loss_fn))
+    theta1 = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(theta1, theta0 - 0.3 * g, rtol=1e-5, atol=1e-6)
+    assert opt.stats["grad_evals"] == 2
+
+
+def test_finite_difference_hvp_matches_the_exact_hessian():
+    from nonlocal_opt_projectors.newton_cg import finite_difference_hvp
+
+    landscape = Quadratic(eigenvalues=[0.5, 2.0, 3.0], seed=1).double()
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "newton")
+    ctx = StepContext(opt, make_closure(opt, landscape))
+    with torch.no_grad():
+        point = ctx.evaluate(extra=False)
+        v = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+        hv = finite_difference_hvp(point, v, ctx)
+    torch.testing.assert_close(hv, landscape.hessian @ v, rtol=1e-6, atol=1e-7)
+    assert ctx.grad_evals == 2
+
+
+def test_tangent_moves_the_centre_by_the_projected_update():
+    """Two RBO steps with ``tangent`` against eqs. (10)–(12) written here: ``u = c_t − p_t``."""
+    landscape = Sine([0.9, -0.4], dim=2).double()
+    eta, rho = 0.2, 0.5
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "tangent", lr=eta, rho=rho)
+    closure = make_closure(opt, landscape)
+    theta = landscape.theta.detach().clone()
+    f, g = value_and_grad(landscape, [landscape.theta])
+    centre = torch.cat([theta - rho * g / torch.sqrt(1 + g @ g), (f + rho / torch.sqrt(1 + g @ g)).reshape(1)])
+    for _ in range(2):
+        f, g = value_and_grad(landscape, [landscape.theta])
+        delta = -eta * torch.cat([g, (g @ g).reshape(1)])
+        u = centre - torch.cat([theta, f.reshape(1)])
+        delta = delta - (u @ delta) / (u @ u) * u
+        centre, theta = centre + delta, theta + delta[:2]
+        opt.step(closure)
+        carried = carried_centre(opt)
+        torch.testing.assert_close(torch.cat([carried.theta, carried.height.reshape(1)]), centre)
+        torch.testing.assert_close(landscape.theta.detach(), theta)
+
+
+@pytest.mark.parametrize("name", PROJECTORS)
+def test_batchnorm_running_stats_see_one_forward_pass(name):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=0.5, rho=0.5)
+    opt.step(make_closure(opt, lambda: torch.nn.functional.cross_entropy(model(x), y)))
+    assert opt.stats["grad_evals"] > 1
+    twin(x)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(model.state_dict()[key], twin.state_dict()[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in PROJECTORS if n != "footpoint"])
+def test_paper_setting_stays_finite(name, mlp_problem):
+    """ρ = 1, η = 6 on a small MLP: the safeguarded projectors never step to a non-finite point."""
+    model, loss_fn = mlp_problem
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=6.0, rho=1.0)
+    closure = make_closure(opt, loss_fn)
+    for _ in range(10):
+        opt.step(closure)
+        assert torch.isfinite(torch.tensor(opt.stats["proj_residual"]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", PROJECTORS)
+def test_step_does_not_synchronise_on_cuda(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).cuda()
+    x, y = torch.randn(32, 6, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=0.5, rho=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # warm-up: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

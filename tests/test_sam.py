@@ -1,0 +1,121 @@
+"""The ``sam`` rule: SAM and ASAM against an independent implementation of the formulas; ρ = 0 is SGD."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import nonlocal_opt
+
+from conftest import make_closure
+
+BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def _problem(dtype=torch.float64):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    x, y = torch.randn(24, 5, dtype=dtype), torch.randint(0, 3, (24,))
+    return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
+
+
+def reference_sam(model, loss_of, steps, lr, rho, adaptive, momentum, weight_decay, nesterov=False):
+    """SAM / ASAM written from the formulas: ε = ρ T² g / (‖T g‖ + 1e-12), T = |w| or 1, one norm over
+    all tensors; g_ε = ∇f(w + ε); then SGD from w: d = g_ε + λw, b ← μb + d (b = d at first), w ← w − η b."""
+    params = list(model.parameters())
+    buffers = [None] * len(params)
+    for _ in range(steps):
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
+            norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scale, grads)))
+            saved = [p.clone() for p in params]
+            for p, t, g in zip(params, scale, grads):
+                p.add_(rho * t * t * g / (norm + 1e-12))
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            for i, (p, w, g) in enumerate(zip(params, saved, grads)):
+                d = g + weight_decay * w
+                buffers[i] = d.clone() if buffers[i] is None else momentum * buffers[i] + d
+                p.copy_(w - lr * (d + momentum * buffers[i] if nesterov else buffers[i]))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_matches_independent_implementation(adaptive):
+    model, loss_of = _problem()
+    twin = copy.deepcopy(model)
+    rho = 0.5 if adaptive else 0.05
+    opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=rho, adaptive=adaptive, **BASE)
+    closure = make_closure(opt, lambda: loss_of(model))
+    for _ in range(10):
+        opt.step(closure)
+        assert opt.stats["grad_evals"] == 2.0
+    reference_sam(twin, loss_of, 10, rho=rho, adaptive=adaptive, **BASE)
+    moved = sum((a - b).norm() for a, b in zip(model.parameters(), _problem()[0].parameters()))
+    assert moved > 1e-2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_sam_differs_from_sgd_and_asam_from_sam():
+    """The independent comparison above must be able to fail: the three rules give three paths."""
+    finals = []
+    for rule, extra in [("sgd", {}), ("sam", dict(rho=0.05)), ("sam", dict(rho=0.05, adaptive=True))]:
+        model, loss_of = _problem()
+        opt = nonlocal_opt.compose(model.parameters(), rule=rule, **BASE, **extra)
+        for _ in range(5):
+            opt.step(make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model)))
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert (finals[0] - finals[1]).abs().max() > 1e-5
+    assert (finals[1] - finals[2]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rho_zero_is_sgd_bit_for_bit(foreach):
+    settings = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model, loss_of = _problem(torch.float32)
+    via_rule, via_torch = copy.deepcopy(model), copy.deepcopy(model)
+    sam = nonlocal_opt.compose(model.parameters(), rule="sam", rho=0.0, **settings)
+    sgd = nonlocal_opt.compose(via_rule.parameters(), rule="sgd", **settings)
+    ref = torch.optim.SGD(via_torch.parameters(), foreach=foreach, **settings)
+    for _ in range(10):
+        sam.step(make_closure(sam, lambda: loss_of(model)))
+        sgd.step(make_closure(sgd, lambda: loss_of(via_rule)))
+        ref.step(make_closure(ref, lambda: loss_of(via_torch)))
+    for a, b, c in zip(model.parameters(), via_rule.parameters(), via_torch.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_perturbation_norm_is_global():
+    """‖ε‖ = ρ over all tensors together (SAM): a per-tensor ball would give ρ·sqrt(#tensors)."""
+    model, loss_of = _problem()
+    rho, seen = 0.3, []
+    opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=rho, lr=0.0)
+
+    def closure():
+        opt.zero_grad()
+        seen.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close((seen[1] - seen[0]).norm(), torch.tensor(rho, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [(dict(rho=-0.1), "rho"), (dict(nesterov=True), "nesterov"), (dict(adaptive=1), "adaptive"), (dict(max_grad_norm=0.0), "max_grad_norm")],
+)
+def test_bad_hyperparameters_raise_value_error(bad, message):
+    model, _ = _problem()
+    with pytest.raises(ValueError, match=message):
+        nonlocal_opt.compose(model.parameters(), rule="sam", **bad)
+
+
+def test_sam_needs_a_closure():
+    model, _ = _problem()
+    with pytest.raises(RuntimeError, match="closure"):
+        nonlocal_opt.compose(model.parameters(), rule="sam").step()
