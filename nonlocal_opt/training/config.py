@@ -1,0 +1,85 @@
+"""The run configuration of ``nonlocal-opt train`` and the optimizer hyperparameters it resolves to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from nonlocal_opt.optimizer import compose
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# The RBO paper's settings (Sec. 4.1), used for every hyperparameter the user does not set. Only the
+# keys the composed optimizer declares are passed on (e.g. a projector other than footpoint).
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.01},
+    "rbo": {"lr": 6.0, "rho": 1.0, "max_iters": 20, "step_size": 0.1},
+    "sam": {"lr": 0.01, "rho": 0.05},
+    "entropy-sgd": {"gamma": 3e-3, "inner_steps": 20},
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input found while setting up a run (the CLI exits with code 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@attrs.frozen
+class TrainConfig:
+    """Everything one run depends on (logged flat as TensorBoard hparams)."""
+
+    dataset: str = "fashion-mnist"
+    model: str | None = None  # None: "mlp" for images; a landscape dataset is its own model
+    optimizer: str = "rbo"
+    projector: str | None = None
+    lr: float | None = None
+    rho: float | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    seed: int = 0
+    logdir: str = "runs/default"
+    overrides: dict[str, Any] = attrs.field(factory=dict)  # --set key=value
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
+    mixed_precision: str = "no"
+    data_dir: str | None = None
+    download: bool = False
+    label_noise: float = 0.0
+    resume: str | None = None  # "latest" or a checkpoint directory
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for values no run can use."""
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        for name in ("epochs", "batch_size", "limit_train_batches", "limit_val_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.label_noise <= 1:
+            raise ConfigError(f"--label-noise must be a probability in [0, 1], got {self.label_noise}")
+
+    def flat(self) -> dict[str, Any]:
+        """The config as flat scalars (``None`` as the string ``"None"``), for hparams and checkpoints."""
+        out = {key: value for key, value in attrs.asdict(self).items() if key != "overrides"}
+        out.update({f"set.{key}": value for key, value in self.overrides.items()})
+        return {key: "None" if value is None else value for key, value in out.items()}
+
+
+def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters passed to ``compose``: the paper's settings for ``config.optimizer`` (only
+    those the composed optimizer declares), then ``--lr`` / ``--rho``, then ``--set`` overrides.
+
+    Unknown rule/projector names and unknown or invalid hyperparameters raise ``ValueError``.
+    """
+    probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector)
+    known = probe.hyperparameter_specs
+    values = {key: value for key, value in PAPER_SETTINGS.get(config.optimizer, {}).items() if key in known}
+    values.update({key: value for key, value in (("lr", config.lr), ("rho", config.rho)) if value is not None})
+    values.update(config.overrides)
+    compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector, **values)  # validate
+    return values

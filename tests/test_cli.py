@@ -1,0 +1,127 @@
+"""The ``nonlocal-opt`` command: bad input (exit 2, one line), plugins listing, landscape figure, train."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nonlocal_opt.cli import main, parse_value
+from nonlocal_opt.data import FASHION_MNIST_DIR
+from nonlocal_opt.registry import registrations
+
+needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+def run(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizer", "adamw"], "unknown rule 'adamw'; available: entropy-sgd, rbo, sam, sgd"),
+        (["--projector", "magic"], "unknown projector 'magic'; available:"),
+        (["--model", "resnet50"], "unknown model 'resnet50'; available: mlp"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; available: fashion-mnist"),
+        (["--set", "max_iters=0"], "invalid hyperparameter max_iters=0"),
+        (["--set", "momentum=0.9"], "unknown hyperparameter 'momentum'"),
+        (["--optimizer", "sgd", "--rho", "0.5"], "unknown hyperparameter 'rho'"),
+        (["--set", "max_iters"], "--set takes key=value"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1"),
+        (["--label-noise", "1.5"], "--label-noise must be a probability in [0, 1]"),
+        (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--lr", "fast"], "invalid float value: 'fast'"),
+        (["--data-dir", "/nonexistent/dir"], "Fashion-MNIST not found: no train-images-idx3-ubyte.gz"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "pass --download"),
+    ],
+)
+def test_bad_train_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, "train", "--logdir", str(tmp_path / "run"), "--limit-train-batches", "1", *argv)
+    assert code == 2
+    assert err.startswith("nonlocal-opt: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_non_writable_log_dir_exits_2(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run(capsys, "train", "--dataset", "landscape:sine", "--optimizer", "sgd", "--logdir", str(blocker / "run"))
+    assert code == 2 and "cannot write to log dir" in err and "--logdir" in err and err.count("\n") == 1
+
+
+def test_diverged_run_exits_1_naming_the_last_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--dataset", "landscape:alm", "--optimizer", "sgd", "--lr", "0.5",
+                       "--epochs", "3", "--logdir", str(tmp_path))
+    assert code == 1 and "the loss became inf" in err and str(tmp_path / "checkpoints" / "epoch_1") in err
+
+
+def test_console_script_reports_bad_input_without_traceback(tmp_path):
+    script = shutil.which("nonlocal-opt", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "nonlocal_opt.cli"]
+    done = subprocess.run([*command, "train", "--optimizer", "adamw", "--logdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "nonlocal-opt: error: unknown rule 'adamw'; available: entropy-sgd, rbo, sam, sgd"
+    ]
+
+
+def test_set_values_are_parsed():
+    assert [parse_value(v) for v in ("3", "0.5", "1e-3", "true", "False", "None", "abc")] == [
+        3, 0.5, 1e-3, True, False, None, "abc"
+    ]
+
+
+def test_plugins_lists_every_registration_with_provider_and_defaults(capsys):
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    for kind in ("rule", "projector", "manifold"):
+        for name, entry in registrations(kind).items():
+            assert f"  {name}  — {entry.provider}" in out
+            for key, spec in entry.cls.hyperparameters.items():
+                assert f"      {key} = {spec.default!r}" in out
+    assert "freeze_bn_stats = True" in out
+
+
+def test_landscape_writes_a_png(capsys, tmp_path):
+    out = tmp_path / "fig.png"
+    code, stdout, _ = run(capsys, "landscape", "--landscape", "sine", "--rho", "0.5,1", "--steps", "5", "--out", str(out))
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out) in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--landscape", "nowhere"], "unknown landscape 'nowhere'"),
+        (["--landscape", "gaussian-bumps"], "is 2-D"),
+        (["--rho", "a,b"], "comma-separated numbers"),
+        (["--optimizer", "sgd"], "unknown hyperparameter 'rho'"),
+    ],
+)
+def test_bad_landscape_input_exits_2(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "landscape", "--steps", "1", "--out", str(tmp_path / "f.png"), *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_missing_matplotlib_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    code, _, err = run(capsys, "landscape", "--landscape", "sine", "--steps", "1", "--out", str(tmp_path / "f.png"))
+    assert code == 2 and "pip install 'nonlocal-opt[plots]'" in err
+
+
+@needs_fashion
+def test_train_then_resume_from_the_command_line(capsys, tmp_path):
+    argv = ["train", "--model", "logreg", "--optimizer", "sam", "--batch-size", "32", "--limit-train-batches", "2",
+            "--limit-val-batches", "1", "--logdir", str(tmp_path)]
+    assert run(capsys, *argv)[0] == 0
+    code, out, _ = run(capsys, *argv, "--epochs", "2", "--resume")
+    assert code == 0 and "epoch_2" in out
+    assert (tmp_path / "metrics.csv").read_text().count("\nepoch,") == 2

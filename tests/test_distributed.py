@@ -1,0 +1,70 @@
+"""Data parallel on 2 CPU processes (torchrun, gloo) equals 1 process on the same global batches.
+
+The script below trains with RBO, SAM and Entropy-SGD (fresh batches on) for a few steps and saves
+every rank's parameters. On 2 processes each rank sees half of every global batch; the closure's
+all-reduce of (gradient, loss sum, count) must make the inner passes identical to the 1-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from nonlocal_opt.data import FASHION_MNIST_DIR
+
+RUNS = {
+    "rbo": {"lr": 0.5, "rho": 0.5, "overrides": {"max_iters": 3}},
+    "sam": {"lr": 0.1, "rho": 0.05, "overrides": {"momentum": 0.9}},
+    "entropy-sgd": {"lr": 1.0, "overrides": {"gamma": 0.5, "inner_steps": 3, "fresh_batches": True, "seed": 0}},
+}
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from accelerate.utils import set_seed
+    from nonlocal_opt.models import build_model
+    from nonlocal_opt.training import TrainConfig, train
+
+    out, runs = sys.argv[1], eval(sys.argv[2])
+    set_seed(0)  # the trainer's initialisation (seed 0), for checking that training moved the parameters
+    torch.save(torch.nn.utils.parameters_to_vector(build_model("mlp", (1, 28, 28), 10).parameters()).detach(),
+               f"{out}/init.pt")
+    for name, kwargs in runs.items():
+        result = train(TrainConfig(dataset="fashion-mnist", model="mlp", optimizer=name, batch_size=32,
+                                   limit_train_batches=3, limit_val_batches=1, epochs=1,
+                                   logdir=f"{out}/{name}", **kwargs))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        params = torch.nn.utils.parameters_to_vector(result.model.parameters()).detach()
+        torch.save({"params": params, "val": result.epochs[0]}, f"{out}/{name}-world{world}-rank{rank}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_two_cpu_processes_match_one_process(tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launches = [
+        [sys.executable, str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+    ]
+    for command in launches:
+        done = subprocess.run([*command, str(tmp_path), repr(RUNS)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    for name in RUNS:
+        single = torch.load(tmp_path / f"{name}-world1-rank0.pt")
+        rank0 = torch.load(tmp_path / f"{name}-world2-rank0.pt")
+        rank1 = torch.load(tmp_path / f"{name}-world2-rank1.pt")
+        assert torch.equal(rank0["params"], rank1["params"]), f"{name}: ranks disagree"
+        assert (single["params"] - torch.load(tmp_path / "init.pt")).abs().max() > 1e-3, f"{name}: did not train"
+        torch.testing.assert_close(rank0["params"], single["params"], rtol=1e-4, atol=1e-5, msg=f"{name}: 2 vs 1 process")
+        assert rank0["val"]["val/acc"] == pytest.approx(single["val"]["val/acc"], abs=1 / 32)

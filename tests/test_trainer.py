@@ -1,0 +1,145 @@
+"""The Accelerate trainer: the closure's global loss/gradient, fp16 overflow, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+import nonlocal_opt
+from nonlocal_opt.data import FASHION_MNIST_DIR
+from nonlocal_opt.training import TrainConfig, TrainingDiverged, train
+from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
+from nonlocal_opt.training.config import ConfigError, optimizer_hyperparameters
+from nonlocal_opt.training.metrics import EPOCH_KEYS, read_metrics
+
+needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+QUICK = dict(model="logreg", batch_size=32, limit_train_batches=3, limit_val_batches=2)
+
+
+def make_closure(model, batches, scale: LossScale | None = None):
+    accelerator = Accelerator(cpu=True)
+    closure = BatchClosure(accelerator, model, lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                           classification_correct, iter(batches), scale or LossScale(enabled=False))
+    return closure
+
+
+def test_closure_returns_the_mean_loss_and_gradient_and_draws_fresh_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(2)]
+    closure = make_closure(model, batches[1:])
+    closure.start(batches[0])
+    for batch, kwargs in ((batches[0], {}), (batches[1], {"fresh_batch": True})):
+        loss = closure(**kwargs)
+        reference = torch.nn.Linear(5, 3)
+        reference.load_state_dict(model.state_dict())
+        expected = F.cross_entropy(reference(batch[0]), batch[1])
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach())
+        torch.testing.assert_close(model.weight.grad, reference.weight.grad)
+        torch.testing.assert_close(model.bias.grad, reference.bias.grad)
+    correct = (model(batches[0][0]).argmax(1) == batches[0][1]).float().mean()
+    torch.testing.assert_close(closure.first_accuracy, correct)  # the step's first pass
+
+
+def test_fp16_overflow_is_refused_and_backs_off_the_loss_scale():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    batch = (torch.randn(8, 5) * 1e3, torch.randint(0, 3, (8,)))
+    scale = LossScale(enabled=True, scale=2.0**120)  # S·Σℓ overflows float32
+    closure = make_closure(model, [], scale)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", lr=1.0, rho=1.0, max_iters=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    closure.start(batch)
+    opt.step(closure)
+    assert bool(closure.overflow) and math.isfinite(float(closure.first_loss))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    scale.update(bool(closure.overflow))
+    assert scale.scale == 2.0**119
+    scale.scale = 2.0**8  # now representable: the same step goes through
+    closure.start(batch)
+    opt.step(closure)
+    assert not bool(closure.overflow)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_paper_settings_are_filtered_by_what_the_composition_declares():
+    rbo = optimizer_hyperparameters(TrainConfig(optimizer="rbo"))
+    assert rbo["lr"] == 6.0 and rbo["rho"] == 1.0
+    gauss = optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="gauss-newton", lr=2.0))
+    assert gauss["lr"] == 2.0 and "step_size" not in gauss
+    assert optimizer_hyperparameters(TrainConfig(optimizer="sgd", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
+    with pytest.raises(ValueError, match="unknown hyperparameter 'rho'"):
+        optimizer_hyperparameters(TrainConfig(optimizer="sgd", rho=0.1))
+
+
+def tensorboard_tags(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (logdir / "tensorboard").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+@needs_fashion
+@pytest.mark.parametrize(
+    ("optimizer", "overrides", "passes"),
+    [("sgd", {}, 1), ("sam", {}, 2), ("entropy-sgd", {"inner_steps": 3, "fresh_batches": True}, 3),
+     ("rbo", {"max_iters": 3}, 4)],
+)
+def test_one_epoch_leaves_events_metrics_and_a_checkpoint(tmp_path, optimizer, overrides, passes):
+    result = train(TrainConfig(optimizer=optimizer, overrides=overrides, logdir=str(tmp_path), epochs=1,
+                               **{**QUICK, "limit_train_batches": 2}))
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [row["scope"] for row in rows] == ["step", "step", "epoch"]
+    assert all(float(row["grad_evals"]) == passes for row in rows[:2])
+    assert set(EPOCH_KEYS) <= {key for key, value in rows[2].items() if value}
+    assert 0 <= result.epochs[0]["val/acc"] <= 1 and math.isfinite(result.epochs[0]["val/loss"])
+    tags = tensorboard_tags(tmp_path)
+    assert {"train/loss", "train/acc", "lr", "grad_evals", "step_time", "val/loss", "val/acc"} <= tags
+    if optimizer in ("sam", "rbo"):
+        assert "rho" in tags
+    if optimizer == "rbo":
+        assert {"proj_residual", "offset_error"} <= tags
+    assert (result.checkpoint / "model.safetensors").is_file() and result.checkpoint.name == "epoch_1"
+
+
+@needs_fashion
+@pytest.mark.parametrize(("optimizer", "overrides"), [("sgd", {"momentum": 0.9}), ("rbo", {"max_iters": 3, "lr": 1.0})])
+def test_resume_continues_bit_identically(tmp_path, optimizer, overrides):
+    common = dict(optimizer=optimizer, overrides=overrides, **QUICK)
+    straight = train(TrainConfig(epochs=2, logdir=str(tmp_path / "straight"), **common))
+    train(TrainConfig(epochs=1, logdir=str(tmp_path / "split"), **common))
+    resumed = train(TrainConfig(epochs=2, logdir=str(tmp_path / "split"), resume="latest", seed=0, **common))
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    saved = load_file(str(tmp_path / "split" / "checkpoints" / "epoch_2" / "model.safetensors"))
+    assert all(torch.equal(saved[name], p) for name, p in straight.model.state_dict().items())
+    steps = [int(row["step"]) for row in read_metrics(tmp_path / "split" / "metrics.csv") if row["scope"] == "step"]
+    assert steps == list(range(1, 7))  # the resumed run appends steps 4..6
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # SGD with a too-large lr on the ALM landscape: |θ| grows ~50x per step, the loss overflows in epoch 2
+    with pytest.raises(TrainingDiverged, match="epoch_1") as info:
+        train(TrainConfig(dataset="landscape:alm", optimizer="sgd", lr=0.5, epochs=3, logdir=str(tmp_path)))
+    assert "the loss became inf at epoch 2" in str(info.value)
+    assert (tmp_path / "checkpoints" / "epoch_1" / "model.safetensors").is_file()
+    assert not (tmp_path / "checkpoints" / "epoch_2").exists()
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        train(TrainConfig(dataset="landscape:sine", optimizer="sgd", logdir=str(tmp_path), resume="latest"))
+    with pytest.raises(ConfigError, match="--model does not apply"):
+        train(TrainConfig(dataset="landscape:sine", model="mlp", optimizer="sgd", logdir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="larger than the 1024 training samples"):
+        train(TrainConfig(dataset="landscape:sine", optimizer="sgd", batch_size=2048, logdir=str(tmp_path)))
