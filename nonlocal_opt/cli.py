@@ -1,4 +1,4 @@
-"""The ``nonlocal-opt`` command: ``train``, ``plugins`` and ``landscape`` (see docs/trainer.md).
+"""The ``nonlocal-opt`` command: ``train``, ``plugins``, ``landscape`` and ``geometry`` (see docs/trainer.md).
 
 Bad input exits with code 2 and one line on stderr; a diverged run exits with code 1.
 """
@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import torch
 
+from nonlocal_opt.cli_parsing import add_set_argument, parse_float_list
 from nonlocal_opt.data import DATASETS
+from nonlocal_opt.geometry_cli import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
 from nonlocal_opt.models import MODELS
 
 PROG = "nonlocal-opt"
@@ -22,35 +23,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{PROG}: error: {message}\n")
-
-
-def parse_value(text: str) -> Any:
-    """``--set`` values: ``None``, booleans, ints, floats, else the string itself."""
-    lowered = text.strip().lower()
-    if lowered == "none":
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--set takes key=value (e.g. --set max_iters=10), got {text!r}")
-    return key.strip(), parse_value(value)
-
-
-def parse_float_list(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.5,1, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--logdir", default="runs/default", help="TensorBoard events, metrics.csv, checkpoints")
-    train.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=[],
-                       metavar="KEY=VALUE", help="any rule/projector/manifold hyperparameter (repeatable)")
+    add_set_argument(train)
     train.add_argument("--limit-train-batches", type=int, default=None)
     train.add_argument("--limit-val-batches", type=int, default=None)
     train.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
@@ -78,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise probability P")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from LOGDIR's latest checkpoint (or the given checkpoint directory)")
+    add_radius_schedule_arguments(train)
     train.set_defaults(handler=run_train)
 
     plugins = commands.add_parser("plugins", help="list registered rules, projectors and manifolds")
@@ -91,23 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     landscape.add_argument("--lr", type=float, default=0.005)
     landscape.add_argument("--steps", type=int, default=60)
     landscape.add_argument("--start", type=float, default=1.0, help="initial θ")
-    landscape.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=[],
-                           metavar="KEY=VALUE")
+    add_set_argument(landscape)
     landscape.add_argument("--out", default="landscape.png")
     landscape.set_defaults(handler=run_landscape)
+
+    geometry = commands.add_parser("geometry", help="RSI / error-bound / γ along a training path (CSV, PNG, TensorBoard)")
+    add_geometry_arguments(geometry)
+    geometry.set_defaults(handler=run_geometry)
     return parser
 
 
 def run_train(args) -> int:
     from nonlocal_opt.training import TrainConfig, train
 
-    config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, projector=args.projector, lr=args.lr,
-        rho=args.rho, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, logdir=args.logdir,
-        overrides=dict(args.overrides), limit_train_batches=args.limit_train_batches,
-        limit_val_batches=args.limit_val_batches, mixed_precision=args.mixed_precision, data_dir=args.data_dir,
-        download=args.download, label_noise=args.label_noise, resume=args.resume,
-    )
+    config = TrainConfig.from_namespace(args)
     result = train(config)
     if result.epochs:
         print(f"finished: {', '.join(f'{k} {v:.4g}' for k, v in result.epochs[-1].items())}; checkpoint {result.checkpoint}")

@@ -10,19 +10,18 @@ identical runs of :func:`nonlocal_opt.geometry.measure_path_geometry` and writes
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
+from nonlocal_opt.cli_parsing import add_set_argument
 from nonlocal_opt.geometry import measure_path_geometry, plot_path_geometry, seeded_loader, summarize, write_csv
 from nonlocal_opt.optimizer import compose
-from nonlocal_opt.radius_schedules import SCHEDULES, RadiusScheduler, radius_scheduler
+from nonlocal_opt.radius_schedules import SCHEDULES, build_radius_scheduler
 from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import TrainConfig, optimizer_hyperparameters
 from nonlocal_opt.training.trainer import FRESH_SEED_OFFSET, build_data_and_model, cycle
@@ -37,20 +36,6 @@ def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--couple-lr", action="store_true", help="scale lr with the radius: lr_t = lr_0 rho_t/rho_0")
 
 
-def build_radius_scheduler(args: argparse.Namespace, optimizer: Any, steps_total: int) -> RadiusScheduler | None:
-    """The scheduler the arguments ask for (``None`` for ``--rho-schedule none``); call its ``step()``
-    after every optimizer step. Bad combinations raise ``ValueError`` naming the option."""
-    if args.rho_schedule == "none":
-        if args.couple_lr:
-            raise ValueError("--couple-lr needs a radius schedule: add --rho-schedule cosine|linear|step")
-        return None
-    inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps the ComposedOptimizer
-    try:
-        return radius_scheduler(args.rho_schedule, inner, steps_total, args.rho_final, args.couple_lr)
-    except ValueError as error:
-        raise ValueError(f"--rho-schedule {args.rho_schedule}: {error}") from None
-
-
 def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nonlocal-opt geometry`` (includes :func:`add_radius_schedule_arguments`)."""
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, cifar100 or landscape:NAME")
@@ -59,8 +44,7 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projector", default=None, help="projector for rbo (default: the rule's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's setting)")
     parser.add_argument("--rho", type=float, default=None, help="radius for rbo / sam (default: the paper's setting)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="any other hyperparameter, e.g. --set momentum=0.9 (repeatable)")
+    add_set_argument(parser)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -74,28 +58,8 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     add_radius_schedule_arguments(parser)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["momentum=0.9", "nesterov=True"]`` → ``{"momentum": 0.9, "nesterov": True}`` (Python literals,
-    else the string)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
-    return out
-
-
 def _config(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig(
-        dataset=args.dataset, model=args.model, optimizer=args.optimizer, projector=args.projector, lr=args.lr,
-        rho=args.rho, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        overrides=parse_overrides(args.overrides), limit_train_batches=args.limit_train_batches,
-        data_dir=args.data_dir, download=args.download,
-    )
+    config = TrainConfig.from_namespace(args)
     config.check()
     if args.train_subset is not None and args.train_subset < args.batch_size:
         raise ValueError(f"--train-subset must be >= --batch-size ({args.batch_size}), got {args.train_subset}")

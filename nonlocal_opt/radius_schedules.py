@@ -138,3 +138,18 @@ def radius_scheduler(
     if name not in SCHEDULES:
         raise ValueError(f"unknown radius schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
     return SCHEDULES[name](optimizer, total_steps, rho_final, couple_lr)
+
+
+def build_radius_scheduler(settings: Any, optimizer: Any, steps_total: int) -> RadiusScheduler | None:
+    """The scheduler ``settings`` asks for through its ``rho_schedule``, ``rho_final`` and ``couple_lr``
+    (CLI arguments or a ``TrainConfig``); ``None`` for ``"none"``. Call its ``step()`` after every
+    optimizer step. Bad combinations raise ``ValueError`` naming the option."""
+    if settings.rho_schedule == "none":
+        if settings.couple_lr:
+            raise ValueError("--couple-lr needs a radius schedule: add --rho-schedule cosine|linear|step")
+        return None
+    inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps the ComposedOptimizer
+    try:
+        return radius_scheduler(settings.rho_schedule, inner, steps_total, settings.rho_final, settings.couple_lr)
+    except ValueError as error:
+        raise ValueError(f"--rho-schedule {settings.rho_schedule}: {error}") from None

@@ -7,6 +7,9 @@ import torch
 
 from nonlocal_opt.plugin_manager import reset_plugin_manager
 
+# Two cores, many small tensors: one intra-op thread per test process avoids oversubscription.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nonlocal_opt.cli import main, parse_value
+from nonlocal_opt.cli import main
+from nonlocal_opt.cli_parsing import parse_value
 from nonlocal_opt.data import FASHION_MNIST_DIR
 from nonlocal_opt.registry import registrations
 

@@ -10,6 +10,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt.geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
+from nonlocal_opt.cli import main
 from nonlocal_opt.geometry_cli import add_geometry_arguments, run_geometry
 
 EIGENVALUES = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
@@ -207,10 +208,15 @@ def test_cli_writes_csv_tensorboard_and_png(tmp_path, capsys):
         (["--optimizer", "nope"], "unknown rule"),
         (["--optimizer", "sgd", "--rho-schedule", "cosine"], "rho"),
         (["--optimizer", "rbo", "--rho-schedule", "cosine", "--rho-final", "0"], "rho_final"),
-        (["--set", "momentum"], "KEY=VALUE"),
+        (["--set", "momentum"], "key=value"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
-    assert run_geometry(geometry_args(tmp_path, *extra)) == 2
+    argv = ["geometry", "--dataset", "landscape:alm", "--limit-train-batches", "1", "--out", str(tmp_path), *extra]
+    try:
+        code = main(argv)
+    except SystemExit as error:  # argparse rejects malformed flags before the command runs
+        code = error.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

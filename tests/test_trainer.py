@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -125,6 +126,22 @@ def test_resume_continues_bit_identically(tmp_path, optimizer, overrides):
     assert all(torch.equal(saved[name], p) for name, p in straight.model.state_dict().items())
     steps = [int(row["step"]) for row in read_metrics(tmp_path / "split" / "metrics.csv") if row["scope"] == "step"]
     assert steps == list(range(1, 7))  # the resumed run appends steps 4..6
+
+
+def test_radius_schedule_is_followed_and_survives_resume(tmp_path):
+    """``--rho-schedule linear``: the ρ logged at step t is ρ_0 + (ρ_f − ρ_0) t/T; a run interrupted after
+    epoch 1 (its epoch-2 checkpoint removed) and resumed logs the same ρ and ends with the same weights."""
+    common = dict(dataset="landscape:alm", optimizer="rbo", lr=0.001, rho=2.0, overrides={"max_iters": 2}, batch_size=256,
+                  limit_train_batches=3, rho_schedule="linear", rho_final=0.5, epochs=2, logdir=str(tmp_path))
+    straight = train(TrainConfig(**common))
+    logged = [float(row["rho"]) for row in read_metrics(tmp_path / "metrics.csv") if row["scope"] == "step"]
+    total = 6
+    assert logged == pytest.approx([2.0 + (0.5 - 2.0) * t / total for t in range(total)], rel=1e-12)
+    shutil.rmtree(tmp_path / "checkpoints" / "epoch_2")
+    (tmp_path / "metrics.csv").unlink()
+    resumed = train(TrainConfig(resume="latest", **common))
+    assert [float(row["rho"]) for row in read_metrics(tmp_path / "metrics.csv") if row["scope"] == "step"] == logged[3:]
+    assert all(torch.equal(p, q) for p, q in zip(straight.model.parameters(), resumed.model.parameters()))
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):

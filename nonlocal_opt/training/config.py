@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import torch
 
 from nonlocal_opt.optimizer import compose
+from nonlocal_opt.radius_schedules import SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -23,6 +26,15 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """Bad user input found while setting up a run (the CLI exits with code 2)."""
+
+
+@contextlib.contextmanager
+def as_config_error(*errors: type[Exception]) -> Iterator[None]:
+    """Re-raise ``ValueError`` (and ``errors``) inside the block as ``ConfigError`` with the same message."""
+    try:
+        yield
+    except (ValueError, *errors) as error:
+        raise ConfigError(str(error)) from None
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +63,16 @@ class TrainConfig:
     download: bool = False
     label_noise: float = 0.0
     resume: str | None = None  # "latest" or a checkpoint directory
+    rho_schedule: str = "none"  # "none" or a name in nonlocal_opt.radius_schedules.SCHEDULES
+    rho_final: float = 0.1
+    couple_lr: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> TrainConfig:
+        """The config from parsed CLI arguments: every field ``args`` has (``--set`` pairs as a dict)."""
+        fields = {field.name: getattr(args, field.name) for field in attrs.fields(cls) if hasattr(args, field.name)}
+        fields["overrides"] = dict(fields.get("overrides", ()))
+        return cls(**fields)
 
     def check(self) -> None:
         """Raise ``ConfigError`` for values no run can use."""
@@ -60,6 +82,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.rho_schedule not in ("none", *SCHEDULES):
+            raise ConfigError(f"--rho-schedule must be one of none, {', '.join(SCHEDULES)}; got {self.rho_schedule!r}")
         if not 0 <= self.label_noise <= 1:
             raise ConfigError(f"--label-noise must be a probability in [0, 1], got {self.label_noise}")
 

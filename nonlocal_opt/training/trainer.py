@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from nonlocal_opt.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
 from nonlocal_opt.models import LandscapeModel, build_model
 from nonlocal_opt.optimizer import compose
+from nonlocal_opt.radius_schedules import build_radius_scheduler
 from nonlocal_opt.training.checkpoints import Progress, checkpoint_dir, latest_checkpoint, resolve_resume
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
-from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, optimizer_hyperparameters
+from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, as_config_error, optimizer_hyperparameters
 from nonlocal_opt.training.metrics import MetricsLogger
 
 FRESH_SEED_OFFSET = 1_000_003  # keeps the fresh-batch stream's shuffles apart from the epoch's
@@ -54,11 +55,9 @@ def writable_logdir(logdir: str) -> Path:
 
 def build_data_and_model(config: TrainConfig):
     """(train set, val set, model, per-sample loss, correct counter) for ``config``."""
-    try:
+    with as_config_error(DatasetNotFoundError):
         train_set = load_dataset(config.dataset, "train", config.data_dir, config.download)
         val_set = load_dataset(config.dataset, "test", config.data_dir, config.download)
-    except (ValueError, DatasetNotFoundError) as error:
-        raise ConfigError(str(error)) from None
     if isinstance(train_set, LandscapeDataset):
         if config.model is not None:
             raise ConfigError(f"--model does not apply to {config.dataset!r}: the landscape is the model; drop --model")
@@ -67,10 +66,8 @@ def build_data_and_model(config: TrainConfig):
         return train_set, val_set, LandscapeModel(train_set.landscape), lambda out, _: out, None
     if config.label_noise:
         train_set = with_label_noise(train_set, config.label_noise, config.seed)
-    try:
+    with as_config_error():
         model = build_model(config.model or "mlp", train_set.input_shape, train_set.num_classes)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     per_sample = functools.partial(F.cross_entropy, reduction="none")
     return train_set, val_set, model, per_sample, classification_correct
 
@@ -125,7 +122,8 @@ def step_metrics(optimizer, closure: BatchClosure, loss_scale: LossScale, classi
 def train(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` with the composed optimizer; see the module doc."""
     config.check()
-    hyperparameters = _resolve_hyperparameters(config)
+    with as_config_error():
+        hyperparameters = optimizer_hyperparameters(config)
     logdir = writable_logdir(config.logdir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -150,13 +148,15 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training samples")
     model, optimizer, train_loader, fresh_loader = accelerator.prepare(model, optimizer, *loaders)
     progress, loss_scale = Progress(), LossScale(enabled=config.mixed_precision == "fp16")
-    accelerator.register_for_checkpointing(progress, loss_scale)
+    steps_per_epoch = min(len(train_loader), config.limit_train_batches or len(train_loader))
+    with as_config_error():
+        radius = build_radius_scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    accelerator.register_for_checkpointing(progress, loss_scale, *([radius] if radius else []))
     if config.resume is not None:
         accelerator.load_state(str(resolve_resume(logdir, config.resume)))
     hparams = {f"hp.{key}": _scalar(value) for key, value in optimizer.param_groups[0].items() if key != "params"}
     accelerator.init_trackers("tensorboard", config={**config.flat(), **hparams})
     logger = MetricsLogger(accelerator, logdir / "metrics.csv")
-    steps_per_epoch = min(len(train_loader), config.limit_train_batches or len(train_loader))
     classification = count_correct is not None
     history: list[dict[str, float]] = []
     last_checkpoint = latest_checkpoint(logdir)
@@ -186,6 +186,8 @@ def train(config: TrainConfig) -> TrainResult:
                 values = step_metrics(optimizer, closure, loss_scale, classification, time.perf_counter() - step_start)
                 progress.step += 1
                 logger.log("step", values, epoch + 1, progress.step)
+                if radius is not None:
+                    radius.step()  # after logging: the logged ρ is the one this step used
                 sums += torch.tensor([values["train/loss"], values.get("train/acc", 0.0)], dtype=torch.float64)
                 bar.update()
                 bar.set_postfix({key.split("/")[1]: f"{values[key]:.4f}" for key in ("train/loss", "train/acc") if key in values})
@@ -205,13 +207,6 @@ def train(config: TrainConfig) -> TrainResult:
         for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
             tracker.finish()
     return TrainResult(accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer), history, last_checkpoint)
-
-
-def _resolve_hyperparameters(config: TrainConfig) -> dict[str, Any]:
-    try:
-        return optimizer_hyperparameters(config)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def _scalar(value: Any) -> Any:
