@@ -77,6 +77,8 @@ def test_paper_settings_are_filtered_by_what_the_composition_declares():
     assert optimizer_hyperparameters(TrainConfig(optimizer="sgd", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
     with pytest.raises(ValueError, match="unknown hyperparameter 'rho'"):
         optimizer_hyperparameters(TrainConfig(optimizer="sgd", rho=0.1))
+    entropy = optimizer_hyperparameters(TrainConfig(optimizer="entropy-sgd", overrides={"inner_steps": 5}))
+    assert entropy["inner_steps"] == 5 and entropy["lr"] == 1.0 and entropy["scale_outer_by_gamma"] is False
 
 
 def tensorboard_tags(logdir):

@@ -15,12 +15,15 @@ from nonlocal_opt.radius_schedules import SCHEDULES
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 # The RBO paper's settings (Sec. 4.1), used for every hyperparameter the user does not set. Only the
-# keys the composed optimizer declares are passed on (e.g. a projector other than footpoint).
+# keys the composed optimizer declares are passed on (e.g. a projector other than footpoint). The
+# paper gives Entropy-SGD's γ and L only; it adapted the steph1793/Entropy-SGD code, whose defaults fill
+# in the rest: outer lr 1 on x − μ (no γ factor), scoping 1e-3, a fresh mini-batch per Langevin step.
 PAPER_SETTINGS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.01},
     "rbo": {"lr": 6.0, "rho": 1.0, "max_iters": 20, "step_size": 0.1},
     "sam": {"lr": 0.01, "rho": 0.05},
-    "entropy-sgd": {"gamma": 3e-3, "inner_steps": 20},
+    "entropy-sgd": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 20, "scale_outer_by_gamma": False, "scoping": 1e-3,
+                    "fresh_batches": True},
 }
 
 
