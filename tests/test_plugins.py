@@ -11,7 +11,9 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt.plugin_manager import DISABLE_ENV_VAR, get_plugin_manager
+from nonlocal_opt.interfaces import Centre
 from nonlocal_opt.landscapes import Quadratic
+from nonlocal_opt.testing import nearest_point
 
 from conftest import make_closure
 
@@ -63,6 +65,79 @@ def test_runtime_registered_plugin_works_in_compose():
     finally:
         manager.unregister(plugin)
     assert "half-step-rbo" not in nonlocal_opt.available("rule")
+
+
+class HangingOffset(nonlocal_opt.get("manifold", "offset")):
+    """The ball hangs under the graph: ``c(p) = p − ρν(p)`` (the mirror image of ``offset``)."""
+
+    name = "hanging-offset"
+
+    def centre(self, point, ctx):
+        above = super().centre(point, ctx)
+        return Centre(theta=2 * point.theta - above.theta, height=2 * point.loss - above.height)
+
+
+class HangingRBO(RollingBall):
+    name = "hanging-rbo"
+    default_manifold = "hanging-offset"
+    manifolds = ("hanging-offset",)
+
+
+class HangingGaussNewton(nonlocal_opt.get("projector", "gauss-newton")):
+    name = "hanging-gauss-newton"
+    manifolds = ("hanging-offset",)
+
+
+class ManifoldPlugin:
+    """One plugin object implementing all three hooks: a new manifold plus a rule and a projector for it."""
+
+    @nonlocal_opt.hookimpl
+    def nonlocal_opt_register_manifolds(self, register):
+        register(HangingOffset)
+
+    @nonlocal_opt.hookimpl
+    def nonlocal_opt_register_descent_rules(self, register):
+        register(HangingRBO)
+
+    @nonlocal_opt.hookimpl
+    def nonlocal_opt_register_projectors(self, register):
+        register(HangingGaussNewton)
+
+
+def rbo_step_to_tolerance(rule: str, projector: str) -> torch.Tensor:
+    """θ after one RBO step from θ_t = 1.2 on f(θ) = θ² (η = 0.3, ρ = 0.5), projection run to 1e-12."""
+    land = Quadratic([1.2], eigenvalues=[2.0]).double()
+    opt = nonlocal_opt.compose(land.parameters(), rule, projector, lr=0.3, rho=0.5, max_iters=200, tol=1e-12, rtol=None)
+    opt.step(make_closure(opt, land))
+    return land.theta.detach().clone()
+
+
+def test_runtime_manifold_plugin_sets_where_the_ball_goes():
+    manager = get_plugin_manager()
+    plugin = ManifoldPlugin()
+    manager.register(plugin, name="manifold-test")
+    try:
+        assert nonlocal_opt.registrations("manifold")["hanging-offset"].plugin == "manifold-test"
+        land = Quadratic([1.2], eigenvalues=[2.0]).double()
+        opt = nonlocal_opt.compose(land.parameters(), "hanging-rbo", "hanging-gauss-newton")
+        assert isinstance(opt.manifold, HangingOffset)
+        with pytest.raises(ValueError, match="'rbo' does not work on manifold 'hanging-offset'"):
+            nonlocal_opt.compose(land.parameters(), "rbo", manifold="hanging-offset")
+        hanging = rbo_step_to_tolerance("hanging-rbo", "hanging-gauss-newton")
+    finally:
+        manager.unregister(plugin)
+    assert "hanging-offset" not in nonlocal_opt.available("manifold")
+    # Independently: c = p − ρν with ν = (−f', 1)/N, moved by −η(f', f'²), then the nearest point of Γ.
+    theta, rho, eta = 1.2, 0.5, 0.3
+    f, g = theta**2, 2 * theta
+    n = (1 + g * g) ** 0.5
+    target = Centre(theta=torch.tensor([theta + rho * g / n - eta * g], dtype=torch.float64),
+                    height=torch.tensor(f - rho / n - eta * g * g, dtype=torch.float64))
+    expected = nearest_point(lambda t: t.square().sum(-1), target, radius=3.0)
+    assert expected.unique
+    torch.testing.assert_close(hanging, expected.theta, rtol=0, atol=1e-8)
+    above = rbo_step_to_tolerance("rbo", "gauss-newton")
+    assert (above - hanging).abs().item() > 1e-2  # the manifold, not only the rule, decided the step
 
 
 def test_duplicate_name_names_both_providers():
