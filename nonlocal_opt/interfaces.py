@@ -59,7 +59,7 @@ class _Component(ABC):
     name: ClassVar[str]
     hyperparameters: ClassVar[Mapping[str, Hyperparameter]] = {}
 
-    def check_group(self, group: Mapping[str, object]) -> None:
+    def check_group(self, group: Mapping[str, object]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Reject combinations of hyperparameters (one parameter group, defaults filled in) with
         ``ValueError``; single values are already checked by their ``Hyperparameter`` validators."""
 

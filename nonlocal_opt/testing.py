@@ -66,6 +66,11 @@ OFFSET_CASES = (
 )
 
 
+def _nan_max(values: Sequence[float]) -> float:
+    """The largest value, a NaN counting as larger than any number."""
+    return max(values, key=lambda v: math.inf if math.isnan(v) else v)
+
+
 @attrs.frozen
 class Check:
     """One check on one case: ``value`` (an error) against ``limit`` (``None``: reported only)."""
@@ -96,7 +101,7 @@ class ProjectorReport:
     def worst(self, name: str) -> float:
         """The largest ``value`` among checks called ``name`` (NaN counts as largest)."""
         values = [c.value for c in self.checks if c.name == name]
-        return max(values, key=lambda v: math.inf if math.isnan(v) else v) if values else math.nan
+        return _nan_max(values) if values else math.nan
 
     def __str__(self) -> str:
         lines = [f"projector {self.projector!r}: {len(self.checks) - len(self.failures)}/{len(self.checks)} checks passed"]
@@ -195,6 +200,12 @@ def _to_tolerance(projector: Projector, hyperparameters: Mapping[str, Any]) -> d
     return {**declared, **hyperparameters}
 
 
+def _phi(landscape: Landscape, theta: torch.Tensor, centre: Centre) -> float:
+    """``φ(θ) = ½‖θ − θ_c‖² + ½(f(θ) − y_c)²``."""
+    gap = landscape.value(theta).detach() - centre.height
+    return 0.5 * float((theta - centre.theta).square().sum() + gap * gap)
+
+
 def _phi_grad_norm(landscape: Landscape, theta: torch.Tensor, centre: Centre) -> float:
     value, grad = _value_and_grad(landscape, theta)
     return float(torch.linalg.vector_norm((theta - centre.theta) + (value - centre.height) * grad))
@@ -207,7 +218,7 @@ def _project_once(case: Case, projector: Projector, start: Sequence[float], hp: 
     ctx = run.context()
     point = ctx.evaluate(extra=False)
     centre = _centre_on_manifold(run.landscape, point.theta, case.rho)
-    value, grad = _value_and_grad(run.landscape, point.theta)
+    _, grad = _value_and_grad(run.landscape, point.theta)
     target = Centre(theta=centre.theta - case.eta * grad, height=centre.height - case.eta * (grad @ grad))
     result = ctx.project(target, point, centre=centre)
     theta = result.point.theta
@@ -223,8 +234,7 @@ def _project_once(case: Case, projector: Projector, start: Sequence[float], hp: 
     uncounted = float(run.calls - ctx.grad_evals)
     checks.append(Check("passes", label, uncounted == 0, uncounted, 0.0, "closure calls not counted in grad_evals"))
     if getattr(projector, "safeguarded", False):
-        phi = lambda th: 0.5 * (float((th - target.theta).square().sum()) + float(_value_and_grad(run.landscape, th)[0] - target.height) ** 2)
-        rise = phi(theta) - phi(point.theta)
+        rise = _phi(run.landscape, theta, target) - _phi(run.landscape, point.theta, target)
         checks.append(Check("monotone", label, rise <= 1e-12, rise, 1e-12, "φ(θ_{t+1}) − φ(θ_t)"))
     if result.centre is None:
         radius = float(torch.sqrt((target.theta - point.theta).square().sum() + (target.height - point.loss) ** 2)) * 1.01
@@ -300,18 +310,31 @@ def check_projector(
                 checks.extend(found)
                 carries = carries or carried
         for case in offset_cases:
-            drift = max(offset_drift(case, projector, hyperparameters or {}, steps), key=lambda v: math.inf if math.isnan(v) else v)
+            drift = _nan_max(offset_drift(case, projector, hyperparameters or {}, steps))
             limit = None if carries else drift_limit
             passed = carries or drift <= drift_limit
-            checks.append(Check("offset", f"{case.name} ρ={case.rho} η={case.eta}", passed, drift, limit, f"max |d_Γ(c) − ρ|/ρ over {steps} steps"))
+            label = f"{case.name} ρ={case.rho} η={case.eta}"
+            checks.append(Check("offset", label, passed, drift, limit, f"max |d_Γ(c) − ρ|/ρ over {steps} steps"))
         run = _Counted(cases[0], projector, cases[0].starts[0], hp)
         run.opt.step(run.closure)
         missing = {"grad_evals", "proj_iters", "proj_residual", "offset_error"} - set(run.opt.stats)
-        checks.append(Check("stats", cases[0].name, not missing, float(len(missing)), 0.0, f"missing: {sorted(missing)}" if missing else ""))
+        detail = f"missing: {sorted(missing)}" if missing else ""
+        checks.append(Check("stats", cases[0].name, not missing, float(len(missing)), 0.0, detail))
     report = ProjectorReport(projector=projector.name, checks=tuple(checks))
     if raise_on_failure and not report.ok:
         raise AssertionError(str(report))
     return report
 
 
-__all__ = ["Case", "Check", "DEFAULT_CASES", "OFFSET_CASES", "NearestPoint", "ProjectorReport", "carried_centre", "check_projector", "nearest_point", "offset_drift"]
+__all__ = [
+    "DEFAULT_CASES",
+    "OFFSET_CASES",
+    "Case",
+    "Check",
+    "NearestPoint",
+    "ProjectorReport",
+    "carried_centre",
+    "check_projector",
+    "nearest_point",
+    "offset_drift",
+]

@@ -46,7 +46,7 @@ def run(capsys, *argv):
     ],
 )
 def test_bad_train_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
-    code, out, err = run(capsys, "train", "--logdir", str(tmp_path / "run"), "--limit-train-batches", "1", *argv)
+    code, _, err = run(capsys, "train", "--logdir", str(tmp_path / "run"), "--limit-train-batches", "1", *argv)
     assert code == 2
     assert err.startswith("nonlocal-opt: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -18,7 +18,7 @@ def params():
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    ("kwargs", "message"),
     [
         (dict(rule="adam"), r"unknown rule 'adam'; available: .*rbo.*sgd"),
         (dict(rule="rbo", projector="magic"), r"unknown projector 'magic'; available: .*footpoint"),
@@ -52,7 +52,7 @@ def test_instances_instead_of_names():
 
 def test_step_without_closure_is_a_clear_error():
     opt = nonlocal_opt.compose(params(), "rbo")
-    with pytest.raises(RuntimeError, match="needs?.*closure|opt.step\\(closure\\)"):
+    with pytest.raises(RuntimeError, match=r"needs?.*closure|opt.step\(closure\)"):
         opt.step()
 
 
@@ -117,7 +117,7 @@ def _problem():
     return model, lambda: torch.nn.functional.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("rule,settings", [("rbo", dict(lr=0.5, rho=1.0, max_iters=5)), ("sgd", dict(lr=0.1, momentum=0.9))])
+@pytest.mark.parametrize(("rule", "settings"), [("rbo", dict(lr=0.5, rho=1.0, max_iters=5)), ("sgd", dict(lr=0.1, momentum=0.9))])
 def test_state_dict_round_trip_continues_bit_identically(rule, settings):
     model, loss_fn = _problem()
     straight = nonlocal_opt.compose(model.parameters(), rule, **settings)

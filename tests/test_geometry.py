@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
 from nonlocal_opt.cli import main
+from nonlocal_opt.geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
 from nonlocal_opt.geometry_cli import add_geometry_arguments, run_geometry
 
 EIGENVALUES = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)

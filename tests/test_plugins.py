@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.plugin_manager import DISABLE_ENV_VAR, get_plugin_manager
 from nonlocal_opt.interfaces import Centre
 from nonlocal_opt.landscapes import Quadratic
+from nonlocal_opt.plugin_manager import DISABLE_ENV_VAR, get_plugin_manager
 from nonlocal_opt.testing import nearest_point
 
 from conftest import make_closure
@@ -169,7 +169,7 @@ def test_registering_a_non_rule_is_refused():
     plugin = BadPlugin()
     manager.register(plugin, name="bad-test")
     try:
-        with pytest.raises(TypeError, match="bad-test.*not a Projector"):
+        with pytest.raises(TypeError, match=r"bad-test.*not a Projector"):
             nonlocal_opt.available("projector")
     finally:
         manager.unregister(plugin)
@@ -225,5 +225,5 @@ def test_environment_variable_blocks_plugins(installed_entry_point, monkeypatch,
     assert "entry-point-footpoint" not in nonlocal_opt.available("projector")
     assert "rbo" not in nonlocal_opt.available("rule")
     assert "sgd" in nonlocal_opt.available("rule")
-    with pytest.raises(ValueError, match="unknown rule 'rbo'; available: .*sgd"):
+    with pytest.raises(ValueError, match=r"unknown rule 'rbo'; available: .*sgd"):
         nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(2))], "rbo")

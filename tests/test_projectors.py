@@ -6,6 +6,7 @@ and through the trainer, plus projector-specific facts checked against independe
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -57,7 +58,7 @@ def test_trainer_steps_the_projector_like_a_plain_loop(name, tmp_path):
     torch.testing.assert_close(result.model.landscape.theta.detach(), landscape.theta.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.tensor([float(row["train/loss"]) for row in steps]), torch.tensor(losses))
     assert [float(row["grad_evals"]) for row in steps] == passes
-    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))  # descends on sin θ from θ = 0
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))  # descends on sin θ from θ = 0
 
 
 def value_and_grad(loss_fn, params):

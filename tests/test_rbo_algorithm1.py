@@ -58,8 +58,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("name,build,rho,eta", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-6)])
+@pytest.mark.parametrize(("name", "build", "rho", "eta"), CASES, ids=[c[0] for c in CASES])
 def test_rbo_matches_algorithm1(name, build, rho, eta, dtype, tol):
     torch.set_default_dtype(dtype)
     try:

@@ -106,8 +106,9 @@ def test_perturbation_norm_is_global():
 
 
 @pytest.mark.parametrize(
-    "bad, message",
-    [(dict(rho=-0.1), "rho"), (dict(nesterov=True), "nesterov"), (dict(adaptive=1), "adaptive"), (dict(max_grad_norm=0.0), "max_grad_norm")],
+    ("bad", "message"),
+    [(dict(rho=-0.1), "rho"), (dict(nesterov=True), "nesterov"), (dict(adaptive=1), "adaptive"),
+     (dict(max_grad_norm=0.0), "max_grad_norm")],
 )
 def test_bad_hyperparameters_raise_value_error(bad, message):
     model, _ = _problem()

@@ -23,7 +23,7 @@ SETTINGS = [
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_sgd_rule_is_torch_sgd_bit_for_bit(mlp_problem, settings, foreach):
-    model, loss_fn = mlp_problem
+    model, _ = mlp_problem
     twin = copy.deepcopy(model)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     ours = nonlocal_opt.compose(model.parameters(), rule="sgd", **settings)

@@ -6,6 +6,8 @@ reaches the footpoint.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 import nonlocal_opt
@@ -78,7 +80,7 @@ def test_phi_never_increases_and_reaches_the_footpoint():
     # Deterministic: the run with K iterations is the first K iterations of any longer run.
     values = [phi(one_rbo_step("damped-footpoint", max_iters=k)[0], target) for k in range(1, 31)]
     values.insert(0, phi(start_theta(), target))
-    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(values))
     assert values[-1] < 1e-3 * values[0]
     theta, stats = one_rbo_step("damped-footpoint", max_iters=200, tol=1e-8)
     assert stats["nonfinite"] == 0.0 and stats["proj_residual"] <= 1e-8 and stats["proj_iters"] < 200
