@@ -162,3 +162,48 @@ def test_step_does_not_synchronise_on_cuda(name):
         opt.step(closure)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gain_ratio_damping_follows_nielsen():
+    """``μ ← μ·max(1/3, 1 − (2ϱ − 1)³)``, ``ν ← 2`` on acceptance; ``μ ← max(νμ, 1)``, ``ν ← 2ν`` on rejection."""
+    from nonlocal_opt_projectors.safeguarded import gain_ratio_damping
+
+    mu, nu = torch.tensor(0.6), torch.tensor(8.0)
+    for ratio in (0.05, 0.5, 0.9, 3.0):
+        damping, factor = gain_ratio_damping(torch.tensor(True), torch.tensor(ratio * 0.2), torch.tensor(0.2), mu, nu)
+        torch.testing.assert_close(damping, mu * max(1 / 3, 1 - (2 * ratio - 1) ** 3))
+        assert float(factor) == 2.0
+    damping, factor = gain_ratio_damping(torch.tensor(False), torch.tensor(-1.0), torch.tensor(0.2), mu, nu)
+    assert (float(damping), float(factor)) == pytest.approx((4.8, 16.0))
+    damping, _ = gain_ratio_damping(torch.tensor(False), torch.tensor(-1.0), torch.tensor(0.2), torch.tensor(0.0), nu)
+    assert float(damping) == 1.0  # the undamped μ = 0 can grow
+    damping, _ = gain_ratio_damping(torch.tensor(True), torch.tensor(0.1), torch.tensor(-1.0), mu, nu)
+    torch.testing.assert_close(damping, 2 * mu)  # a non-positive prediction counts as ϱ = 0
+
+
+SAFEGUARDED = [n for n in PROJECTORS if getattr(nonlocal_opt.registry.instantiate("projector", n), "safeguarded", False)]
+
+
+@pytest.mark.parametrize("name", SAFEGUARDED)
+def test_phi_never_increases_along_the_iterations(name, mlp_problem):
+    """``K = 1, 2, …, 12`` iterations of the same deterministic run: ``φ`` at the returned point never rises
+    (beyond the documented 8-ulp rounding allowance), at the paper's ρ = 1, η = 6 where many trials are rejected."""
+    model, loss_fn = mlp_problem
+    params = list(model.parameters())
+    theta0 = [p.detach().clone() for p in params]
+    values = []
+    for k in range(1, 13):
+        with torch.no_grad():
+            for p, p0 in zip(params, theta0):
+                p.copy_(p0)
+        opt = nonlocal_opt.compose(params, "rbo", name, lr=6.0, rho=1.0, max_iters=k, rtol=None)
+        ctx = StepContext(opt, make_closure(opt, loss_fn))
+        with torch.no_grad():
+            start = ctx.evaluate(extra=False)
+            centre = ctx.manifold.centre(start, ctx)
+            target = opt.rule.propose(centre, start, ctx)
+            result = ctx.project(target, start, centre=centre)
+        values.append(float(0.5 * ((result.point.theta - target.theta).square().sum() + (result.point.loss - target.height) ** 2)))
+    ulps = 8 * torch.finfo(torch.float32).eps
+    assert all(later <= earlier * (1 + ulps) for earlier, later in itertools.pairwise(values)), values
+    assert values[-1] < values[0]

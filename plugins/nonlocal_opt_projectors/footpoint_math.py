@@ -27,6 +27,11 @@ def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor |
     return (v - grad * (grad.dot(v) / (shift + grad.dot(grad)))) / shift
 
 
+def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``L(0) − L(Δ) = −∇φᵀΔ − ½(‖Δ‖² + (gᵀΔ)²)``: the decrease of the Gauss–Newton model of ``φ``."""
+    return -(gradient.dot(step) + 0.5 * (step.dot(step) + grad.dot(step).square()))
+
+
 def tolerance(hp, start: GraphPoint, target: Centre) -> float | torch.Tensor | None:
     """The stopping threshold on ``‖∇φ‖``: ``max(tol, rtol · ‖θ̃ − θ_t‖)``; ``None`` when both are off.
 

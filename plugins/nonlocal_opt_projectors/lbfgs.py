@@ -41,7 +41,7 @@ class LBFGSProjector(SafeguardedFootpointProjector):
 
     ``gn_h0=True`` seeds it with ``H₀ = (I + g gᵀ)⁻¹`` at the current point (then the first step
     from ``p_t`` is the Gauss–Newton step); ``False`` uses ``H₀ = (sᵀy/yᵀy) I``, which must rediscover
-    ``I + g gᵀ`` from the pairs. The LM damping of the shared loop shortens rejected steps.
+    ``I + g gᵀ`` from the pairs. The LM damping of the shared loop shortens rejected steps; its gain ratio uses this model.
     """
 
     name = "lbfgs"
@@ -68,3 +68,7 @@ class LBFGSProjector(SafeguardedFootpointProjector):
             beta = memory.rho[i] * memory.y[i].dot(r)
             r = r + (alpha - beta) * memory.s[i]
         return -r / (1 + damping)
+
+    def predicted_decrease(self, point, gradient, step, damping):
+        """Under the model ``∇φᵀΔ + ½ΔᵀH⁻¹Δ`` with ``Δ = −H∇φ/(1 + μ)``: ``−∇φᵀΔ (1 − 1/(2(1 + μ)))``."""
+        return -gradient.dot(step) * (1 - 0.5 / (1 + damping))
