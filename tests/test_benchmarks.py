@@ -1,0 +1,142 @@
+"""Smoke tests of the result benchmarks (``benchmarks/accuracy.py``, ``speed.py``, ``ironing.py``) on a
+tiny synthetic Fashion-MNIST-format dataset: they run, exit 0, and write well-formed outputs whose
+numbers pass independent checks (t-interval closed form, Δ(ρ) ~ 1/ρ, parameter memory bound)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file (the MNIST format), gzipped."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """512 training and 256 test images 28×28 whose label is set by the image's mean brightness band."""
+    directory = tmp_path_factory.mktemp("tiny-fashion-mnist")
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 512), ("t10k", 256)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28)) + 19 * labels[:, None, None]
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def written(result: subprocess.CompletedProcess) -> list[Path]:
+    """The paths a script printed as ``wrote PATH``."""
+    return [Path(line[len("wrote "):]) for line in result.stdout.splitlines() if line.startswith("wrote ")]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_accuracy_writes_tables_with_t_intervals(tiny_data, tmp_path):
+    result = run("accuracy.py", "--quick", "--data-dir", str(tiny_data), "--out", str(tmp_path), "--seeds", "2",
+                 "--epochs", "2", "--limit-train-batches", "2", "--limit-val-batches", "1",
+                 "--optimizers", "sgd,sam@rho=0.1", "--label-noise", "0,0.4")
+    assert result.returncode == 0, result.stderr
+    paths = written(result)
+    assert paths and all(p.exists() for p in paths)
+    assert {p.name for p in paths if p.suffix == ".png"} == {"curves_fashion-mnist_mlp_noise0.png",
+                                                              "curves_fashion-mnist_mlp_noise0.4.png"}
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths if p.suffix == ".png")
+    runs = read_csv(tmp_path / "runs_fashion-mnist_mlp.csv")
+    assert len(runs) == 2 * 2 * 2  # noise levels × optimizers × seeds
+    assert {r["optimizer"] for r in runs} == {"sgd", "sam@rho=0.1"}
+    assert all(r["epochs_done"] == "2" and 0 <= float(r["best_val_acc"]) <= 1 for r in runs)
+    summary = read_csv(tmp_path / "summary_fashion-mnist_mlp.csv")
+    assert len(summary) == 4
+    for row in summary:
+        values = [float(r["best_val_acc"]) for r in runs
+                  if (r["optimizer"], r["label_noise"]) == (row["optimizer"], row["label_noise"])]
+        # n = 2: mean (a + b)/2 and half-width t_{0.975,1} · s/√2 = 12.706 · |a − b| / 2
+        assert float(row["best_val_acc"]) == pytest.approx(sum(values) / 2)
+        assert float(row["best_val_acc_ci95"]) == pytest.approx(12.706 * abs(values[0] - values[1]) / 2)
+        assert row["n"] == "2"
+    report = (tmp_path / "results_fashion-mnist_mlp.md").read_text()
+    assert "| sam@rho=0.1 | 2 |" in report and "Final test accuracy by label noise" in report
+
+
+def test_speed_json_rows(tiny_data, tmp_path):
+    out = tmp_path / "rows.json"
+    result = run("speed.py", "--quick", "--data-dir", str(tiny_data), "--out", str(tmp_path), "--models", "mlp",
+                 "--optimizers", "sgd,sam,rbo-gn", "--epochs", "2", "--eval-every", "2", "--limit-val-batches", "1",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [set(r) for r in rows] == [{"optimizer", "projector", "model", "step_time_s", "passes_per_step",
+                                       "peak_mem_mb", "ratio_to_sgd"}] * 3
+    by_name = {r["optimizer"]: r for r in rows}
+    assert by_name["sgd"]["ratio_to_sgd"] == 1.0 and by_name["sgd"]["projector"] == "none"
+    assert by_name["rbo-gn"]["projector"] == "gauss-newton"
+    assert (by_name["sgd"]["passes_per_step"], by_name["sam"]["passes_per_step"]) == (1.0, 2.0)
+    assert 2 < by_name["rbo-gn"]["passes_per_step"] <= 21
+    mlp_params = 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    for row in rows:  # the parameters and their gradients are alive during every step
+        assert row["peak_mem_mb"] >= 2 * 4 * mlp_params / 2**20
+        assert row["step_time_s"] > 0
+    ttt = read_csv(tmp_path / "time_to_target.csv")
+    target = min(float(r["best_val_acc"]) for r in ttt)
+    assert all(float(r["target_acc"]) == pytest.approx(target) and math.isfinite(float(r["time_to_target_s"])) for r in ttt)
+
+
+def test_ironing_delta_slope_and_bumps(tmp_path):
+    result = run("ironing.py", "--quick", "--out", str(tmp_path), "--only", "delta,bumps,riemann",
+                 "--rho-range", "0.1", "80", "6", "--spacing", "0.02", "--query-stride", "1", "--starts", "2", "--bump-steps", "5",
+                 "--bump-rho", "1", "--riemann-steps", "2", "--riemann-rho", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert all(p.exists() for p in written(result))
+    assert all((tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+               for name in ("delta_sine.png", "bumps.png", "riemann_footpoint.png", "riemann_gauss-newton.png"))
+    rows = [(float(r["rho"]), float(r["delta"])) for r in read_csv(tmp_path / "delta.csv")]
+    large = np.array([(math.log(r), math.log(d)) for r, d in rows if r >= 10])
+    slope = np.polyfit(large[:, 0], large[:, 1], 1)[0]
+    assert slope == pytest.approx(-1, abs=0.1)  # Δ(ρ) = O(1/ρ)
+    assert all(d == pytest.approx(2, abs=1e-3) for r, d in rows if r <= 0.5)  # below the reach: sup sin − inf sin
+    bumps = read_csv(tmp_path / "bumps.csv")
+    assert [b["method"] for b in bumps] == ["GD", "RBO gauss-newton ρ = 1"]
+    assert all(0 <= float(b["fraction"]) <= 1 and b["starts"] == "2" for b in bumps)
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("accuracy", ["--optimizers", "adam"], "unknown optimizer 'adam'"),
+    ("accuracy", ["--label-noise", "0,1.5"], "--label-noise levels must be probabilities"),
+    ("speed", ["--optimizers", "sam"], "must include sgd"),
+    ("ironing", ["--only", "spiral"], "unknown section"),
+])
+def test_bad_input_exits_2_with_one_line(script, args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_script(lambda: module.main(["--out", str(tmp_path), *args]))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
