@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import types
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 import nonlocal_opt
 from nonlocal_opt import hookspecs
+from nonlocal_opt.cli import build_parser
 from nonlocal_opt.plugin_manager import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +61,23 @@ def test_every_hook_is_documented_and_exercised(hook):
         if path.name != "test_docs.py" and re.search(rf"def {hook}\(", path.read_text())
     ]
     assert users, f"no test registers a plugin through {hook}"
+
+
+def cli_options() -> list[tuple[str, str]]:
+    """(subcommand, --flag) for every long option of every ``nonlocal-opt`` subcommand."""
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return [
+        (name, flag)
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    ]
+
+
+@pytest.mark.parametrize(("command", "flag"), cli_options(), ids="-".join)
+def test_every_cli_flag_is_documented(command, flag):
+    reference = (ROOT / "docs" / "trainer.md").read_text()
+    assert f"### `nonlocal-opt {command}`" in reference, f"docs/trainer.md has no section for `nonlocal-opt {command}`"
+    pages = reference + (ROOT / "docs" / "geometry.md").read_text()  # the geometry command's flags live there
+    assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", pages), f"{command} {flag} is not in docs/trainer.md or geometry.md"

@@ -15,8 +15,8 @@ from nonlocal_opt import Centre
 from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.testing import check_projector, nearest_point
 
-# f(θ) = ½(θ − θ*)ᵀH(θ − θ*) with eigenvalues 10 and 1: ‖∇f(θ_t)‖ ≈ 6.5, so ∇²φ has an eigenvalue
-# ≈ 1 + ‖∇f‖² ≈ 43 and any fixed step γ > 2/43 — the paper's γ = 0.1 included — makes GD on φ diverge.
+# f(θ) = ½(θ − θ*)ᵀH(θ − θ*) with eigenvalues 10 and 1: ‖∇f(θ_t)‖ ≈ 9.1, so ∇²φ has an eigenvalue
+# ≈ 1 + ‖∇f‖² ≈ 84 and a fixed step γ > 2/84 ≈ 0.024 — the paper's γ = 0.1 included — makes GD on φ diverge.
 START, RHO, ETA = [1.0, -0.8], 0.5, 0.05
 
 
