@@ -5,8 +5,8 @@ An example of a third-party projector plugin for nonlocal-opt. Per iteration ``k
 ``φ(θ') ≤ φ(θ) − c γ_k ‖∇φ(θ)‖²``; on acceptance ``γ_{k+1} = min(2 γ_k, γ_max)``, otherwise the trial
 is discarded and ``γ_{k+1} = γ_k / 2``. Accept/reject is decided with ``torch.where``: no host sync.
 
-The O(d) algebra of ``φ`` and the field-by-field ``torch.where`` come from nonlocal-opt's first-party
-projectors (``nonlocal_opt_projectors``), which ship in the ``nonlocal-opt`` distribution.
+Like any third-party plugin it uses only nonlocal-opt's public API (``nonlocal_opt``,
+``nonlocal_opt.hyperparameters``), not the internals of the first-party plugins.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from __future__ import annotations
 import torch
 
 import nonlocal_opt
-from nonlocal_opt import Hyperparameter, ProjectionResult, Projector
+from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
 from nonlocal_opt.hyperparameters import optional, positive, positive_int
-from nonlocal_opt_projectors.footpoint_math import grad_phi, phi
-from nonlocal_opt_projectors.safeguarded import select
 
 ARMIJO_C = 1e-4
+
+
+def phi_and_grad(point: GraphPoint, target: Centre) -> tuple[torch.Tensor, torch.Tensor]:
+    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` and ``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
+    offset, gap = point.theta - target.theta, point.loss - target.height
+    return 0.5 * (offset.dot(offset) + gap * gap), offset + gap * point.grad
 
 
 class DampedFootpoint(Projector):
@@ -38,14 +42,19 @@ class DampedFootpoint(Projector):
         max_iters, tol = ctx.hp("max_iters"), ctx.hp("tol")
         gamma = torch.tensor(float(ctx.hp("step_size")), dtype=start.theta.dtype, device=start.theta.device)
         gamma_max = ctx.hp("max_step_size")
-        point, value, gradient = start, phi(start, target), grad_phi(start, target)
+        point = start
+        value, gradient = phi_and_grad(start, target)
         stop_early = tol is not None and start.theta.device.type == "cpu"
         iteration = 0
         while iteration < max_iters and not (stop_early and bool(torch.linalg.vector_norm(gradient) <= tol)):
             trial = ctx.evaluate(point.theta - gamma * gradient)
-            trial_value, trial_gradient = phi(trial, target), grad_phi(trial, target)
+            trial_value, trial_gradient = phi_and_grad(trial, target)
             accept = torch.isfinite(trial_value) & (trial_value <= value - ARMIJO_C * gamma * gradient.dot(gradient))
-            point = select(accept, trial, point)
+            point = GraphPoint(
+                theta=torch.where(accept, trial.theta, point.theta),
+                loss=torch.where(accept, trial.loss, point.loss),
+                grad=torch.where(accept, trial.grad, point.grad),
+            )
             value = torch.where(accept, trial_value, value)
             gradient = torch.where(accept, trial_gradient, gradient)
             gamma = torch.where(accept, torch.clamp(2 * gamma, max=gamma_max), 0.5 * gamma)
