@@ -54,14 +54,16 @@ def tox_on_install(tox_env, arguments, section, of_type) -> None:
     if not tox_env.conf["share_base_site_packages"]:
         return
     target = Path(tox_env.conf["env_site_packages_dir"]) / PTH_NAME
-    if target.exists():
-        return
     base = base_site_packages()
     version = tox_env.base_python.version_info
     if (version.major, version.minor) != sys.version_info[:2] or not has_torch(base):
         LOG.warning("%s: no torch for Python %d.%d in %s; installing every dependency into the environment",
                     tox_env.name, version.major, version.minor, [str(p) for p in base])
+        target.unlink(missing_ok=True)
+        return
+    text = "".join(f"{path}\n" for path in base)
+    if target.is_file() and target.read_text() == text:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(f"{path}\n" for path in base))
+    target.write_text(text)
     LOG.warning("%s: shares the dependencies installed in %s", tox_env.name, ", ".join(map(str, base)))
