@@ -8,10 +8,15 @@ Prints markdown tables (pasted into docs/projectors.md):
    included), and the median wall time of that step;
 2. the 50-D quadratic (Hessian eigenvalues in [0.1, 1]): passes per step for ``gauss-newton`` to reach
    1e-6 relative, at ρ = 0.05 (η = 0.1) and at larger ρ;
-3. the share of step time spent outside closure calls (the O(d) arithmetic);
-4. training at ρ = 1, η = 6 from that point: which projectors train and which diverge.
+3. the floor of that residual: the best ``lbfgs`` reaches with 300 passes, and how much ``∇φ`` jumps
+   under a perturbation of 1e-5·‖θ̃ − θ_t‖ at the point it returns (ReLU kinks);
+4. the share of step time spent outside closure calls (the O(d) arithmetic);
+5. training at ρ = 1, η = 6 from that point: which projectors train and which diverge.
 
-Usage: ``python benchmarks/projectors.py [--quick] [--data-dir DIR]``.
+Times are CPU time of this process (``time.process_time``), not wall time, so that other jobs on a
+shared machine do not count; ``--threads`` sets torch's intra-op threads (default 1).
+
+Usage: ``python benchmarks/projectors.py [--quick] [--threads N] [--data-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -77,32 +82,48 @@ class Problem:
 
     def closure_for(self, opt, x, y, clock: list[float] | None = None):
         def closure():
-            start = time.perf_counter()
+            start = time.process_time()
             opt.zero_grad()
             loss = self.loss(x, y)
             loss.backward()
             if clock is not None:
-                clock[0] += time.perf_counter() - start
+                clock[0] += time.process_time() - start
             return loss
 
         return closure
 
-    def move_norm(self, x, y, rho: float, eta: float) -> float:
-        """``‖θ̃ − θ_t‖ = (ρ/N + η)‖g‖`` at ``θ_0`` on the batch."""
+    def target(self, x, y, rho: float, eta: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(θ̃, ỹ)`` of the first RBO step from ``θ_0`` on the batch, and ``‖θ̃ − θ_t‖ = (ρ/N + η)‖g‖``."""
         self.reset()
         self.model.zero_grad()
-        self.loss(x, y).backward()
+        loss = self.loss(x, y)
+        loss.backward()
         g = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+        theta = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
         norm = float(g.norm())
-        return (rho / math.sqrt(1 + norm**2) + eta) * norm
+        n = math.sqrt(1 + norm**2)
+        return theta - (rho / n + eta) * g, loss.detach() + rho / n - eta * norm**2, (rho / n + eta) * norm
+
+    def move_norm(self, x, y, rho: float, eta: float) -> float:
+        """``‖θ̃ − θ_t‖ = (ρ/N + η)‖g‖`` at ``θ_0`` on the batch."""
+        return self.target(x, y, rho, eta)[2]
+
+    def grad_phi_at(self, theta: torch.Tensor, x, y, target_theta: torch.Tensor, target_height: torch.Tensor) -> torch.Tensor:
+        """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ)∇f(θ)`` on the batch, computed here with autograd."""
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, self.model.parameters())
+        self.model.zero_grad()
+        loss = self.loss(x, y)
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+        return (theta - target_theta) + (loss.detach() - target_height) * g
 
 
 def fmt(value: float) -> str:
     return "NaN" if not math.isfinite(value) else f"{value:.1e}"
 
 
-def residual_table(problem: Problem, batches: int) -> list[str]:
-    data = [problem.next_batch() for _ in range(batches)]
+def residual_table(problem: Problem, data: list) -> list[str]:
     lines = ["| ρ | η | projector | " + " | ".join(f"B={b}" for b in BUDGETS) + " | step ms (B=21) |", "|---" * (4 + len(BUDGETS)) + "|"]
     for rho, eta in SETTINGS:
         scales = [problem.move_norm(x, y, rho, eta) for x, y in data]
@@ -117,9 +138,9 @@ def residual_table(problem: Problem, batches: int) -> list[str]:
                 for (x, y), scale in zip(data, scales):
                     problem.reset()
                     opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=eta, rho=rho, **hp)
-                    start = time.perf_counter()
+                    start = time.process_time()
                     opt.step(problem.closure_for(opt, x, y))
-                    times.append(time.perf_counter() - start)
+                    times.append(time.process_time() - start)
                     stats = opt.stats
                     relative.append(stats["proj_residual"] / scale if not stats.get("nonfinite") else math.nan)
                     spent.append(stats["grad_evals"])
@@ -153,24 +174,59 @@ def quadratic_table(steps: int) -> list[str]:
     return lines
 
 
-def overhead_table(problem: Problem, batches: int) -> list[str]:
+def floor_table(problem: Problem, data: list, passes: int = 301, probes: int = 8, radius: float = 1e-4) -> list[str]:
+    """Per mini-batch: the relative residual ``lbfgs`` (history 20) reaches with ``passes`` passes, and at
+    the point it returns the largest ``‖∇φ(θ + εu) − ∇φ(θ)‖/‖θ̃ − θ_t‖`` over ``probes`` random unit
+    ``u``, ``ε = radius·‖θ̃ − θ_t‖``, next to its linearisation (100 × the change over ``ε/100``). A
+    change far above the linearised one means ``∇φ`` jumps: ``θ`` sits next to kinks of the ReLU
+    graph, and there ``‖∇φ‖`` cannot be driven to 0."""
+    generator = torch.Generator().manual_seed(0)
+    header = "| ρ | η | residual after 300 passes | max change of ∇φ within 1e-4·‖θ̃ − θ_t‖ | linearised |"
+    lines = [header, "|---|---|---|---|---|"]
+    for rho, eta in SETTINGS[:2]:
+        reached, jumps, linear = [], [], []
+        for x, y in data:
+            target_theta, target_height, scale = problem.target(x, y, rho, eta)
+            problem.reset()
+            hp = {"history": 20, "max_iters": passes - 1, "rtol": None}
+            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", "lbfgs", lr=eta, rho=rho, **hp)
+            opt.step(problem.closure_for(opt, x, y))
+            reached.append(opt.stats["proj_residual"] / scale)
+            theta = torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach()
+            base = problem.grad_phi_at(theta, x, y, target_theta, target_height)
+            changes = {1.0: [], 0.01: []}
+            for _ in range(probes):
+                u = torch.randn(theta.shape, generator=generator)
+                for fraction, found in changes.items():
+                    moved = problem.grad_phi_at(theta + fraction * radius * scale * u / u.norm(), x, y, target_theta, target_height)
+                    found.append(float((moved - base).norm()) / (scale * fraction))
+            jumps.append(max(changes[1.0]))
+            linear.append(max(changes[0.01]))
+        cells = [" ".join(fmt(v) for v in column) for column in (reached, jumps, linear)]
+        lines.append(f"| {rho} | {eta} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def overhead_table(problem: Problem, batches: int, repeats: int = 3) -> list[str]:
+    """Median over ``repeats × batches`` steps of the CPU time of one step and of its closure calls."""
     data = [problem.next_batch() for _ in range(batches)]
-    lines = ["| projector | passes | step ms | closure ms | O(d) share |", "|---|---|---|---|---|"]
+    lines = ["| projector | passes | step ms | closure ms | outside closure, ms per pass | O(d) share |", "|---|---|---|---|---|---|"]
     for name in PROJECTORS:
         hp = budget_hyperparameters(name, 2 if name == "tangent" else 21)
-        totals, closures = [], []
-        for x, y in data:
-            problem.reset()
-            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=0.1, rho=1.0, **hp)
-            clock = [0.0]
-            start = time.perf_counter()
-            opt.step(problem.closure_for(opt, x, y, clock))
-            totals.append(time.perf_counter() - start)
-            closures.append(clock[0])
-        total, inside = sum(totals), sum(closures)
-        lines.append(
-            f"| {name} | {int(opt.stats['grad_evals'])} | {1e3 * total / batches:.1f} | {1e3 * inside / batches:.1f} | {100 * (total - inside) / total:.0f}% |"
-        )
+        totals, outside = [], []
+        for _ in range(repeats):
+            for x, y in data:
+                problem.reset()
+                opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=0.1, rho=1.0, **hp)
+                clock = [0.0]
+                start = time.process_time()
+                opt.step(problem.closure_for(opt, x, y, clock))
+                totals.append(time.process_time() - start)
+                outside.append(totals[-1] - clock[0])
+        total, extra, passes = statistics.median(totals), statistics.median(outside), int(opt.stats["grad_evals"])
+        cells = (name, passes, f"{1e3 * total:.1f}", f"{1e3 * (total - extra):.1f}", f"{1e3 * extra / passes:.2f}")
+        cells += (f"{100 * extra / total:.0f}%",)
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
@@ -178,7 +234,8 @@ def training_table(problem: Problem, steps: int) -> list[str]:
     eval_index = torch.arange(4096)
     x_eval, y_eval = problem.train.images[eval_index], problem.train.labels[eval_index]
     x_test, y_test = problem.test.images[:2000], problem.test.labels[:2000]
-    lines = ["| projector | passes/step | train loss start → end | test acc. | non-finite steps refused | verdict |", "|---|---|---|---|---|---|"]
+    header = "| projector | passes/step | train loss start → end | test acc. | non-finite steps refused | verdict |"
+    lines = [header, "|---|---|---|---|---|---|"]
     for name in PROJECTORS:
         problem.reset()
         problem.generator.manual_seed(1)
@@ -197,7 +254,8 @@ def training_table(problem: Problem, steps: int) -> list[str]:
         trains = math.isfinite(end_loss) and end_loss < start_loss and refused == 0
         verdict = "trains" if trains else ("diverges (NaN guard)" if refused else "does not improve")
         lines.append(
-            f"| {name} | {statistics.mean(passes):.1f} | {start_loss:.3f} → {end_loss:.3f} | {100 * accuracy:.1f}% | {refused}/{steps} | {verdict} |"
+            f"| {name} | {statistics.mean(passes):.1f} | {start_loss:.3f} → {end_loss:.3f} | {100 * accuracy:.1f}% "
+            f"| {refused}/{steps} | {verdict} |"
         )
     return lines
 
@@ -206,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer mini-batches and steps (a few minutes on 2 cores)")
     parser.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX .gz files")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     try:
         problem = Problem(args.data_dir)
     except DatasetNotFoundError as error:
@@ -216,11 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     batches, quad_steps, train_steps = (3, 20, 50) if args.quick else (10, 100, 200)
     command = "python benchmarks/projectors.py" + (" --quick" if args.quick else "")
     print(f"<!-- produced by `{command}` on a {torch.get_num_threads()}-thread CPU, torch {torch.__version__} -->\n")
-    print(f"### Relative residual ‖∇φ‖/‖θ̃ − θ_t‖ after one step at a budget of B passes (median of {batches} mini-batches; passes actually spent in brackets)\n")
-    print("\n".join(residual_table(problem, batches)), "\n")
+    print(
+        "### Relative residual ‖∇φ‖/‖θ̃ − θ_t‖ after one step at a budget of B passes "
+        f"(median of {batches} mini-batches; passes actually spent in brackets)\n"
+    )
+    data = [problem.next_batch() for _ in range(batches)]
+    print("\n".join(residual_table(problem, data)), "\n")
     print(f"### Gently curved 50-D quadratic, `gauss-newton`, rtol = 1e-6 ({quad_steps} steps)\n")
     print("\n".join(quadratic_table(quad_steps)), "\n")
-    print(f"### Time outside closure calls (ρ = 1, η = 0.1, budget 21 passes; mean of {batches} steps)\n")
+    print(f"### Floor of the relative residual: `lbfgs` (history 20) with 300 passes (the same {batches} mini-batches)\n")
+    print("\n".join(floor_table(problem, data)), "\n")
+    print(f"### CPU time outside closure calls (ρ = 1, η = 0.1, budget 21 passes; median of {3 * batches} steps)\n")
     print("\n".join(overhead_table(problem, batches)), "\n")
     print(f"### Training at ρ = 1, η = 6 from the same point ({train_steps} steps, batch 128, default budgets)\n")
     print("\n".join(training_table(problem, train_steps)))

@@ -207,3 +207,17 @@ def test_phi_never_increases_along_the_iterations(name, mlp_problem):
     ulps = 8 * torch.finfo(torch.float32).eps
     assert all(later <= earlier * (1 + ulps) for earlier, later in itertools.pairwise(values)), values
     assert values[-1] < values[0]
+
+
+def test_choose_branches_on_the_host_and_selects_on_devices_identically():
+    """``choose`` keeps ``old`` for a rejected (possibly non-finite) ``new``: the CPU branch and the
+    ``torch.where`` path used off the CPU give the same tensors."""
+    from nonlocal_opt_projectors.safeguarded import choose
+
+    new = (torch.tensor([1.0, float("nan")]), torch.tensor(float("inf")))
+    old = (torch.tensor([3.0, 4.0]), torch.tensor(5.0))
+    for flag in (torch.tensor(True), torch.tensor(False)):
+        expected = new if flag else old
+        for on_host in (True, False):
+            for got, want in zip(choose(flag, new, old, on_host), expected):
+                torch.testing.assert_close(got, want, equal_nan=True)

@@ -11,20 +11,28 @@ import torch
 from nonlocal_opt import Centre, GraphPoint
 
 
+def phi_and_grad(point: GraphPoint, target: Centre) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(φ(θ), ∇φ(θ))`` sharing ``a = θ − θ̃``: ``φ = ½(‖a‖² + s²)``, ``∇φ = a + s g`` (two O(d) writes)."""
+    a = point.theta - target.theta
+    s = point.loss - target.height
+    return 0.5 * (a.dot(a) + s.square()), torch.addcmul(a, s, point.grad)
+
+
 def phi(point: GraphPoint, target: Centre) -> torch.Tensor:
-    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``."""
-    return 0.5 * ((point.theta - target.theta).square().sum() + (point.loss - target.height).square())
+    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (needs no gradient)."""
+    a = point.theta - target.theta
+    return 0.5 * (a.dot(a) + (point.loss - target.height).square())
 
 
 def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
     """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
-    return (point.theta - target.theta) + (point.loss - target.height) * point.grad
+    return phi_and_grad(point, target)[1]
 
 
-def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """``((1 + μ) I + g gᵀ)⁻¹ v = [v − g (gᵀv)/(1 + μ + ‖g‖²)] / (1 + μ)`` (Sherman–Morrison)."""
+def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """``c ((1 + μ) I + g gᵀ)⁻¹ v = c [v − g (gᵀv)/(1 + μ + ‖g‖²)] / (1 + μ)`` (Sherman–Morrison), ``c = scale``."""
     shift = 1 + damping
-    return (v - grad * (grad.dot(v) / (shift + grad.dot(grad)))) / shift
+    return torch.addcmul(v, grad, grad.dot(v) / (shift + grad.dot(grad)), value=-1) * (scale / shift)
 
 
 def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

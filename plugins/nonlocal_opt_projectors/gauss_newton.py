@@ -14,4 +14,8 @@ class GaussNewtonProjector(SafeguardedFootpointProjector):
     name = "gauss-newton"
 
     def step(self, point, gradient, target, damping, memory, ctx):
-        return -damped_gn_solve(point.grad, gradient, damping)
+        return damped_gn_solve(point.grad, gradient, damping, scale=-1.0)
+
+    def predicted_decrease(self, point, gradient, step, damping):
+        """``½ Δᵀ(μΔ − ∇φ)``, the Gauss–Newton model's decrease for the LM step (Madsen–Nielsen–Tingleff)."""
+        return 0.5 * (damping * step.dot(step) - gradient.dot(step))

@@ -7,14 +7,15 @@ import torch
 from nonlocal_opt import Hyperparameter
 from nonlocal_opt.hyperparameters import boolean, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
-from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector
+from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector, choose
 
 
 class PairMemory:
-    """The last ``m`` pairs ``(s_i, y_i)`` in ring buffers; a pair with ``sᵀy ≤ 0`` gets ``ρ_i = 0``
-    (it then drops out of the two-loop recursion) instead of a host-side branch."""
+    """The last ``m`` pairs ``(s_i, y_i)`` in ring buffers; a pair with ``sᵀy ≤ 0`` (or non-finite) is
+    stored as zeros with ``ρ_i = 0``, so it drops out of the two-loop recursion (no host-side branch off the CPU)."""
 
     def __init__(self, size: int, like: torch.Tensor):
+        self.on_host = like.device.type == "cpu"
         self.s = like.new_zeros((size, like.numel()))
         self.y = like.new_zeros((size, like.numel()))
         self.rho = like.new_zeros(size)
@@ -29,8 +30,7 @@ class PairMemory:
         sy = s.dot(y)
         curved = (sy > 1e-10 * torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)) & torch.isfinite(sy)
         slot = self.count % self.rho.numel()
-        self.s[slot] = torch.where(curved, s, 0)
-        self.y[slot] = torch.where(curved, y, 0)
+        self.s[slot], self.y[slot] = choose(curved, (s, y), (0, 0), self.on_host)
         self.rho[slot] = torch.where(curved, 1 / torch.where(curved, sy, 1), 0)
         self.gamma = torch.where(curved, sy / torch.where(curved, y.dot(y), 1), self.gamma)
         self.count += 1
@@ -61,13 +61,13 @@ class LBFGSProjector(SafeguardedFootpointProjector):
         q, alphas = gradient, []
         for i in memory.newest_first():
             alpha = memory.rho[i] * memory.s[i].dot(q)
-            q = q - alpha * memory.y[i]
+            q = torch.addcmul(q, alpha, memory.y[i], value=-1)
             alphas.append(alpha)
         r = damped_gn_solve(point.grad, q) if ctx.hp("gn_h0") else memory.gamma * q
         for i, alpha in zip(reversed(memory.newest_first()), reversed(alphas)):
             beta = memory.rho[i] * memory.y[i].dot(r)
-            r = r + (alpha - beta) * memory.s[i]
-        return -r / (1 + damping)
+            r = torch.addcmul(r, alpha - beta, memory.s[i])
+        return r * (-1 / (1 + damping))
 
     def predicted_decrease(self, point, gradient, step, damping):
         """Under the model ``∇φᵀΔ + ½ΔᵀH⁻¹Δ`` with ``Δ = −H∇φ/(1 + μ)``: ``−∇φᵀΔ (1 − 1/(2(1 + μ)))``."""

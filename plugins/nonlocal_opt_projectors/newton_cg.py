@@ -13,15 +13,15 @@ import torch
 from nonlocal_opt import Hyperparameter
 from nonlocal_opt.hyperparameters import non_negative_int, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
-from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector
+from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector, choose
 
 
 def finite_difference_hvp(point, vector: torch.Tensor, ctx) -> torch.Tensor:
     """``∇²f(θ) v ≈ (∇f(θ + εv) − ∇f(θ))/ε`` with ``ε = √eps · (1 + ‖θ‖)/‖v‖`` (one pass)."""
     scale = torch.finfo(vector.dtype).eps ** 0.5 * (1 + torch.linalg.vector_norm(point.theta))
     eps = scale / torch.clamp(torch.linalg.vector_norm(vector), min=torch.finfo(vector.dtype).tiny)
-    shifted = ctx.evaluate(point.theta + eps * vector)
-    return (shifted.grad - point.grad) / eps
+    shifted = ctx.evaluate(torch.addcmul(point.theta, eps, vector))
+    return (shifted.grad - point.grad).div_(eps)
 
 
 class NewtonCGProjector(SafeguardedFootpointProjector):
@@ -41,22 +41,23 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
 
     def step(self, point, gradient, target, damping, memory, ctx):
         g, s = point.grad, point.loss - target.height
-        lm_step = damped_gn_solve(g, -gradient, damping)
+        lm_step = damped_gn_solve(g, gradient, damping, scale=-1.0)
         cg_iters = ctx.hp("cg_iters")
         if cg_iters == 0:
             return lm_step
+        on_host = g.device.type == "cpu"
         x, r, z = torch.zeros_like(gradient), -gradient, lm_step
-        p, rz = z, (-gradient).dot(z)
+        p, rz = z, r.dot(z)
         negative = torch.zeros((), dtype=torch.bool, device=g.device)
         for _ in range(cg_iters):
-            ap = (1 + damping) * p + g * g.dot(p) + s * finite_difference_hvp(point, p, ctx)
+            ap = torch.addcmul(torch.addcmul((1 + damping) * p, g, g.dot(p)), s, finite_difference_hvp(point, p, ctx))
             pap = p.dot(ap)
             negative = negative | ((pap <= 0) & (p.dot(p) > 0))
             alpha = rz / torch.where(pap > 0, pap, 1)
-            x = torch.where(negative, x, x + alpha * p)
-            r = r - alpha * ap
+            (x,) = choose(negative, (x,), (torch.addcmul(x, alpha, p),), on_host)
+            r = torch.addcmul(r, alpha, ap, value=-1)
             z = damped_gn_solve(g, r, damping)
             rz_next = r.dot(z)
-            p = z + (rz_next / torch.where(rz > 0, rz, 1)) * p
+            p = torch.addcmul(z, rz_next / torch.where(rz > 0, rz, 1), p)
             rz = rz_next
-        return torch.where(negative, lm_step, x)
+        return choose(negative, (lm_step,), (x,), on_host)[0]
