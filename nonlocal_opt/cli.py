@@ -120,7 +120,7 @@ def run_landscape(args) -> int:
         surface.theta.data.fill_(args.start)
         opt = compose(surface.parameters(), args.optimizer, args.projector, **{"lr": args.lr, "rho": rho, **dict(args.overrides)})
 
-        def closure():
+        def closure(opt=opt, surface=surface):
             opt.zero_grad()
             loss = surface()
             loss.backward()

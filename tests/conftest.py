@@ -14,7 +14,6 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
-    yield
 
 
 @pytest.fixture
