@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{args.dataset} {args.model}, label noise {noise:g}: mean over {args.seeds} seeds"))
     summary = summary_rows(rows)
     wall = time.perf_counter() - start
-    report = (f"<!-- produced by `{command}` in {wall:.0f} s on {machine()} -->\n\n"
+    compute = sum(r["wall_s"] for r in rows)
+    report = (f"<!-- produced by `{command}` in {wall:.0f} s (runs: {compute:.0f} s in all, reused ones at their "
+              f"original cost) on {machine()} -->\n\n"
               f"{args.dataset} / {args.model}: {args.epochs} epochs of {args.limit_train_batches or 'all'} batches of "
               f"{args.batch_size}, validation on {args.limit_val_batches or 'all'} batches; n = finished seeds; "
               f"± = 95 % t-interval (n − 1 dof).\n\n{tables(summary, args.label_noise)}\n")
