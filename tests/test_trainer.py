@@ -72,8 +72,12 @@ def test_fp16_overflow_is_refused_and_backs_off_the_loss_scale():
 def test_paper_settings_are_filtered_by_what_the_composition_declares():
     rbo = optimizer_hyperparameters(TrainConfig(optimizer="rbo"))
     assert rbo["lr"] == 6.0 and rbo["rho"] == 1.0
+    assert rbo["max_iters"] == 20 and rbo["step_size"] == 0.1  # the paper's footpoint solver
     gauss = optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="gauss-newton", lr=2.0))
-    assert gauss["lr"] == 2.0 and "step_size" not in gauss
+    assert gauss == {"lr": 2.0, "rho": 1.0}
+    newton = nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(1))], "rbo", "newton",
+                     **optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="newton")))
+    assert newton.param_groups[0]["max_iters"] == 6  # the projector's own default, not the footpoint's 20
     assert optimizer_hyperparameters(TrainConfig(optimizer="sgd", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
     with pytest.raises(ValueError, match="unknown hyperparameter 'rho'"):
         optimizer_hyperparameters(TrainConfig(optimizer="sgd", rho=0.1))

@@ -20,11 +20,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # in the rest: outer lr 1 on x − μ (no γ factor), scoping 1e-3, a fresh mini-batch per Langevin step.
 PAPER_SETTINGS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.01},
-    "rbo": {"lr": 6.0, "rho": 1.0, "max_iters": 20, "step_size": 0.1},
+    "rbo": {"lr": 6.0, "rho": 1.0},
     "sam": {"lr": 0.01, "rho": 0.05},
     "entropy-sgd": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 20, "scale_outer_by_gamma": False, "scoping": 1e-3,
                     "fresh_batches": True},
 }
+# Per projector: the paper's solver (20 gradient steps of size 0.1); other projectors keep their own
+# defaults (e.g. `newton`'s max_iters counts Newton iterations of 1 + cg_iters passes each).
+PAPER_PROJECTOR_SETTINGS: dict[str, dict[str, Any]] = {"footpoint": {"max_iters": 20, "step_size": 0.1}}
 
 
 class ConfigError(ValueError):
@@ -98,14 +101,15 @@ class TrainConfig:
 
 
 def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
-    """The hyperparameters passed to ``compose``: the paper's settings for ``config.optimizer`` (only
-    those the composed optimizer declares), then ``--lr`` / ``--rho``, then ``--set`` overrides.
+    """The hyperparameters passed to ``compose``: the paper's settings for ``config.optimizer`` and its
+    projector (only those the composed optimizer declares), then ``--lr`` / ``--rho``, then ``--set``.
 
     Unknown rule/projector names and unknown or invalid hyperparameters raise ``ValueError``.
     """
     probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector)
     known = probe.hyperparameter_specs
-    values = {key: value for key, value in PAPER_SETTINGS.get(config.optimizer, {}).items() if key in known}
+    paper = {**PAPER_SETTINGS.get(config.optimizer, {}), **PAPER_PROJECTOR_SETTINGS.get(probe.projector.name, {})}
+    values = {key: value for key, value in paper.items() if key in known}
     values.update({key: value for key, value in (("lr", config.lr), ("rho", config.rho)) if value is not None})
     values.update(config.overrides)
     compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector, **values)  # validate
