@@ -13,6 +13,8 @@ from nonlocal_opt.cli import main
 from nonlocal_opt.geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
 from nonlocal_opt.geometry_cli import add_geometry_arguments, run_geometry
 
+from conftest import make_closure
+
 EIGENVALUES = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
 LR, STEPS = 0.25, 12
 
@@ -34,11 +36,7 @@ def test_full_batch_gd_on_quadratic_matches_closed_form():
         w = torch.nn.Parameter(w0.clone())
         opt = nonlocal_opt.compose([w], "sgd", lr=LR)
 
-        def closure():
-            opt.zero_grad()
-            loss = 0.5 * (w - m) @ hessian @ (w - m)
-            loss.backward()
-            return loss
+        closure = make_closure(opt, lambda: 0.5 * (w - m) @ hessian @ (w - m))
 
         for _ in range(STEPS):
             tracker.step(opt, closure)
@@ -84,11 +82,7 @@ def test_sam_perturbed_pass_and_custom_loop():
         w = torch.nn.Parameter(w0.clone())
         opt = nonlocal_opt.compose([w], "sam", lr=LR, rho=rho)
 
-        def closure():
-            opt.zero_grad()
-            loss = 0.5 * (w - m) @ hessian @ (w - m)
-            loss.backward()
-            return loss
+        closure = make_closure(opt, lambda: 0.5 * (w - m) @ hessian @ (w - m))
 
         for _ in range(steps):
             if observe:
@@ -120,11 +114,7 @@ def test_rbo_records_the_first_pass_at_the_contact_point():
         opt = nonlocal_opt.compose([w], "rbo", lr=0.3, rho=0.5, max_iters=5)
         path = []
 
-        def closure():
-            opt.zero_grad()
-            loss = 0.5 * (w - m) @ hessian @ (w - m)
-            loss.backward()
-            return loss
+        closure = make_closure(opt, lambda: 0.5 * (w - m) @ hessian @ (w - m))
 
         for _ in range(5):
             path.append(w.detach().clone())
@@ -143,11 +133,7 @@ def test_pass_index_beyond_the_step_raises():
     w = torch.nn.Parameter(torch.ones(2))
     opt = nonlocal_opt.compose([w], "sgd", lr=0.1)
 
-    def closure():
-        opt.zero_grad()
-        loss = (w**2).sum()
-        loss.backward()
-        return loss
+    closure = make_closure(opt, lambda: (w**2).sum())
 
     with pytest.raises(ValueError, match="pass_index"):
         PathTracker(pass_index=1).step(opt, closure)
