@@ -38,14 +38,10 @@ class FlatParams:
         """``θ``: a new flat tensor holding the current parameter values."""
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
-    def gather_grad(self) -> torch.Tensor:
-        """``g = ∇f(θ)`` as a flat tensor; a parameter without ``.grad`` contributes zeros."""
-        return torch.cat(
-            [
-                (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                for p in self.params
-            ]
-        ).to(self.dtype)
+    def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``g = ∇f(θ)`` as a flat tensor (written into ``out`` when given); a parameter without ``.grad`` contributes zeros."""
+        grads = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+        return torch.cat(grads, out=out) if out is not None else torch.cat(grads).to(self.dtype)
 
     def write(self, flat: torch.Tensor) -> None:
         """Copy the flat vector ``flat`` into the parameters, in place."""
@@ -67,6 +63,4 @@ class FlatParams:
         if len(set(values)) == 1:
             return float(values[0])
         sizes = [sum(p.numel() for p in group) for group in self.groups]
-        return torch.cat(
-            [torch.full((n,), float(v), dtype=self.dtype, device=self.device) for n, v in zip(sizes, values)]
-        )
+        return torch.cat([torch.full((n,), float(v), dtype=self.dtype, device=self.device) for n, v in zip(sizes, values)])

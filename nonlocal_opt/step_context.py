@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nonlocal_opt.batchnorm import frozen_batchnorm_stats
+from nonlocal_opt.batchnorm import BatchNormFreezer
 from nonlocal_opt.flat_params import FlatParams
 from nonlocal_opt.interfaces import Centre, GraphPoint, ProjectionResult
 
@@ -42,6 +43,7 @@ class StepContext:
         self.projector = optimizer.projector
         self.flat = FlatParams(optimizer.param_groups)
         self.grad_evals = 0
+        self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
         self.stats: dict[str, Any] = {"grad_evals": 0, "proj_iters": 0, "proj_residual": 0.0, "offset_error": 0.0}
 
@@ -66,8 +68,12 @@ class StepContext:
         return self.optimizer.state[self.flat.params[0]]
 
     # -- closure calls ----------------------------------------------------------------------------
-    def evaluate(self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False) -> GraphPoint:
+    def evaluate(
+        self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False, grad_out: torch.Tensor | None = None
+    ) -> GraphPoint:
         """Run the closure at ``θ`` (the current parameters when ``None``) and return ``(θ, f(θ), ∇f(θ))``.
+
+        ``grad_out``: a preallocated flat tensor to gather ``∇f(θ)`` into (saves an allocation per pass).
 
         ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
         left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
@@ -81,13 +87,19 @@ class StepContext:
             self.flat.write(theta)
         else:
             theta = self.flat.gather()
-        freeze = extra and bool(self.hp("freeze_bn_stats"))
-        with torch.enable_grad(), frozen_batchnorm_stats(freeze):
+        with torch.enable_grad(), self._batchnorm_paused(extra):
             loss = self.closure(fresh_batch=True) if fresh_batch else self.closure()
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
         loss = torch.as_tensor(loss).detach().to(device=self.flat.device, dtype=self.flat.dtype)
-        return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad())
+        return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad(grad_out))
+
+    def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:
+        if not (extra and self.hp("freeze_bn_stats")):
+            return contextlib.nullcontext()
+        if self.batchnorm is None:
+            self.batchnorm = BatchNormFreezer()
+        return self.batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------
     def project(self, target: Centre, start: GraphPoint, centre: Centre | None = None) -> ProjectionResult:

@@ -11,22 +11,9 @@ import torch
 from nonlocal_opt import Centre, GraphPoint
 
 
-def phi_and_grad(point: GraphPoint, target: Centre) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(φ(θ), ∇φ(θ))`` sharing ``a = θ − θ̃``: ``φ = ½(‖a‖² + s²)``, ``∇φ = a + s g`` (two O(d) writes)."""
-    a = point.theta - target.theta
-    s = point.loss - target.height
-    return 0.5 * (a.dot(a) + s.square()), torch.addcmul(a, s, point.grad)
-
-
-def phi(point: GraphPoint, target: Centre) -> torch.Tensor:
-    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (needs no gradient)."""
-    a = point.theta - target.theta
-    return 0.5 * (a.dot(a) + (point.loss - target.height).square())
-
-
 def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
     """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
-    return phi_and_grad(point, target)[1]
+    return torch.addcmul(point.theta - target.theta, point.loss - target.height, point.grad)
 
 
 def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0, scale: float = 1.0) -> torch.Tensor:

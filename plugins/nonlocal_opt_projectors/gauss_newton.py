@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
 from nonlocal_opt_projectors.safeguarded import SafeguardedFootpointProjector
+from nonlocal_opt_projectors.scalars import combine
 
 
 class GaussNewtonProjector(SafeguardedFootpointProjector):
@@ -13,9 +13,12 @@ class GaussNewtonProjector(SafeguardedFootpointProjector):
 
     name = "gauss-newton"
 
-    def step(self, point, gradient, target, damping, memory, ctx):
-        return damped_gn_solve(point.grad, gradient, damping, scale=-1.0)
-
-    def predicted_decrease(self, point, gradient, step, damping):
-        """``½ Δᵀ(μΔ − ∇φ)``, the Gauss–Newton model's decrease for the LM step (Madsen–Nielsen–Tingleff)."""
-        return 0.5 * (damping * step.dot(step) - gradient.dot(step))
+    def trial_offset(self, current, damping, memory, ctx, out):
+        """``Δ = −k (∇φ − β g)`` with ``k = 1/(1 + μ)``, ``β = gᵀ∇φ/(1 + μ + gᵀg)``, i.e. ``a + Δ = (1 − k) a − k (s − β) g``;
+        predicted decrease ``½ Δᵀ(μΔ − ∇φ)`` (the LM model, Madsen–Nielsen–Tingleff), all from the iterate's dots."""
+        k = 1 / (1 + damping)
+        beta = current.gv / (1 + damping + current.gg)
+        combine(1 - k, current.a, -k * (current.gap - beta), current.g, out=out)
+        step_sq = k * k * (current.vv - beta * (2 * current.gv - beta * current.gg))
+        grad_phi_step = -k * (current.vv - beta * current.gv)
+        return 0.5 * (damping * step_sq - grad_phi_step)

@@ -54,21 +54,21 @@ class LBFGSProjector(SafeguardedFootpointProjector):
     def new_memory(self, start, ctx):
         return PairMemory(ctx.hp("history"), start.theta)
 
-    def observe(self, memory, displacement, gradient_change):
-        memory.add(displacement, gradient_change)
+    def observe(self, memory, current, trial):
+        memory.add(trial.a - current.a, trial.grad_phi - current.grad_phi)
 
-    def step(self, point, gradient, target, damping, memory, ctx):
-        q, alphas = gradient, []
+    def step(self, current, damping, memory, ctx):
+        q, alphas = current.grad_phi, []
         for i in memory.newest_first():
             alpha = memory.rho[i] * memory.s[i].dot(q)
             q = torch.addcmul(q, alpha, memory.y[i], value=-1)
             alphas.append(alpha)
-        r = damped_gn_solve(point.grad, q) if ctx.hp("gn_h0") else memory.gamma * q
+        r = damped_gn_solve(current.g, q) if ctx.hp("gn_h0") else memory.gamma * q
         for i, alpha in zip(reversed(memory.newest_first()), reversed(alphas)):
             beta = memory.rho[i] * memory.y[i].dot(r)
             r = torch.addcmul(r, alpha - beta, memory.s[i])
         return r * (-1 / (1 + damping))
 
-    def predicted_decrease(self, point, gradient, step, damping):
+    def predicted_decrease(self, current, step, damping):
         """Under the model ``∇φᵀΔ + ½ΔᵀH⁻¹Δ`` with ``Δ = −H∇φ/(1 + μ)``: ``−∇φᵀΔ (1 − 1/(2(1 + μ)))``."""
-        return -gradient.dot(step) * (1 - 0.5 / (1 + damping))
+        return -current.grad_phi.dot(step) * (1 - 0.5 / (1 + damping))

@@ -39,8 +39,8 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
         "cg_iters": Hyperparameter(2, "m", "CG iterations per Newton step, one HVP pass each (0: Gauss–Newton)", non_negative_int),
     }
 
-    def step(self, point, gradient, target, damping, memory, ctx):
-        g, s = point.grad, point.loss - target.height
+    def step(self, current, damping, memory, ctx):
+        point, g, s, gradient = current.point, current.g, current.gap, current.grad_phi
         lm_step = damped_gn_solve(g, gradient, damping, scale=-1.0)
         cg_iters = ctx.hp("cg_iters")
         if cg_iters == 0:
@@ -50,7 +50,7 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
         p, rz = z, r.dot(z)
         negative = torch.zeros((), dtype=torch.bool, device=g.device)
         for _ in range(cg_iters):
-            ap = torch.addcmul(torch.addcmul((1 + damping) * p, g, g.dot(p)), s, finite_difference_hvp(point, p, ctx))
+            ap = torch.addcmul((1 + damping) * p, g, g.dot(p)).add_(s * finite_difference_hvp(point, p, ctx))
             pap = p.dot(ap)
             negative = negative | ((pap <= 0) & (p.dot(p) > 0))
             alpha = rz / torch.where(pap > 0, pap, 1)

@@ -4,8 +4,15 @@ Each outer iteration proposes a step ``Δ`` from the current point, evaluates th
 ``θ + Δ`` (one pass) and keeps it only if ``φ`` decreases (up to rounding, see :func:`acceptable`),
 so ``φ`` never increases. An accepted trial's pass already gives ``f`` and ``∇f`` at the new point:
 no pass is spent twice. The Levenberg–Marquardt damping ``μ`` follows the gain ratio
-(:func:`gain_ratio_damping`). Accept/reject goes through :func:`choose`: no host synchronisation
-off the CPU.
+(:func:`gain_ratio_damping`).
+
+An iterate is kept as ``a = θ − θ̃``, ``g = ∇f(θ)``, ``s = f(θ) − ỹ``, ``∇φ = a + s g`` and the dots
+``‖∇φ‖², gᵀ∇φ, gᵀg`` (:class:`Iterate`): ``φ = ½(aᵀa + s²)`` with ``aᵀa = ‖∇φ − s g‖²`` expanded, and
+the Gauss–Newton step, its predicted decrease and the safeguard are scalar formulas in them. An
+iteration costs a few sweeps over ``R^d`` (the trial offset, ``θ̃ + a`` written into the parameters,
+``∇f`` gathered, ``∇φ``, three dots). On the CPU the scalars are Python floats and accept/reject is a
+Python branch; on other devices they are 0-d tensors and the choice is ``torch.where`` (no host
+synchronisation).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch
 
 from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
 from nonlocal_opt.hyperparameters import optional, positive, positive_int
-from nonlocal_opt_projectors.footpoint_math import gauss_newton_decrease, phi_and_grad, tolerance
+from nonlocal_opt_projectors.footpoint_math import gauss_newton_decrease, tolerance
+from nonlocal_opt_projectors.scalars import Scalar, at_least, read, sqrt, where
 
 STOPPING_HYPERPARAMETERS = {
     "max_iters": Hyperparameter(20, "K", "outer iterations; each evaluates one trial point (one pass)", positive_int),
@@ -38,24 +46,91 @@ def choose(flag: torch.Tensor, new: tuple, old: tuple, on_host: bool) -> tuple:
     return tuple(torch.where(flag, n, o) for n, o in zip(new, old))
 
 
-def acceptable(trial_value, trial_residual, value, residual) -> torch.Tensor:
+class Iterate:
+    """A point of the loop: ``p = (θ, f(θ), ∇f(θ))``, ``a = θ − θ̃``, the gap ``s = f(θ) − ỹ``,
+    ``∇φ = a + s g`` and the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (scalars, see :mod:`scalars`)."""
+
+    __slots__ = ("a", "gap", "gg", "grad_phi", "gv", "point", "rows", "vv")
+
+    def __init__(self, point, a, gap, grad_phi, vv, gv, gg, rows=None):
+        self.point, self.a, self.gap, self.grad_phi, self.vv, self.gv, self.gg = point, a, gap, grad_phi, vv, gv, gg
+        self.rows = rows  # the TrialRows its vectors live in, if any
+
+    @classmethod
+    def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, on_host: bool, rows: TrialRows | None = None) -> Iterate:
+        """The iterate at ``point``, ``a = θ − θ̃`` already formed: ``∇φ`` (one sweep), three dots, one host read on the CPU."""
+        g = point.grad
+        gap = point.loss - target.height
+        grad_phi = torch.addcmul(a, gap, g, out=rows.grad_phi) if rows is not None else torch.addcmul(a, gap, g)
+        vv, gv, gg, gap = read(torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g), gap]), on_host)
+        return cls(point, a, gap, grad_phi, vv, gv, gg, rows)
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.point.grad
+
+    @property
+    def value(self) -> Scalar:
+        """``φ = ½(aᵀa + s²)``, ``aᵀa = ‖∇φ‖² − 2s gᵀ∇φ + s² gᵀg`` (no cancellation: near the footpoint ``aᵀa ≈ s² gᵀg``)."""
+        gap = self.gap
+        return 0.5 * (self.vv - gap * (2 * self.gv - gap * self.gg) + gap * gap)
+
+    @property
+    def residual(self) -> Scalar:
+        """``‖∇φ‖``."""
+        return sqrt(self.vv)
+
+    def select(self, flag: torch.Tensor, other: Iterate) -> Iterate:
+        """``self`` where the 0-d tensor ``flag`` is true, else ``other``, by ``torch.where`` (device path)."""
+        mine, theirs = (self.point.theta, self.point.loss, self.g), (other.point.theta, other.point.loss, other.g)
+        point = GraphPoint(*choose(flag, mine, theirs, on_host=False))
+        fields = ("a", "gap", "grad_phi", "vv", "gv", "gg")
+        return Iterate(point, *choose(flag, [getattr(self, f) for f in fields], [getattr(other, f) for f in fields], on_host=False))
+
+
+class TrialRows:
+    """Preallocated storage ``(θ, a, g, ∇φ)`` of one trial, so the loop allocates nothing per
+    iteration: a new ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it."""
+
+    def __init__(self, like: torch.Tensor):
+        self.theta, self.a, self.grad, self.grad_phi = like.new_empty((4, like.numel())).unbind()
+
+
+class RowPool:
+    """At most two :class:`TrialRows` are in use (the current point's and the trial's); a rejected
+    trial's rows, or the rows an accepted trial replaces, come back for the next trial."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.free = like, []
+
+    def take(self) -> TrialRows:
+        return self.free.pop() if self.free else TrialRows(self.like)
+
+    def give(self, iterate: Iterate) -> None:
+        if iterate.rows is not None:
+            self.free.append(iterate.rows)
+
+
+def acceptable(trial: Iterate, current: Iterate) -> bool | torch.Tensor:
     """Take the trial iff ``φ`` decreases, or stays equal up to rounding while ``‖∇φ‖`` decreases
-    (near the solution float ``φ`` cannot resolve the decrease). ``False`` for a non-finite trial."""
-    rounding = 8 * torch.finfo(value.dtype).eps * value.abs()
-    flat = (trial_value <= value + rounding) & (trial_residual < residual)
-    return (trial_value < value) | flat
+    (near the solution float ``φ`` cannot resolve the decrease). False for a non-finite trial."""
+    value = current.value
+    rounding = 8 * torch.finfo(current.a.dtype).eps * abs(value)
+    flat = (trial.value <= value + rounding) & (trial.residual < current.residual)
+    return (trial.value < value) | flat
 
 
-def gain_ratio_damping(accept, actual, predicted, damping, factor) -> tuple[torch.Tensor, torch.Tensor]:
+def gain_ratio_damping(accept, actual, predicted, damping, factor) -> tuple[Scalar, Scalar]:
     """Nielsen's update of ``(μ, ν)`` from the gain ratio ``ϱ = (φ(θ) − φ(θ + Δ)) / (predicted decrease)``.
 
     Accepted: ``μ ← μ · max(1/3, 1 − (2ϱ − 1)³)``, ``ν ← 2``. Rejected: ``μ ← max(ν μ, 1)``, ``ν ← 2ν``
     (the floor 1 lets ``μ = 0``, the undamped first step, grow). A non-positive prediction counts as ``ϱ = 0``.
     """
-    ratio = torch.where(predicted > 0, actual / torch.where(predicted > 0, predicted, 1), 0)
-    shrink = torch.clamp(1 - (2 * ratio - 1) ** 3, min=1 / 3)
-    damping = torch.where(accept, damping * shrink, torch.clamp(factor * damping, min=MIN_DAMPING))
-    factor = torch.where(accept, 2.0, 2 * factor)
+    positive_prediction = predicted > 0
+    ratio = where(positive_prediction, actual / where(positive_prediction, predicted, 1.0), 0.0)
+    shrink = at_least(1 - (2 * ratio - 1) ** 3, 1 / 3)
+    damping = where(accept, damping * shrink, at_least(factor * damping, MIN_DAMPING))
+    factor = where(accept, 2.0, 2 * factor)
     return damping, factor
 
 
@@ -63,8 +138,8 @@ class SafeguardedFootpointProjector(Projector):
     """Monotone descent on ``φ`` from ``θ_t`` with an LM safeguard; subclasses choose the step ``Δ``.
 
     The first step uses ``start.grad`` (the gradient the rule already computed), so ``K`` iterations
-    cost ``K`` passes plus any passes :meth:`step` spends (Hessian-vector products). On CPU the loop
-    stops as soon as ``‖∇φ‖ ≤ max(tol, rtol·‖θ̃ − θ_t‖)``; on CUDA it always runs ``K`` iterations.
+    cost ``K`` passes plus any passes :meth:`trial_offset` spends (Hessian-vector products). On CPU the
+    loop stops as soon as ``‖∇φ‖ ≤ max(tol, rtol·‖θ̃ − θ_t‖)``; on CUDA it always runs ``K`` iterations.
     """
 
     hyperparameters = STOPPING_HYPERPARAMETERS
@@ -74,45 +149,56 @@ class SafeguardedFootpointProjector(Projector):
         """Per-projection state kept across iterations (L-BFGS pairs); ``None`` (nothing observed) by default."""
         return None
 
-    def step(self, point: GraphPoint, gradient: torch.Tensor, target: Centre, damping: torch.Tensor, memory: Any, ctx) -> torch.Tensor:
-        """The trial step ``Δ`` at ``point`` (``gradient = ∇φ(θ)``) with LM damping ``μ``."""
+    def step(self, current: Iterate, damping: Scalar, memory: Any, ctx) -> torch.Tensor:
+        """The trial step ``Δ`` at ``current`` with LM damping ``μ``."""
         raise NotImplementedError
 
-    def predicted_decrease(self, point: GraphPoint, gradient: torch.Tensor, step: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    def predicted_decrease(self, current: Iterate, step: torch.Tensor, damping: Scalar) -> Scalar:
         """The decrease of ``φ`` the step's model predicts; by default the Gauss–Newton model's."""
-        return gauss_newton_decrease(point.grad, gradient, step)
+        return gauss_newton_decrease(current.g, current.grad_phi, step)
 
-    def observe(self, memory: Any, displacement: torch.Tensor, gradient_change: torch.Tensor) -> None:
-        """Record the pair ``(θ_trial − θ, ∇φ(θ_trial) − ∇φ(θ))`` (accepted or not); called when ``memory`` is not ``None``."""
+    def trial_offset(self, current: Iterate, damping: Scalar, memory: Any, ctx, out: torch.Tensor) -> Scalar:
+        """Write the trial's offset ``a + Δ = θ + Δ − θ̃`` into ``out``; return the decrease the model predicts.
+
+        By default from :meth:`step` and :meth:`predicted_decrease`; a step with a closed form in
+        ``a`` and ``g`` (Gauss–Newton) overrides this to skip forming ``Δ``.
+        """
+        delta = self.step(current, damping, memory, ctx)
+        torch.add(current.a, delta, out=out)
+        return self.predicted_decrease(current, delta, damping)
+
+    def observe(self, memory: Any, current: Iterate, trial: Iterate) -> None:
+        """Record a trial (accepted or not) against the current point; called when ``memory`` is not ``None``."""
 
     def project(self, target, start, ctx):
         if start.grad is None:
             raise ValueError(f"projector {self.name!r} needs start.grad, the gradient at θ_t")
-        threshold = tolerance(ctx.hp, start, target)
-        max_iters = ctx.hp("max_iters")
         on_host = start.theta.device.type == "cpu"
+        threshold = tolerance(ctx.hp, start, target)
+        if threshold is not None:
+            threshold = float(threshold)
+        max_iters = ctx.hp("max_iters")
         memory = self.new_memory(start, ctx)
-        point = start
-        value, gradient = phi_and_grad(start, target)
-        residual = torch.linalg.vector_norm(gradient)
-        damping, factor = torch.zeros_like(value), torch.full_like(value, 2.0)
+        current = Iterate.measure(start, start.theta - target.theta, target, on_host)
+        damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
+        pool = RowPool(start.theta)
         for iteration in range(max_iters + 1):
-            if iteration == max_iters or (threshold is not None and bool(residual <= threshold)):
+            if iteration == max_iters or (threshold is not None and current.residual <= threshold):
                 break
-            delta = self.step(point, gradient, target, damping, memory, ctx)
-            predicted = self.predicted_decrease(point, gradient, delta, damping)
-            trial = ctx.evaluate(point.theta + delta)
-            trial_value, trial_gradient = phi_and_grad(trial, target)
-            trial_residual = torch.linalg.vector_norm(trial_gradient)
+            rows = pool.take()
+            predicted = self.trial_offset(current, damping, memory, ctx, out=rows.a)
+            point = ctx.evaluate(torch.add(target.theta, rows.a, out=rows.theta), grad_out=rows.grad)
+            trial = Iterate.measure(point, rows.a, target, on_host, rows)
             if memory is not None:
-                self.observe(memory, trial.theta - point.theta, trial_gradient - gradient)
-            accept = acceptable(trial_value, trial_residual, value, residual)
-            damping, factor = gain_ratio_damping(accept, value - trial_value, predicted, damping, factor)
-            theta, loss, grad, value, gradient, residual = choose(
-                accept,
-                (trial.theta, trial.loss, trial.grad, trial_value, trial_gradient, trial_residual),
-                (point.theta, point.loss, point.grad, value, gradient, residual),
-                on_host,
-            )
-            point = GraphPoint(theta=theta, loss=loss, grad=grad)
-        return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
+                self.observe(memory, current, trial)
+            accept = acceptable(trial, current)
+            damping, factor = gain_ratio_damping(accept, current.value - trial.value, predicted, damping, factor)
+            if on_host:
+                kept, dropped = (trial, current) if accept else (current, trial)
+                pool.give(dropped)
+                current = kept
+            else:
+                pool.give(trial)
+                current = trial.select(accept, current)
+        residual = torch.as_tensor(current.residual, dtype=start.theta.dtype, device=start.theta.device)
+        return ProjectionResult(point=current.point, centre=None, iterations=iteration, residual=residual)

@@ -103,13 +103,20 @@ class FootpointGradientDescent(Projector):
     def project(self, target, start, ctx):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
         stop_early = tol is not None and start.theta.device.type == "cpu"
+        # Iterates alternate between two preallocated (θ, g) rows and ∇φ has its own row: no new R^d
+        # tensor per pass. The operations keep Algorithm 1's rounding (no fused multiply-adds).
+        rows = start.theta.new_empty((5, start.theta.numel()))
+        grad_phi, slots = rows[4], (rows[0:2], rows[2:4])
         point, iteration = start, 0
         while True:
-            grad_phi = (point.theta - target.theta) + (point.loss - target.height) * point.grad
+            theta_out, grad_out = slots[iteration % 2]
+            torch.mul(point.grad, point.loss - target.height, out=theta_out)  # scratch: s g
+            torch.sub(point.theta, target.theta, out=grad_phi).add_(theta_out)  # ∇φ = (θ − θ̃) + s g
             residual = torch.linalg.vector_norm(grad_phi)
             if iteration == max_iters or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
-            point = ctx.evaluate(point.theta - gamma * grad_phi)
+            torch.sub(point.theta, torch.mul(grad_phi, gamma, out=theta_out), out=theta_out)  # θ − γ ∇φ
+            point = ctx.evaluate(theta_out, grad_out=grad_out)
             iteration += 1
 
 

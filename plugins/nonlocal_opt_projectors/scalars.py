@@ -1,0 +1,44 @@
+"""Scalar arithmetic of the projector loops, on the host for CPU tensors and on the device otherwise.
+
+On the CPU a dot product is read into a Python float for free, and Python arithmetic on floats costs
+far less than a 0-d tensor operation. On CUDA reading it would synchronise the host, so the same
+formulas run on 0-d device tensors. Python's operators work on both; these helpers cover the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Scalar = float | torch.Tensor
+
+
+def read(values: torch.Tensor, on_host: bool) -> tuple[Scalar, ...]:
+    """The entries of a small 1-d tensor: Python floats on the host, 0-d tensors otherwise."""
+    return tuple(values.tolist()) if on_host else values.unbind()
+
+
+def where(flag: bool | torch.Tensor, new: Scalar, old: Scalar) -> Scalar:
+    """``new if flag else old``; ``torch.where`` when ``flag`` is a tensor (no host synchronisation)."""
+    if isinstance(flag, torch.Tensor):
+        return torch.where(flag, new, old)
+    return new if flag else old
+
+
+def at_least(value: Scalar, low: float) -> Scalar:
+    """``max(value, low)``; a NaN stays NaN on both paths."""
+    if isinstance(value, torch.Tensor):
+        return torch.clamp(value, min=low)
+    return value if math.isnan(value) else max(value, low)
+
+
+def sqrt(value: Scalar) -> Scalar:
+    """``√value`` of a non-negative scalar."""
+    return torch.sqrt(value) if isinstance(value, torch.Tensor) else math.sqrt(value)
+
+
+def combine(alpha: Scalar, x: torch.Tensor, beta: Scalar, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = α x + β y`` in two sweeps over ``R^d``, for float or 0-d tensor coefficients."""
+    torch.mul(x, alpha, out=out)
+    return out.add_(y, alpha=beta) if not isinstance(beta, torch.Tensor) else out.addcmul_(y, beta)
