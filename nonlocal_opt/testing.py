@@ -22,13 +22,15 @@ For the single projections they are run "to tolerance" with ``max_iters``/``tol`
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 
+from nonlocal_opt.host_reads import as_if_on_device
 from nonlocal_opt.interfaces import Centre, Projector
 from nonlocal_opt.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
 from nonlocal_opt.optimizer import compose
@@ -326,6 +328,69 @@ def check_projector(
     return report
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what would synchronise with a device
+
+
+@contextlib.contextmanager
+def host_reads_raise() -> Iterator[None]:
+    """Within this block reading a tensor's value on the host (``.item()``, ``bool()``, …) raises ``AssertionError``."""
+
+    def forbidden(name: str) -> Callable:
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() read a value on the host: on a GPU this synchronises every call")
+
+        return read
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, forbidden(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def check_device_path(name_or_instance: str | Projector, *, hyperparameters: Mapping[str, Any] | None = None, steps: int = 3) -> float:
+    """Run ``steps`` RBO steps on a small BatchNorm MLP (float64) twice: on the CPU path, and on the path
+    a GPU takes (:func:`nonlocal_opt.host_reads.as_if_on_device`) with every host read raising. Returns
+    the largest difference of the parameters, relative to their change; raises ``AssertionError`` on a
+    host read. In float64 the two paths agree to rounding (the CPU path's scalars are Python floats, so
+    in float32 near-ties of accept/reject can go either way and the runs drift apart).
+
+    Early stopping is off in both runs (``tol``/``rtol`` set to ``None`` where declared): it needs host reads.
+    """
+    projector = instantiate("projector", name_or_instance)
+    hp = {key: None for key in ("tol", "rtol") if key in projector.hyperparameters} | dict(hyperparameters or {})
+    start, on_cpu = _mlp_steps(projector, hp, 0), _mlp_steps(projector, hp, steps)
+    on_device = _mlp_steps(projector, hp, steps, device_path=True)
+    return float((on_cpu - on_device).abs().max() / (on_cpu - start).abs().max())
+
+
+def _mlp_steps(projector: Projector, hp: Mapping[str, Any], steps: int, device_path: bool = False) -> torch.Tensor:
+    """The parameters of a seeded float64 BatchNorm MLP after ``steps`` RBO steps on a fixed batch, the
+    steps run on the device path with host reads raising when ``device_path``."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
+    opt = compose(model.parameters(), "rbo", projector, lr=0.5, rho=0.5, **hp)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with contextlib.ExitStack() as guards:
+        if device_path:
+            guards.enter_context(as_if_on_device())
+            guards.enter_context(host_reads_raise())
+        for _ in range(steps):
+            opt.step(closure)
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
 __all__ = [
     "DEFAULT_CASES",
     "OFFSET_CASES",
@@ -334,7 +399,9 @@ __all__ = [
     "NearestPoint",
     "ProjectorReport",
     "carried_centre",
+    "check_device_path",
     "check_projector",
+    "host_reads_raise",
     "nearest_point",
     "offset_drift",
 ]

@@ -221,3 +221,12 @@ def test_choose_branches_on_the_host_and_selects_on_devices_identically():
         for on_host in (True, False):
             for got, want in zip(choose(flag, new, old, on_host), expected):
                 torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", PROJECTORS)
+def test_device_path_reads_nothing_on_the_host_and_matches_the_cpu_path(name):
+    """The path a GPU takes (0-d tensor scalars, ``torch.where`` choices) run on the CPU with every host
+    read raising: no read happens, and five float64 steps end where the CPU path (Python scalars and branches) ends."""
+    from nonlocal_opt.testing import check_device_path
+
+    assert check_device_path(name, steps=5) <= 1e-9

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, GraphPoint
+from nonlocal_opt.host_reads import host_reads
 
 
 def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
@@ -27,16 +28,14 @@ def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torc
     return -(gradient.dot(step) + 0.5 * (step.dot(step) + grad.dot(step).square()))
 
 
-def tolerance(hp, start: GraphPoint, target: Centre) -> float | torch.Tensor | None:
+def tolerance(hp, start: GraphPoint, target: Centre) -> float | None:
     """The stopping threshold on ``‖∇φ‖``: ``max(tol, rtol · ‖θ̃ − θ_t‖)``; ``None`` when both are off.
 
-    ``hp`` reads a hyperparameter (``ctx.hp``). On CUDA the threshold is never checked inside the
-    loop (it would synchronise the host), so ``None`` is returned there.
+    ``hp`` reads a hyperparameter (``ctx.hp``). Off the CPU the threshold is never checked inside
+    the loop (it would synchronise the host), so ``None`` is returned there.
     """
     tol, rtol = hp("tol"), hp("rtol")
-    if start.theta.device.type != "cpu" or (tol is None and rtol is None):
+    if not host_reads(start.theta) or (tol is None and rtol is None):
         return None
-    threshold = torch.zeros((), dtype=start.theta.dtype)
-    if rtol is not None:
-        threshold = rtol * torch.linalg.vector_norm(target.theta - start.theta)
-    return torch.clamp(threshold, min=tol or 0.0)
+    relative = rtol * float(torch.linalg.vector_norm(target.theta - start.theta)) if rtol is not None else 0.0
+    return max(relative, tol or 0.0)

@@ -5,34 +5,46 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Hyperparameter
+from nonlocal_opt.host_reads import host_reads
 from nonlocal_opt.hyperparameters import boolean, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
-from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector, choose
+from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, Iterate, SafeguardedFootpointProjector
+from nonlocal_opt_projectors.scalars import Scalar, axpy_, read, scalar, sqrt, where
 
 
 class PairMemory:
-    """The last ``m`` pairs ``(s_i, y_i)`` in ring buffers; a pair with ``sᵀy ≤ 0`` (or non-finite) is
-    stored as zeros with ``ρ_i = 0``, so it drops out of the two-loop recursion (no host-side branch off the CPU)."""
+    """The last ``m`` pairs ``(s_i, y_i)`` in ring buffers, written in place; a pair with ``sᵀy ≤ 0``
+    (or non-finite) is stored as zeros with ``ρ_i = 0``, so it drops out of the two-loop recursion.
+    ``ρ_i`` and ``γ`` are scalars (Python floats on the CPU, 0-d tensors elsewhere: no host sync)."""
 
     def __init__(self, size: int, like: torch.Tensor):
-        self.on_host = like.device.type == "cpu"
+        self.on_host = host_reads(like)
         self.s = like.new_zeros((size, like.numel()))
         self.y = like.new_zeros((size, like.numel()))
-        self.rho = like.new_zeros(size)
-        self.gamma = like.new_ones(())  # sᵀy/yᵀy of the last curved pair: the scaled-identity H₀
+        zero = 0.0 if self.on_host else like.new_zeros(())
+        self.rho: list[Scalar] = [zero] * size
+        self.gamma: Scalar = 1.0 if self.on_host else like.new_ones(())  # sᵀy/yᵀy of the last curved pair: the scaled-identity H₀
         self.count = 0
 
     def newest_first(self) -> list[int]:
-        size = self.rho.numel()
+        size = len(self.rho)
         return [(self.count - 1 - k) % size for k in range(min(self.count, size))]
 
-    def add(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        sy = s.dot(y)
-        curved = (sy > 1e-10 * torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)) & torch.isfinite(sy)
-        slot = self.count % self.rho.numel()
-        self.s[slot], self.y[slot] = choose(curved, (s, y), (0, 0), self.on_host)
-        self.rho[slot] = torch.where(curved, 1 / torch.where(curved, sy, 1), 0)
-        self.gamma = torch.where(curved, sy / torch.where(curved, y.dot(y), 1), self.gamma)
+    def add(self, current: Iterate, trial: Iterate) -> None:
+        """Store ``s = θ_trial − θ``, ``y = ∇φ(θ_trial) − ∇φ(θ)`` in the next slot."""
+        slot = self.count % len(self.rho)
+        s = torch.sub(trial.a, current.a, out=self.s[slot])
+        y = torch.sub(trial.grad_phi, current.grad_phi, out=self.y[slot])
+        sy, ss, yy = read(torch.stack([s.dot(y), s.dot(s), y.dot(y)]), self.on_host)
+        curved = sy > 1e-10 * sqrt(ss * yy)  # False for NaN and inf as well
+        if not self.on_host:
+            s.copy_(torch.where(curved, s, 0))
+            y.copy_(torch.where(curved, y, 0))
+        elif not curved:
+            s.zero_()
+            y.zero_()
+        self.rho[slot] = where(curved, 1 / where(curved, sy, 1.0), 0.0)
+        self.gamma = where(curved, sy / where(curved, yy, 1.0), self.gamma)
         self.count += 1
 
 
@@ -55,19 +67,20 @@ class LBFGSProjector(SafeguardedFootpointProjector):
         return PairMemory(ctx.hp("history"), start.theta)
 
     def observe(self, memory, current, trial):
-        memory.add(trial.a - current.a, trial.grad_phi - current.grad_phi)
+        memory.add(current, trial)
 
     def step(self, current, damping, memory, ctx):
-        q, alphas = current.grad_phi, []
+        on_host, alphas = memory.on_host, []
+        q = current.grad_phi.clone()
         for i in memory.newest_first():
-            alpha = memory.rho[i] * memory.s[i].dot(q)
-            q = torch.addcmul(q, alpha, memory.y[i], value=-1)
+            alpha = memory.rho[i] * scalar(memory.s[i].dot(q), on_host)
+            axpy_(q, -alpha, memory.y[i])
             alphas.append(alpha)
-        r = damped_gn_solve(current.g, q) if ctx.hp("gn_h0") else memory.gamma * q
+        r = damped_gn_solve(current.g, q) if ctx.hp("gn_h0") else q.mul_(memory.gamma)
         for i, alpha in zip(reversed(memory.newest_first()), reversed(alphas)):
-            beta = memory.rho[i] * memory.y[i].dot(r)
-            r = torch.addcmul(r, alpha - beta, memory.s[i])
-        return r * (-1 / (1 + damping))
+            beta = memory.rho[i] * scalar(memory.y[i].dot(r), on_host)
+            axpy_(r, alpha - beta, memory.s[i])
+        return r.mul_(-1 / (1 + damping))
 
     def predicted_decrease(self, current, step, damping):
         """Under the model ``∇φᵀΔ + ½ΔᵀH⁻¹Δ`` with ``Δ = −H∇φ/(1 + μ)``: ``−∇φᵀΔ (1 − 1/(2(1 + μ)))``."""

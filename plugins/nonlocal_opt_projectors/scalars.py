@@ -19,6 +19,11 @@ def read(values: torch.Tensor, on_host: bool) -> tuple[Scalar, ...]:
     return tuple(values.tolist()) if on_host else values.unbind()
 
 
+def scalar(value: torch.Tensor, on_host: bool) -> Scalar:
+    """A 0-d tensor as a Python float on the host, unchanged otherwise."""
+    return value.item() if on_host else value
+
+
 def where(flag: bool | torch.Tensor, new: Scalar, old: Scalar) -> Scalar:
     """``new if flag else old``; ``torch.where`` when ``flag`` is a tensor (no host synchronisation)."""
     if isinstance(flag, torch.Tensor):
@@ -40,5 +45,9 @@ def sqrt(value: Scalar) -> Scalar:
 
 def combine(alpha: Scalar, x: torch.Tensor, beta: Scalar, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = α x + β y`` in two sweeps over ``R^d``, for float or 0-d tensor coefficients."""
-    torch.mul(x, alpha, out=out)
-    return out.add_(y, alpha=beta) if not isinstance(beta, torch.Tensor) else out.addcmul_(y, beta)
+    return axpy_(torch.mul(x, alpha, out=out), beta, y)
+
+
+def axpy_(x: torch.Tensor, alpha: Scalar, y: torch.Tensor) -> torch.Tensor:
+    """``x ← x + α y`` in place, for a float or 0-d tensor ``α``."""
+    return x.addcmul_(y, alpha) if isinstance(alpha, torch.Tensor) else x.add_(y, alpha=alpha)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, Hyperparameter, ProjectionResult, Projector, hookimpl
+from nonlocal_opt.host_reads import host_reads
 from nonlocal_opt.hyperparameters import optional, positive, positive_int
 
 
@@ -102,7 +103,7 @@ class FootpointGradientDescent(Projector):
 
     def project(self, target, start, ctx):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
-        stop_early = tol is not None and start.theta.device.type == "cpu"
+        stop_early = tol is not None and host_reads(start.theta)
         # Iterates alternate between two preallocated (θ, g) rows and ∇φ has its own row: no new R^d
         # tensor per pass. The operations keep Algorithm 1's rounding (no fused multiply-adds).
         rows = start.theta.new_empty((5, start.theta.numel()))
