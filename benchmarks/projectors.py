@@ -222,9 +222,36 @@ class PassesOnly(nonlocal_opt.Projector):
         return nonlocal_opt.ProjectionResult(point=point, centre=None, iterations=ctx.hp("max_iters"), residual=start.loss)
 
 
+def step_costs(problem: Problem, projector, hp: dict, data: list, repeats: int) -> tuple[float, float, float, int]:
+    """Medians over ``repeats × len(data)`` steps (ρ = 1, η = 0.1) of the CPU time of one step, of its time
+    outside closure calls, and of a plain pass (``zero_grad``, forward, backward outside any optimizer,
+    timed next to each step); and the passes per step."""
+    totals, outside, plain = [], [], []
+    for _ in range(repeats):
+        for x, y in data:
+            problem.reset()
+            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector, lr=0.1, rho=1.0, **hp)
+            closure = problem.closure_for(opt, x, y)
+            for _ in range(3):
+                start = time.process_time()
+                closure()
+                plain.append(time.process_time() - start)
+            clock = [0.0]
+            start = time.process_time()
+            opt.step(problem.closure_for(opt, x, y, clock))
+            totals.append(time.process_time() - start)
+            outside.append(totals[-1] - clock[0])
+    return statistics.median(totals), statistics.median(outside), statistics.median(plain), int(opt.stats["grad_evals"])
+
+
+def cost_cells(total: float, extra: float, one_pass: float, passes: int) -> tuple[str, ...]:
+    """Step ms, closure ms, plain pass ms, outside-closure ms per pass, O(d) share, share beyond ``passes`` plain passes."""
+    cells = (f"{1e3 * total:.1f}", f"{1e3 * (total - extra):.1f}", f"{1e3 * one_pass:.2f}", f"{1e3 * extra / passes:.2f}")
+    return (*cells, f"{100 * extra / total:.0f}%", f"{100 * (1 - passes * one_pass / total):.0f}%")
+
+
 def overhead_table(problem: Problem, batches: int, repeats: int = 3) -> list[str]:
-    """Median over ``repeats × batches`` steps of the CPU time of one step and of its closure calls, and
-    of a plain pass (``zero_grad``, forward, backward outside any optimizer) timed next to each step.
+    """Step costs of every projector at 21 passes (``tangent``: 2), and of :class:`PassesOnly`.
 
     "O(d) share" counts only time outside closure calls; "beyond passes" charges the step with
     everything that is not a plain pass, including what the framework adds inside closure calls."""
@@ -233,27 +260,22 @@ def overhead_table(problem: Problem, batches: int, repeats: int = 3) -> list[str
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name in (*PROJECTORS, PassesOnly()):
         hp = {"max_iters": 20} if isinstance(name, PassesOnly) else budget_hyperparameters(name, 2 if name == "tangent" else 21)
-        totals, outside, plain = [], [], []
-        for _ in range(repeats):
-            for x, y in data:
-                problem.reset()
-                opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=0.1, rho=1.0, **hp)
-                closure = problem.closure_for(opt, x, y)
-                for _ in range(3):
-                    start = time.process_time()
-                    closure()
-                    plain.append(time.process_time() - start)
-                clock = [0.0]
-                start = time.process_time()
-                opt.step(problem.closure_for(opt, x, y, clock))
-                totals.append(time.process_time() - start)
-                outside.append(totals[-1] - clock[0])
-        total, extra, passes = statistics.median(totals), statistics.median(outside), int(opt.stats["grad_evals"])
-        one_pass = statistics.median(plain)
+        total, extra, one_pass, passes = step_costs(problem, name, hp, data, repeats)
         label = f"({name.name}: no arithmetic)" if isinstance(name, PassesOnly) else name
-        cells = (label, passes, f"{1e3 * total:.1f}", f"{1e3 * (total - extra):.1f}", f"{1e3 * one_pass:.2f}")
-        cells += (f"{1e3 * extra / passes:.2f}", f"{100 * extra / total:.0f}%", f"{100 * (1 - passes * one_pass / total):.0f}%")
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("| " + " | ".join((str(label), str(passes), *cost_cells(total, extra, one_pass, passes))) + " |")
+    return lines
+
+
+def batch_size_table(problem: Problem, sizes: tuple[int, ...], repeats: int = 3) -> list[str]:
+    """``gauss-newton`` at 21 passes for larger mini-batches: a pass grows with the batch, the O(d) work does not."""
+    header = "| batch | step ms | closure ms | plain pass ms | outside closure, ms per pass | O(d) share | beyond passes |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    generator = torch.Generator().manual_seed(2)
+    for size in sizes:
+        index = [torch.randint(len(problem.train), (size,), generator=generator) for _ in range(2)]
+        data = [(problem.train.images[i], problem.train.labels[i]) for i in index]
+        total, extra, one_pass, passes = step_costs(problem, "gauss-newton", budget_hyperparameters("gauss-newton", 21), data, repeats)
+        lines.append(f"| {size} | " + " | ".join(cost_cells(total, extra, one_pass, passes)) + " |")
     return lines
 
 
@@ -314,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(floor_table(problem, data)), "\n")
     print(f"### CPU time outside closure calls (ρ = 1, η = 0.1, budget 21 passes; median of {3 * batches} steps)\n")
     print("\n".join(overhead_table(problem, batches)), "\n")
+    print("### The same for `gauss-newton` with larger mini-batches (2 batches × 3 steps each)\n")
+    print("\n".join(batch_size_table(problem, (128, 512, 2048))), "\n")
     print(f"### Training at ρ = 1, η = 6 from the same point ({train_steps} steps, batch 128, default budgets)\n")
     print("\n".join(training_table(problem, train_steps)))
     return 0
