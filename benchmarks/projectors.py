@@ -23,6 +23,7 @@ Usage: ``python benchmarks/projectors.py [--quick] [--threads N] [--data-dir DIR
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -34,6 +35,7 @@ import nonlocal_opt
 from nonlocal_opt.data import DatasetNotFoundError, load_dataset
 from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.models import build_model
+from nonlocal_opt.step_context import StepContext
 
 PROJECTORS = ("footpoint", "gauss-newton", "newton", "lbfgs", "tangent")
 SETTINGS = ((0.1, 0.1), (1.0, 0.1), (1.0, 1.0), (1.0, 6.0))
@@ -120,23 +122,100 @@ class Problem:
         return (theta - target_theta) + (loss.detach() - target_height) * g
 
 
+class ReferenceFootpoint:
+    """The smallest ``φ*`` found for one mini-batch and ``(ρ, η)``, in float64, independently of the
+    budgets being compared: a smoothing continuation (ReLU → Softplus(β), β = 30 … 1e4, ``CONTINUATION``
+    passes of ``gauss-newton`` each, warm-started, towards the fixed target ``c̃``), then ``POLISH`` passes
+    of ``gauss-newton`` and of ``lbfgs`` on the ReLU network. The smoothed ``φ_β`` has a stationary
+    minimiser the solvers can converge to; the ReLU ``φ`` has kinks where they stall. ``φ*`` is the
+    lowest ReLU ``φ`` among all of these end points."""
+
+    BETAS = (30.0, 100.0, 300.0, 1000.0, 3000.0, 1e4)
+    CONTINUATION, POLISH = 80, 150
+
+    def __init__(self, problem: Problem, x, y, rho: float, eta: float):
+        self.model = copy.deepcopy(problem.model).double()
+        self.params = list(self.model.parameters())
+        with torch.no_grad():
+            for p, p0 in zip(self.params, problem.theta0):
+                p.copy_(p0)
+        self.x, self.y = x.double(), y
+        self.theta_t = torch.nn.utils.parameters_to_vector(self.params).detach().clone()
+        start = self.evaluate(self.theta_t)
+        norm = float(start.grad.norm())
+        n = math.sqrt(1 + norm**2)
+        self.target = nonlocal_opt.Centre(theta=self.theta_t - (rho / n + eta) * start.grad, height=start.loss + rho / n - eta * norm**2)
+        self.phi_t = self.phi(self.theta_t)
+        ends, theta = [], self.theta_t
+        for beta in self.BETAS:
+            theta = self.solve("gauss-newton", theta, self.CONTINUATION, beta)
+            ends.append(theta)
+        ends += [self.solve(name, theta, self.POLISH) for name in ("gauss-newton", "lbfgs")]
+        self.phi_star = min(self.phi(end) for end in ends)
+
+    def network(self, beta: float | None) -> torch.nn.Module:
+        """The float64 network with every ReLU replaced by Softplus(β) (``None``: ReLU)."""
+        activation = torch.nn.ReLU() if beta is None else torch.nn.Softplus(beta=beta)
+        return torch.nn.Sequential(*(activation if isinstance(m, (torch.nn.ReLU, torch.nn.Softplus)) else m for m in self.model))
+
+    def evaluate(self, theta: torch.Tensor, beta: float | None = None) -> nonlocal_opt.GraphPoint:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, self.params)
+        self.model.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(self.network(beta)(self.x), self.y)
+            loss.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in self.params])
+        return nonlocal_opt.GraphPoint(theta=theta.clone(), loss=loss.detach(), grad=grad)
+
+    def phi(self, theta: torch.Tensor) -> float:
+        point = self.evaluate(theta)
+        return float(0.5 * ((point.theta - self.target.theta).square().sum() + (point.loss - self.target.height) ** 2))
+
+    def solve(self, projector: str, theta: torch.Tensor, passes: int, beta: float | None = None) -> torch.Tensor:
+        """``passes`` passes of ``projector`` from ``theta`` towards the fixed ``c̃`` on the (smoothed) network."""
+        network = self.network(beta)
+        opt = nonlocal_opt.compose(self.params, "rbo", projector, max_iters=passes - 1, rtol=None)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(network(self.x), self.y)
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, self.params)
+            ctx = StepContext(opt, closure)
+            return ctx.project(self.target, ctx.evaluate(extra=False)).point.theta.clone()
+
+    def gap(self, theta: torch.Tensor) -> float:
+        """``(φ(θ) − φ*) / φ(θ_t)``, ``φ`` in float64 on the ReLU network."""
+        return (self.phi(theta.double()) - self.phi_star) / self.phi_t
+
+
 def fmt(value: float) -> str:
     return "NaN" if not math.isfinite(value) else f"{value:.1e}"
 
 
-def residual_table(problem: Problem, data: list) -> list[str]:
-    lines = ["| ρ | η | projector | " + " | ".join(f"B={b}" for b in BUDGETS) + " | step ms (B=21) |", "|---" * (4 + len(BUDGETS)) + "|"]
-    for rho, eta in SETTINGS:
+def residual_tables(problem: Problem, data: list, gap_settings: int = 2) -> tuple[list[str], list[str]]:
+    """The relative residual table over all settings, and the φ-gap table (:class:`ReferenceFootpoint`)
+    over the first ``gap_settings`` settings."""
+    budgets = " | ".join(f"B={b}" for b in BUDGETS)
+    lines = [f"| ρ | η | projector | {budgets} | step ms (B=21) |", "|---" * (4 + len(BUDGETS)) + "|"]
+    gap_lines = [f"| ρ | η | projector | {budgets} |", "|---" * (3 + len(BUDGETS)) + "|"]
+    for setting, (rho, eta) in enumerate(SETTINGS):
         scales = [problem.move_norm(x, y, rho, eta) for x, y in data]
+        references = [ReferenceFootpoint(problem, x, y, rho, eta) for x, y in data] if setting < gap_settings else None
         for name in PROJECTORS:
-            cells, step_ms = [], "—"
+            cells, gap_cells, step_ms = [], [], "—"
             for budget in BUDGETS:
                 hp = budget_hyperparameters(name, 2 if name == "tangent" else budget)
                 if hp is None or (name == "tangent" and budget != BUDGETS[0]):
                     cells.append("—")
+                    gap_cells.append("—")
                     continue
-                relative, times, spent = [], [], []
-                for (x, y), scale in zip(data, scales):
+                relative, gaps, times, spent = [], [], [], []
+                for index, ((x, y), scale) in enumerate(zip(data, scales)):
                     problem.reset()
                     opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=eta, rho=rho, **hp)
                     start = time.process_time()
@@ -145,12 +224,19 @@ def residual_table(problem: Problem, data: list) -> list[str]:
                     stats = opt.stats
                     relative.append(stats["proj_residual"] / scale if not stats.get("nonfinite") else math.nan)
                     spent.append(stats["grad_evals"])
+                    if references is not None:
+                        theta = torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach()
+                        gaps.append(references[index].gap(theta) if not stats.get("nonfinite") else math.nan)
                 med = statistics.median(relative) if not any(math.isnan(r) for r in relative) else math.nan
                 cells.append(f"{fmt(med)} ({int(max(spent))})" if name != "tangent" else f"{fmt(med)} (2, vs c_t+δ)")
+                if gaps:
+                    gap_cells.append(fmt(statistics.median(gaps)) if not any(math.isnan(g) for g in gaps) else "NaN")
                 if budget == 21 or name == "tangent":
                     step_ms = f"{1e3 * statistics.median(times):.1f}"
             lines.append(f"| {rho} | {eta} | {name} | " + " | ".join(cells) + f" | {step_ms} |")
-    return lines
+            if references is not None and name != "tangent":
+                gap_lines.append(f"| {rho} | {eta} | {name} | " + " | ".join(gap_cells) + " |")
+    return lines, gap_lines
 
 
 def quadratic_table(steps: int) -> list[str]:
@@ -329,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(median of {batches} mini-batches; passes actually spent in brackets)\n"
     )
     data = [problem.next_batch() for _ in range(batches)]
-    print("\n".join(residual_table(problem, data)), "\n")
+    residuals, gaps = residual_tables(problem, data)
+    print("\n".join(residuals), "\n")
+    print(
+        "### φ-gap (φ(θ) − φ*)/φ(θ_t) after one step at a budget of B passes, φ in float64 "
+        f"(median of the same {batches} mini-batches; φ* from the smoothing continuation)\n"
+    )
+    print("\n".join(gaps), "\n")
     print(f"### Gently curved 50-D quadratic, `gauss-newton`, rtol = 1e-6 ({quad_steps} steps)\n")
     print("\n".join(quadratic_table(quad_steps)), "\n")
     print(f"### Floor of the relative residual: `lbfgs` (history 20) with 300 passes (the same {batches} mini-batches)\n")

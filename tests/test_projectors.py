@@ -230,3 +230,13 @@ def test_device_path_reads_nothing_on_the_host_and_matches_the_cpu_path(name):
     from nonlocal_opt.testing import check_device_path
 
     assert check_device_path(name, steps=5) <= 1e-9
+
+
+def test_host_scalars_past_the_dtype_range_overflow_like_tensors():
+    """A float64 step coefficient beyond float32's range gives ±inf coordinates (rejected by the safeguard), not an error."""
+    from nonlocal_opt_projectors.scalars import axpy_
+
+    x, y = torch.zeros(3), torch.tensor([1.0, -1.0, 0.0])
+    axpy_(x, 1e39, y)
+    assert x[0] == float("inf") and x[1] == float("-inf") and torch.isnan(x[2])
+    assert torch.equal(axpy_(torch.zeros(3), torch.tensor(1e39).float(), y)[:2], x[:2])

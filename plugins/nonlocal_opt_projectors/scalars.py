@@ -49,5 +49,13 @@ def combine(alpha: Scalar, x: torch.Tensor, beta: Scalar, y: torch.Tensor, out: 
 
 
 def axpy_(x: torch.Tensor, alpha: Scalar, y: torch.Tensor) -> torch.Tensor:
-    """``x ← x + α y`` in place, for a float or 0-d tensor ``α``."""
-    return x.addcmul_(y, alpha) if isinstance(alpha, torch.Tensor) else x.add_(y, alpha=alpha)
+    """``x ← x + α y`` in place, for a float or 0-d tensor ``α``.
+
+    A Python float beyond the range of ``x``'s dtype becomes ±inf, as a 0-d tensor of that dtype would
+    (``add_`` refuses to convert it): the trial is then non-finite and the safeguard rejects it.
+    """
+    if isinstance(alpha, torch.Tensor):
+        return x.addcmul_(y, alpha)
+    if abs(alpha) > torch.finfo(x.dtype).max:
+        alpha = math.copysign(math.inf, alpha)
+    return x.add_(y, alpha=alpha)
