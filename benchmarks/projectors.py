@@ -113,8 +113,7 @@ class Problem:
 
     def grad_phi_at(self, theta: torch.Tensor, x, y, target_theta: torch.Tensor, target_height: torch.Tensor) -> torch.Tensor:
         """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ)∇f(θ)`` on the batch, computed here with autograd."""
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta, self.model.parameters())
+        load(self.model.parameters(), theta)
         self.model.zero_grad()
         loss = self.loss(x, y)
         loss.backward()
@@ -159,8 +158,7 @@ class ReferenceFootpoint:
         return torch.nn.Sequential(*(activation if isinstance(m, (torch.nn.ReLU, torch.nn.Softplus)) else m for m in self.model))
 
     def evaluate(self, theta: torch.Tensor, beta: float | None = None) -> nonlocal_opt.GraphPoint:
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta, self.params)
+        load(self.params, theta)
         self.model.zero_grad()
         with torch.enable_grad():
             loss = torch.nn.functional.cross_entropy(self.network(beta)(self.x), self.y)
@@ -183,14 +181,23 @@ class ReferenceFootpoint:
             loss.backward()
             return loss
 
+        load(self.params, theta)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta, self.params)
             ctx = StepContext(opt, closure)
             return ctx.project(self.target, ctx.evaluate(extra=False)).point.theta.clone()
 
     def gap(self, theta: torch.Tensor) -> float:
         """``(φ(θ) − φ*) / φ(θ_t)``, ``φ`` in float64 on the ReLU network."""
         return (self.phi(theta.double()) - self.phi_star) / self.phi_t
+
+
+def load(params, theta: torch.Tensor) -> None:
+    """Copy the flat ``theta`` into ``params``. (``torch.nn.utils.vector_to_parameters`` would make the
+    parameters views of ``theta``, so that later in-place updates of the parameters overwrite it.)"""
+    with torch.no_grad():
+        params = list(params)
+        for p, piece in zip(params, theta.split([p.numel() for p in params])):
+            p.copy_(piece.view_as(p))
 
 
 def fmt(value: float) -> str:

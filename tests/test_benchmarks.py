@@ -140,3 +140,27 @@ def test_bad_input_exits_2_with_one_line(script, args, message, tmp_path, capsys
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_projector_benchmark_reference_is_below_every_budgeted_projection(tiny_data, monkeypatch):
+    """``benchmarks/projectors.py``'s φ* (float64 smoothing continuation + polish) lies below φ at the
+    points ``footpoint`` and ``gauss-newton`` reach with 21 passes, so their φ-gaps are ≥ 0 (up to float32
+    rounding of the evaluated θ), and the gap of θ_t itself is 1 − φ*/φ(θ_t) ∈ (0, 1]."""
+    import torch
+
+    import nonlocal_opt
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    projectors = importlib.import_module("projectors")
+    torch.manual_seed(0)
+    problem = projectors.Problem(str(tiny_data))
+    x, y = problem.next_batch()
+    reference = projectors.ReferenceFootpoint(problem, x, y, rho=1.0, eta=0.1)
+    start_gap = reference.gap(reference.theta_t)
+    assert 0 < start_gap <= 1 and start_gap == pytest.approx(1 - reference.phi_star / reference.phi_t)
+    for name in ("footpoint", "gauss-newton"):
+        problem.reset()
+        opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=0.1, rho=1.0, **projectors.budget_hyperparameters(name, 21))
+        opt.step(problem.closure_for(opt, x, y))
+        gap = reference.gap(torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach())
+        assert -1e-6 <= gap < start_gap, name
