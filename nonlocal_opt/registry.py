@@ -40,12 +40,20 @@ def _check_kind(kind: str) -> tuple[str, type]:
     return KINDS[kind]
 
 
+_DISTRIBUTIONS: dict[tuple[int, ...], dict[int, tuple[str, str]]] = {}
+
+
 def _distributions() -> dict[int, tuple[str, str]]:
-    """id(plugin object) → (distribution name, version) for plugins loaded from entry points."""
-    return {
-        id(plugin): (dist.metadata["name"], dist.version)
-        for plugin, dist in get_plugin_manager().list_plugin_distinfo()
-    }
+    """id(plugin object) → (distribution name, version) for plugins loaded from entry points.
+
+    Reading a distribution's ``metadata`` parses its METADATA file; the answer is kept per set of
+    loaded plugins (plugins are modules that live as long as the process), so ``compose`` does not
+    re-parse every plugin's metadata on each call."""
+    pairs = get_plugin_manager().list_plugin_distinfo()
+    key = tuple(id(plugin) for plugin, _ in pairs)
+    if key not in _DISTRIBUTIONS:
+        _DISTRIBUTIONS[key] = {id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in pairs}
+    return _DISTRIBUTIONS[key]
 
 
 def registrations(kind: str) -> dict[str, Registration]:
