@@ -6,7 +6,7 @@ the device every iteration, so there the loops keep scalars as 0-d device tensor
 ``torch.where``. :func:`host_reads` tells a plugin which path to take.
 
 :func:`as_if_on_device` runs the CPU on the device path, so that path is tested without a GPU:
-``nonlocal_opt.testing.check_no_host_reads`` runs a step under it with host reads made to raise.
+``nonlocal_opt.testing.check_device_path`` runs steps under it with host reads made to raise.
 """
 
 from __future__ import annotations

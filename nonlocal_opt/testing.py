@@ -351,7 +351,7 @@ def host_reads_raise() -> Iterator[None]:
             setattr(torch.Tensor, name, method)
 
 
-def check_device_path(name_or_instance: str | Projector, *, hyperparameters: Mapping[str, Any] | None = None, steps: int = 3) -> float:
+def check_device_path(name_or_instance: str | Projector, *, hyperparameters: Mapping[str, Any] | None = None, steps: int = 5) -> float:
     """Run ``steps`` RBO steps on a small BatchNorm MLP (float64) twice: on the CPU path, and on the path
     a GPU takes (:func:`nonlocal_opt.host_reads.as_if_on_device`) with every host read raising. Returns
     the largest difference of the parameters, relative to their change; raises ``AssertionError`` on a
