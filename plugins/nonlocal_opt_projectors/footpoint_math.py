@@ -6,10 +6,11 @@ With ``a = θ − θ̃`` and ``s = f(θ) − ỹ``: ``∇φ = a + s g`` and the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nonlocal_opt import Centre, GraphPoint
-from nonlocal_opt.host_reads import host_reads
 
 
 def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
@@ -28,14 +29,11 @@ def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torc
     return -(gradient.dot(step) + 0.5 * (step.dot(step) + grad.dot(step).square()))
 
 
-def tolerance(hp, start: GraphPoint, target: Centre) -> float | None:
-    """The stopping threshold on ``‖∇φ‖``: ``max(tol, rtol · ‖θ̃ − θ_t‖)``; ``None`` when both are off.
-
-    ``hp`` reads a hyperparameter (``ctx.hp``). Off the CPU the threshold is never checked inside
-    the loop (it would synchronise the host), so ``None`` is returned there.
-    """
+def tolerance(hp, move_sq: float) -> float | None:
+    """The stopping threshold on ``‖∇φ‖``: ``max(tol, rtol · ‖θ̃ − θ_t‖)`` with ``move_sq = ‖θ̃ − θ_t‖²``;
+    ``None`` when both are off. ``hp`` reads a hyperparameter (``ctx.hp``). Only for host reads:
+    off the CPU the threshold is never checked inside the loop (it would synchronise the host)."""
     tol, rtol = hp("tol"), hp("rtol")
-    if not host_reads(start.theta) or (tol is None and rtol is None):
+    if tol is None and rtol is None:
         return None
-    relative = rtol * float(torch.linalg.vector_norm(target.theta - start.theta)) if rtol is not None else 0.0
-    return max(relative, tol or 0.0)
+    return max(rtol * math.sqrt(max(move_sq, 0.0)) if rtol is not None else 0.0, tol or 0.0)

@@ -71,10 +71,15 @@ class Iterate:
         return self.point.grad
 
     @property
-    def value(self) -> Scalar:
-        """``φ = ½(aᵀa + s²)``, ``aᵀa = ‖∇φ‖² − 2s gᵀ∇φ + s² gᵀg`` (no cancellation: near the footpoint ``aᵀa ≈ s² gᵀg``)."""
+    def offset_sq(self) -> Scalar:
+        """``aᵀa = ‖∇φ − s g‖² = ‖∇φ‖² − 2s gᵀ∇φ + s² gᵀg`` (no cancellation: near the footpoint ``aᵀa ≈ s² gᵀg``)."""
         gap = self.gap
-        return 0.5 * (self.vv - gap * (2 * self.gv - gap * self.gg) + gap * gap)
+        return self.vv - gap * (2 * self.gv - gap * self.gg)
+
+    @property
+    def value(self) -> Scalar:
+        """``φ = ½(aᵀa + s²)``."""
+        return 0.5 * (self.offset_sq + self.gap * self.gap)
 
     @property
     def residual(self) -> Scalar:
@@ -175,10 +180,10 @@ class SafeguardedFootpointProjector(Projector):
         if start.grad is None:
             raise ValueError(f"projector {self.name!r} needs start.grad, the gradient at θ_t")
         on_host = host_reads(start.theta)
-        threshold = tolerance(ctx.hp, start, target)
         max_iters = ctx.hp("max_iters")
         memory = self.new_memory(start, ctx)
         current = Iterate.measure(start, start.theta - target.theta, target, on_host)
+        threshold = tolerance(ctx.hp, current.offset_sq) if on_host else None  # ‖θ_t − θ̃‖² from the dots
         damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
         pool = RowPool(start.theta)
         for iteration in range(max_iters + 1):
