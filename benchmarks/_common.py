@@ -25,9 +25,9 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.cli_parsing import parse_value
-from nonlocal_opt.data import DatasetNotFoundError
-from nonlocal_opt.figures import MissingPlotDependency
+from nonlocal_opt.cli.parsing import parse_value
+from nonlocal_opt.training.data import DatasetNotFoundError
+from nonlocal_opt.analysis.figures import MissingPlotDependency
 from nonlocal_opt.training import ConfigError, TrainConfig, TrainingDiverged, train
 from nonlocal_opt.training.metrics import read_metrics
 

@@ -45,7 +45,7 @@ from _common import (
     write_csv,
 )
 
-from nonlocal_opt.figures import pyplot
+from nonlocal_opt.analysis.figures import pyplot
 
 FULL = {"seeds": 5, "epochs": 10, "limit_train_batches": None, "limit_val_batches": None}
 QUICK = {"seeds": 2, "epochs": 2, "limit_train_batches": 10, "limit_val_batches": 10}

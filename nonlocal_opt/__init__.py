@@ -8,11 +8,11 @@ Quick start::
     opt.stats              # {"grad_evals": 21.0, "proj_iters": 20.0, ...}
 """
 
-from nonlocal_opt.hookspecs import hookimpl, hookspec
-from nonlocal_opt.hyperparameters import Hyperparameter
-from nonlocal_opt.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
-from nonlocal_opt.optimizer import ComposedOptimizer, compose
-from nonlocal_opt.registry import available, get, registrations
+from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
+from nonlocal_opt.optim.hyperparameters import Hyperparameter
+from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
+from nonlocal_opt.optim.composed import ComposedOptimizer, compose
+from nonlocal_opt.plugins.registry import available, get, registrations
 
 __all__ = [
     "Centre",

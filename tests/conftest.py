@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nonlocal_opt.plugin_manager import reset_plugin_manager
+from nonlocal_opt.plugins.manager import reset_plugin_manager
 
 # Two cores, many small tensors: one intra-op thread per test process avoids oversubscription.
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nonlocal_opt.cli import main
-from nonlocal_opt.cli_parsing import parse_value
-from nonlocal_opt.data import FASHION_MNIST_DIR
-from nonlocal_opt.registry import registrations
+from nonlocal_opt.cli.main import main
+from nonlocal_opt.cli.parsing import parse_value
+from nonlocal_opt.training.data import FASHION_MNIST_DIR
+from nonlocal_opt.plugins.registry import registrations
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 
@@ -67,7 +67,7 @@ def test_diverged_run_exits_1_naming_the_last_checkpoint(capsys, tmp_path):
 
 def test_console_script_reports_bad_input_without_traceback(tmp_path):
     script = shutil.which("nonlocal-opt", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "nonlocal_opt.cli"]
+    command = [script] if script else [sys.executable, "-m", "nonlocal_opt.cli.main"]
     done = subprocess.run([*command, "train", "--optimizer", "adamw", "--logdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [

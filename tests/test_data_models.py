@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nonlocal_opt.data import (
+from nonlocal_opt.training.data import (
     FASHION_MNIST_DIR,
     DatasetNotFoundError,
     ImageDataset,
@@ -18,8 +18,8 @@ from nonlocal_opt.data import (
     read_idx,
     with_label_noise,
 )
-from nonlocal_opt.landscapes import Riemann
-from nonlocal_opt.models import LandscapeModel, build_model
+from nonlocal_opt.analysis.landscapes import Riemann
+from nonlocal_opt.training.models import LandscapeModel, build_model
 
 
 def write_idx(path, array: np.ndarray) -> None:

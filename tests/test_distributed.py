@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from nonlocal_opt.data import FASHION_MNIST_DIR
+from nonlocal_opt.training.data import FASHION_MNIST_DIR
 
 RUNS = {
     "rbo": {"lr": 0.5, "rho": 0.5, "overrides": {"max_iters": 3}},
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from accelerate.utils import set_seed
-    from nonlocal_opt.models import build_model
+    from nonlocal_opt.training.models import build_model
     from nonlocal_opt.training import TrainConfig, train
 
     out, runs = sys.argv[1], eval(sys.argv[2])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.interfaces import Centre
-from nonlocal_opt.landscapes import Quadratic
-from nonlocal_opt.plugin_manager import DISABLE_ENV_VAR, get_plugin_manager
+from nonlocal_opt.optim.interfaces import Centre
+from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR, get_plugin_manager
 from nonlocal_opt.testing import nearest_point
 
 from conftest import make_closure
@@ -218,7 +218,7 @@ def test_entry_point_plugin_is_discovered(installed_entry_point):
 
 
 def test_environment_variable_blocks_plugins(installed_entry_point, monkeypatch, fresh_plugins):
-    from nonlocal_opt.plugin_manager import reset_plugin_manager
+    from nonlocal_opt.plugins.manager import reset_plugin_manager
 
     monkeypatch.setenv(DISABLE_ENV_VAR, "scaled, rolling_ball")
     reset_plugin_manager()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.landscapes import LANDSCAPES, Quadratic, Sine
-from nonlocal_opt.step_context import StepContext
+from nonlocal_opt.analysis.landscapes import LANDSCAPES, Quadratic, Sine
+from nonlocal_opt.optim.step_context import StepContext
 from nonlocal_opt.testing import carried_centre, check_projector
 from nonlocal_opt.training import TrainConfig, train
 from nonlocal_opt.training.config import optimizer_hyperparameters
@@ -181,7 +181,7 @@ def test_gain_ratio_damping_follows_nielsen():
     torch.testing.assert_close(damping, 2 * mu)  # a non-positive prediction counts as ϱ = 0
 
 
-SAFEGUARDED = [n for n in PROJECTORS if getattr(nonlocal_opt.registry.instantiate("projector", n), "safeguarded", False)]
+SAFEGUARDED = [n for n in PROJECTORS if getattr(nonlocal_opt.plugins.registry.instantiate("projector", n), "safeguarded", False)]
 
 
 @pytest.mark.parametrize("name", SAFEGUARDED)

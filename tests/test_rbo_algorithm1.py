@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.landscapes import GaussianBumps, Quadratic, Riemann, Sine
-from nonlocal_opt.step_context import StepContext
+from nonlocal_opt.analysis.landscapes import GaussianBumps, Quadratic, Riemann, Sine
+from nonlocal_opt.optim.step_context import StepContext
 
 from conftest import make_closure
 

@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.optimizer import compose
-from nonlocal_opt.radius_schedules import SCHEDULES
+from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.optim.radius_schedules import SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -69,7 +69,7 @@ class TrainConfig:
     download: bool = False
     label_noise: float = 0.0
     resume: str | None = None  # "latest" or a checkpoint directory
-    rho_schedule: str = "none"  # "none" or a name in nonlocal_opt.radius_schedules.SCHEDULES
+    rho_schedule: str = "none"  # "none" or a name in nonlocal_opt.optim.radius_schedules.SCHEDULES
     rho_final: float = 0.1
     couple_lr: bool = False
 

@@ -21,10 +21,10 @@ from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from nonlocal_opt.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
-from nonlocal_opt.models import LandscapeModel, build_model
-from nonlocal_opt.optimizer import compose
-from nonlocal_opt.radius_schedules import build_radius_scheduler
+from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
+from nonlocal_opt.training.models import LandscapeModel, build_model
+from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
 from nonlocal_opt.training.checkpoints import Progress, checkpoint_dir, latest_checkpoint, resolve_resume
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, as_config_error, optimizer_hyperparameters

@@ -9,8 +9,8 @@ import math
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
-from nonlocal_opt.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
-from nonlocal_opt.hyperparameters import (
+from nonlocal_opt.optim.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
+from nonlocal_opt.optim.hyperparameters import (
     boolean,
     non_negative,
     non_negative_int,
@@ -19,7 +19,7 @@ from nonlocal_opt.hyperparameters import (
     positive_int,
     unit_interval,
 )
-from nonlocal_opt.step_context import accepts_fresh_batch
+from nonlocal_opt.optim.step_context import accepts_fresh_batch
 
 
 class EntropySGDRule(DescentRule):

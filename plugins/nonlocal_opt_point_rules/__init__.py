@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector, hookimpl
-from nonlocal_opt.base_updates import SGD_HYPERPARAMETERS, check_nesterov, sgd_update
+from nonlocal_opt.optim.base_updates import SGD_HYPERPARAMETERS, check_nesterov, sgd_update
 
 
 class SGDRule(DescentRule):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Hyperparameter
-from nonlocal_opt.host_reads import host_reads
-from nonlocal_opt.hyperparameters import boolean, positive_int
+from nonlocal_opt.optim.host_reads import host_reads
+from nonlocal_opt.optim.hyperparameters import boolean, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
 from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, Iterate, SafeguardedFootpointProjector
 from nonlocal_opt_projectors.scalars import Scalar, axpy_, read, scalar, sqrt, where

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
-from nonlocal_opt.host_reads import host_reads
-from nonlocal_opt.hyperparameters import optional, positive, positive_int
+from nonlocal_opt.optim.host_reads import host_reads
+from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 from nonlocal_opt_projectors.footpoint_math import gauss_newton_decrease, tolerance
 from nonlocal_opt_projectors.scalars import Scalar, at_least, read, sqrt, where
 

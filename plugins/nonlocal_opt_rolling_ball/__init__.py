@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, Hyperparameter, ProjectionResult, Projector, hookimpl
-from nonlocal_opt.host_reads import host_reads
-from nonlocal_opt.hyperparameters import optional, positive, positive_int
+from nonlocal_opt.optim.host_reads import host_reads
+from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 
 class OffsetManifold(ConstraintManifold):

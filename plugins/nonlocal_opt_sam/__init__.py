@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
-from nonlocal_opt.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
-from nonlocal_opt.hyperparameters import boolean, non_negative
+from nonlocal_opt.optim.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
+from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 
 
 def perturbation(w: torch.Tensor, g: torch.Tensor, rho: float, adaptive: bool) -> torch.Tensor:

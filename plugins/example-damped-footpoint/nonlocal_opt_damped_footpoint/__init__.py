@@ -6,7 +6,7 @@ An example of a third-party projector plugin for nonlocal-opt. Per iteration ``k
 is discarded and ``γ_{k+1} = γ_k / 2``. Accept/reject is decided with ``torch.where``: no host sync.
 
 Like any third-party plugin it uses only nonlocal-opt's public API (``nonlocal_opt``,
-``nonlocal_opt.hyperparameters``), not the internals of the first-party plugins.
+``nonlocal_opt.optim.hyperparameters``), not the internals of the first-party plugins.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
-from nonlocal_opt.hyperparameters import optional, positive, positive_int
+from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 ARMIJO_C = 1e-4
 

@@ -12,7 +12,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre
-from nonlocal_opt.landscapes import Quadratic
+from nonlocal_opt.analysis.landscapes import Quadratic
 from nonlocal_opt.testing import check_projector, nearest_point
 
 # f(θ) = ½(θ − θ*)ᵀH(θ − θ*) with eigenvalues 10 and 1: ‖∇f(θ_t)‖ ≈ 9.1, so ∇²φ has an eigenvalue

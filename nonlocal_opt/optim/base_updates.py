@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nonlocal_opt.hyperparameters import Hyperparameter, boolean, non_negative, optional, positive
+from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, non_negative, optional, positive
 
 if TYPE_CHECKING:
-    from nonlocal_opt.step_context import StepContext
+    from nonlocal_opt.optim.step_context import StepContext
 
 SGD_HYPERPARAMETERS = {
     "lr": Hyperparameter(1e-3, "η", "learning rate", non_negative),

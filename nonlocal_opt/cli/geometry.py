@@ -1,10 +1,10 @@
 """``nonlocal-opt geometry`` and the ``--rho-schedule`` options, as functions the CLI wires in.
 
 ``nonlocal-opt geometry --dataset … --model … --optimizer … --epochs N --out DIR`` runs the two
-identical runs of :func:`nonlocal_opt.geometry.measure_path_geometry` and writes
+identical runs of :func:`nonlocal_opt.analysis.path_geometry.measure_path_geometry` and writes
 ``DIR/path_geometry.csv`` (``step,epoch,rsi,eb,gamma,lolr``), TensorBoard scalars under
 ``DIR/tensorboard`` (``geometry/*``, ``train/loss``, ``lr``, ``rho``), ``DIR/path_geometry.png`` and
-``DIR/summary.json`` (:func:`nonlocal_opt.geometry.summarize`, replay error, final loss).
+``DIR/summary.json`` (:func:`nonlocal_opt.analysis.path_geometry.summarize`, replay error, final loss).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from nonlocal_opt.cli_parsing import add_set_argument
-from nonlocal_opt.geometry import measure_path_geometry, plot_path_geometry, seeded_loader, summarize, write_csv
-from nonlocal_opt.optimizer import compose
-from nonlocal_opt.radius_schedules import SCHEDULES, build_radius_scheduler
+from nonlocal_opt.cli.parsing import add_set_argument
+from nonlocal_opt.analysis.path_geometry import measure_path_geometry, plot_path_geometry, seeded_loader, summarize, write_csv
+from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.optim.radius_schedules import SCHEDULES, build_radius_scheduler
 from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import TrainConfig, optimizer_hyperparameters
 from nonlocal_opt.training.trainer import FRESH_SEED_OFFSET, build_data_and_model, cycle

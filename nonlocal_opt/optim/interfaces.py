@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 import torch
 
-from nonlocal_opt.hyperparameters import Hyperparameter
+from nonlocal_opt.optim.hyperparameters import Hyperparameter
 
 if TYPE_CHECKING:
-    from nonlocal_opt.step_context import StepContext
+    from nonlocal_opt.optim.step_context import StepContext
 
 
 @attrs.frozen

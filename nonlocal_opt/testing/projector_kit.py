@@ -30,12 +30,12 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.host_reads import as_if_on_device
-from nonlocal_opt.interfaces import Centre, Projector
-from nonlocal_opt.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
-from nonlocal_opt.optimizer import compose
-from nonlocal_opt.registry import instantiate
-from nonlocal_opt.step_context import StepContext
+from nonlocal_opt.optim.host_reads import as_if_on_device
+from nonlocal_opt.optim.interfaces import Centre, Projector
+from nonlocal_opt.analysis.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
+from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.registry import instantiate
+from nonlocal_opt.optim.step_context import StepContext
 
 TO_TOLERANCE = {"max_iters": 500, "tol": 1e-9, "rtol": None}
 
@@ -353,7 +353,7 @@ def host_reads_raise() -> Iterator[None]:
 
 def check_device_path(name_or_instance: str | Projector, *, hyperparameters: Mapping[str, Any] | None = None, steps: int = 5) -> float:
     """Run ``steps`` RBO steps on a small BatchNorm MLP (float64) twice: on the CPU path, and on the path
-    a GPU takes (:func:`nonlocal_opt.host_reads.as_if_on_device`) with every host read raising. Returns
+    a GPU takes (:func:`nonlocal_opt.optim.host_reads.as_if_on_device`) with every host read raising. Returns
     the largest difference of the parameters, relative to their change; raises ``AssertionError`` on a
     host read. In float64 the two paths agree to rounding (the CPU path's scalars are Python floats, so
     in float32 near-ties of accept/reject can go either way and the runs drift apart).

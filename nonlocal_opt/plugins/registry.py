@@ -6,8 +6,8 @@ from typing import Any
 
 import attrs
 
-from nonlocal_opt.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.plugin_manager import get_plugin_manager
+from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.plugins.manager import get_plugin_manager
 
 KINDS: dict[str, tuple[str, type]] = {
     "rule": ("nonlocal_opt_register_descent_rules", DescentRule),

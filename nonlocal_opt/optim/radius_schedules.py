@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nonlocal_opt.hyperparameters import positive_int
+from nonlocal_opt.optim.hyperparameters import positive_int
 
 
 class RadiusScheduler:

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from nonlocal_opt.landscapes import LANDSCAPES
+from nonlocal_opt.analysis.landscapes import LANDSCAPES
 
 
 def mlp(input_shape, num_classes: int) -> nn.Sequential:
@@ -117,7 +117,7 @@ def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
 class LandscapeModel(nn.Module):
     """An analytic landscape as a model: ``forward(x) = f(θ + x)`` per sample (``x``: shifts ``B×dim``).
 
-    With the zero shifts of :class:`nonlocal_opt.data.LandscapeDataset` every per-sample loss is ``f(θ)``.
+    With the zero shifts of :class:`nonlocal_opt.training.data.LandscapeDataset` every per-sample loss is ``f(θ)``.
     """
 
     def __init__(self, landscape: str, theta0=None):

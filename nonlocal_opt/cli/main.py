@@ -10,10 +10,10 @@ import sys
 
 import torch
 
-from nonlocal_opt.cli_parsing import add_set_argument, parse_float_list
-from nonlocal_opt.data import DATASETS
-from nonlocal_opt.geometry_cli import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
-from nonlocal_opt.models import MODELS
+from nonlocal_opt.cli.parsing import add_set_argument, parse_float_list
+from nonlocal_opt.training.data import DATASETS
+from nonlocal_opt.cli.geometry import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
+from nonlocal_opt.training.models import MODELS
 
 PROG = "nonlocal-opt"
 
@@ -84,8 +84,8 @@ def run_train(args) -> int:
 
 
 def run_plugins(args) -> int:
-    from nonlocal_opt.optimizer import OPTIMIZER_HYPERPARAMETERS
-    from nonlocal_opt.registry import registrations
+    from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS
+    from nonlocal_opt.plugins.registry import registrations
 
     def describe(specs) -> None:
         for key, spec in specs.items():
@@ -102,10 +102,10 @@ def run_plugins(args) -> int:
 
 
 def run_landscape(args) -> int:
-    from nonlocal_opt.figures import Trajectory, plot_landscape_trajectories
-    from nonlocal_opt.interfaces import GraphPoint
-    from nonlocal_opt.landscapes import LANDSCAPES, offset_function
-    from nonlocal_opt.optimizer import compose
+    from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
+    from nonlocal_opt.optim.interfaces import GraphPoint
+    from nonlocal_opt.analysis.landscapes import LANDSCAPES, offset_function
+    from nonlocal_opt.optim.composed import compose
     from nonlocal_opt_rolling_ball import OffsetManifold
 
     if args.landscape not in LANDSCAPES:
@@ -149,7 +149,7 @@ def run_landscape(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nonlocal_opt.figures import MissingPlotDependency
+    from nonlocal_opt.analysis.figures import MissingPlotDependency
     from nonlocal_opt.training import ConfigError, TrainingDiverged
 
     args = build_parser().parse_args(argv)

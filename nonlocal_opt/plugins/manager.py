@@ -6,7 +6,7 @@ import os
 
 import pluggy
 
-from nonlocal_opt import hookspecs
+from nonlocal_opt.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "nonlocal_opt"
 DISABLE_ENV_VAR = "NONLOCAL_OPT_DISABLE_PLUGINS"

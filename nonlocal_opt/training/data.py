@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nonlocal_opt.landscapes import LANDSCAPES
+from nonlocal_opt.analysis.landscapes import LANDSCAPES
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_TORCHVISION_ROOT = Path(os.environ.get("NONLOCAL_OPT_DATA", Path.home() / ".cache" / "nonlocal-opt"))
@@ -65,7 +65,7 @@ class ImageDataset(Dataset):
 
 class LandscapeDataset(Dataset):
     """An analytic landscape as a toy dataset: every sample is the zero shift ``x = 0 ∈ R^dim``, so the
-    loss of a batch is ``f(θ)`` (see :class:`nonlocal_opt.models.LandscapeModel`)."""
+    loss of a batch is ``f(θ)`` (see :class:`nonlocal_opt.training.models.LandscapeModel`)."""
 
     num_classes = 0
 
@@ -138,7 +138,7 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir=Non
 
     Fashion-MNIST is read from the IDX files in ``data_dir`` (default: the Debian package's
     ``/usr/share/datasets/fashion-mnist``); MNIST and CIFAR come from torchvision (``download=True``
-    fetches them); ``"landscape:NAME"`` is an analytic landscape of ``nonlocal_opt.landscapes``.
+    fetches them); ``"landscape:NAME"`` is an analytic landscape of ``nonlocal_opt.analysis.landscapes``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")

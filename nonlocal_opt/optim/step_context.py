@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nonlocal_opt.batchnorm import BatchNormFreezer
-from nonlocal_opt.flat_params import FlatParams
-from nonlocal_opt.interfaces import Centre, GraphPoint, ProjectionResult
+from nonlocal_opt.optim.batchnorm import BatchNormFreezer
+from nonlocal_opt.optim.flat_params import FlatParams
+from nonlocal_opt.optim.interfaces import Centre, GraphPoint, ProjectionResult
 
 if TYPE_CHECKING:
-    from nonlocal_opt.optimizer import ComposedOptimizer
+    from nonlocal_opt.optim.composed import ComposedOptimizer
 
 
 def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:

@@ -37,7 +37,7 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from nonlocal_opt.flat_params import FlatParams
+from nonlocal_opt.optim.flat_params import FlatParams
 
 COLUMNS = ("step", "epoch", "rsi", "eb", "gamma", "lolr")
 

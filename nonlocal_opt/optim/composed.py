@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from nonlocal_opt.hyperparameters import Hyperparameter, boolean, merge_specs, validate
-from nonlocal_opt.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.registry import instantiate
-from nonlocal_opt.step_context import StepContext
+from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, validate
+from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.plugins.registry import instantiate
+from nonlocal_opt.optim.step_context import StepContext
 
 OPTIMIZER_HYPERPARAMETERS = {
     "freeze_bn_stats": Hyperparameter(

@@ -1,0 +1,1 @@
+"""Loss-landscape analysis: analytic landscapes and the offset function, path geometry, figures."""
