@@ -25,10 +25,10 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.cli.parsing import parse_value
-from nonlocal_opt.training.data import DatasetNotFoundError
 from nonlocal_opt.analysis.figures import MissingPlotDependency
+from nonlocal_opt.cli.parsing import parse_value
 from nonlocal_opt.training import ConfigError, TrainConfig, TrainingDiverged, train
+from nonlocal_opt.training.data import DatasetNotFoundError
 from nonlocal_opt.training.metrics import read_metrics
 
 OUT_ROOT = Path(__file__).resolve().parent / "out"

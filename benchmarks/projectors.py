@@ -32,10 +32,10 @@ import time
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.training.data import DatasetNotFoundError, load_dataset
 from nonlocal_opt.analysis.landscapes import Quadratic
-from nonlocal_opt.training.models import build_model
 from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.training.data import DatasetNotFoundError, load_dataset
+from nonlocal_opt.training.models import build_model
 
 PROJECTORS = ("footpoint", "gauss-newton", "newton", "lbfgs", "tangent")
 SETTINGS = ((0.1, 0.1), (1.0, 0.1), (1.0, 1.0), (1.0, 6.0))

@@ -53,10 +53,10 @@ from _common import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nonlocal_opt.training.data import load_dataset
-from nonlocal_opt.training.models import build_model
 from nonlocal_opt.optim.composed import compose
 from nonlocal_opt.training.config import optimizer_hyperparameters
+from nonlocal_opt.training.data import load_dataset
+from nonlocal_opt.training.models import build_model
 
 JSON_KEYS = ("optimizer", "projector", "model", "step_time_s", "passes_per_step", "peak_mem_mb", "ratio_to_sgd")
 MAX_REFUSED = 0.5

@@ -8,10 +8,10 @@ Quick start::
     opt.stats              # {"grad_evals": 21.0, "proj_iters": 20.0, ...}
 """
 
-from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
+from nonlocal_opt.optim.composed import ComposedOptimizer, compose
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
-from nonlocal_opt.optim.composed import ComposedOptimizer, compose
+from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
 from nonlocal_opt.plugins.registry import available, get, registrations
 
 __all__ = [

@@ -11,8 +11,8 @@ import pytest
 
 from nonlocal_opt.cli.main import main
 from nonlocal_opt.cli.parsing import parse_value
-from nonlocal_opt.training.data import FASHION_MNIST_DIR
 from nonlocal_opt.plugins.registry import registrations
+from nonlocal_opt.training.data import FASHION_MNIST_DIR
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nonlocal_opt.analysis.landscapes import Riemann
 from nonlocal_opt.training.data import (
     FASHION_MNIST_DIR,
     DatasetNotFoundError,
@@ -18,7 +19,6 @@ from nonlocal_opt.training.data import (
     read_idx,
     with_label_noise,
 )
-from nonlocal_opt.analysis.landscapes import Riemann
 from nonlocal_opt.training.models import LandscapeModel, build_model
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import nonlocal_opt
-from nonlocal_opt.plugins import hookspecs
 from nonlocal_opt.cli.main import build_parser
+from nonlocal_opt.plugins import hookspecs
 from nonlocal_opt.plugins.manager import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.optim.interfaces import Centre
 from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.optim.interfaces import Centre
 from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR, get_plugin_manager
 from nonlocal_opt.testing import nearest_point
 

@@ -12,10 +12,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import nonlocal_opt
-from nonlocal_opt.training.data import FASHION_MNIST_DIR
 from nonlocal_opt.training import TrainConfig, TrainingDiverged, train
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, optimizer_hyperparameters
+from nonlocal_opt.training.data import FASHION_MNIST_DIR
 from nonlocal_opt.training.metrics import EPOCH_KEYS, read_metrics
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from nonlocal_opt.cli.parsing import add_set_argument
 from nonlocal_opt.analysis.path_geometry import measure_path_geometry, plot_path_geometry, seeded_loader, summarize, write_csv
+from nonlocal_opt.cli.parsing import add_set_argument
 from nonlocal_opt.optim.composed import compose
 from nonlocal_opt.optim.radius_schedules import SCHEDULES, build_radius_scheduler
 from nonlocal_opt.training.closure import BatchClosure, LossScale

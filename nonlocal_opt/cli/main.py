@@ -10,9 +10,9 @@ import sys
 
 import torch
 
+from nonlocal_opt.cli.geometry import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
 from nonlocal_opt.cli.parsing import add_set_argument, parse_float_list
 from nonlocal_opt.training.data import DATASETS
-from nonlocal_opt.cli.geometry import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
 from nonlocal_opt.training.models import MODELS
 
 PROG = "nonlocal-opt"
@@ -103,9 +103,9 @@ def run_plugins(args) -> int:
 
 def run_landscape(args) -> int:
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
-    from nonlocal_opt.optim.interfaces import GraphPoint
     from nonlocal_opt.analysis.landscapes import LANDSCAPES, offset_function
     from nonlocal_opt.optim.composed import compose
+    from nonlocal_opt.optim.interfaces import GraphPoint
     from nonlocal_opt_rolling_ball import OffsetManifold
 
     if args.landscape not in LANDSCAPES:

@@ -9,8 +9,8 @@ import torch
 
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.plugins.registry import instantiate
 from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.plugins.registry import instantiate
 
 OPTIMIZER_HYPERPARAMETERS = {
     "freeze_bn_stats": Hyperparameter(

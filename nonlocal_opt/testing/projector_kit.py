@@ -30,12 +30,12 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.optim.host_reads import as_if_on_device
-from nonlocal_opt.optim.interfaces import Centre, Projector
 from nonlocal_opt.analysis.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
 from nonlocal_opt.optim.composed import compose
-from nonlocal_opt.plugins.registry import instantiate
+from nonlocal_opt.optim.host_reads import as_if_on_device
+from nonlocal_opt.optim.interfaces import Centre, Projector
 from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.plugins.registry import instantiate
 
 TO_TOLERANCE = {"max_iters": 500, "tol": 1e-9, "rtol": None}
 

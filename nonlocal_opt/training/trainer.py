@@ -21,14 +21,14 @@ from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
-from nonlocal_opt.training.models import LandscapeModel, build_model
 from nonlocal_opt.optim.composed import compose
 from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
 from nonlocal_opt.training.checkpoints import Progress, checkpoint_dir, latest_checkpoint, resolve_resume
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, as_config_error, optimizer_hyperparameters
+from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
 from nonlocal_opt.training.metrics import MetricsLogger
+from nonlocal_opt.training.models import LandscapeModel, build_model
 
 FRESH_SEED_OFFSET = 1_000_003  # keeps the fresh-batch stream's shuffles apart from the epoch's
 
