@@ -10,6 +10,11 @@ site-packages come first on ``sys.path``, so what it installs wins over the base
 The base is the Python environment tox runs in (the README's ``.venv``, which has torch), or the one
 whose prefix ``$NONLOCAL_OPT_TOX_BASE`` names. A base without torch, or of another Python version, is
 not used: the tox environment then installs every dependency itself (slow, but still correct).
+
+Sharing also lets every plugin installed in the base into every environment. ``plugin_entry_points``
+names the entry points of the group ``nonlocal_opt`` that the ``pyproject.toml`` files of
+``plugin_projects`` declare (default: this project's), read when tox runs; tox.ini passes them as the
+allow-list ``$NONLOCAL_OPT_PLUGINS``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import sys
 import sysconfig
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +42,24 @@ def tox_add_env_config(env_conf, state) -> None:
         default=False,
         desc=f"append the site-packages of ${BASE_ENV_VAR} (default: tox's own environment) to sys.path",
     )
+    env_conf.add_config(
+        keys=["plugin_projects"],
+        of_type=list[Path],
+        default=lambda conf, _: [Path(conf.core["tox_root"]) / "pyproject.toml"],
+        desc="pyproject.toml files whose nonlocal_opt entry points make up plugin_entry_points",
+    )
+    env_conf.add_config(
+        keys=["plugin_entry_points"],
+        of_type=str,
+        default=lambda conf, env_name: ",".join(entry_point_names(conf.get_env(env_name)["plugin_projects"])),
+        desc="comma-separated names of the nonlocal_opt entry points declared in plugin_projects",
+    )
+
+
+def entry_point_names(projects: list[Path]) -> list[str]:
+    """Names in the ``[project.entry-points.nonlocal_opt]`` tables of ``projects``, in order."""
+    tables = (tomllib.loads(path.read_text())["project"]["entry-points"]["nonlocal_opt"] for path in projects)
+    return [name for table in tables for name in table]
 
 
 def base_site_packages() -> list[Path]:

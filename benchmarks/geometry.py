@@ -119,7 +119,7 @@ def alm_path(steps: int, lr: float):
 
     def train(tracker):
         w = torch.nn.Parameter(torch.randn(20, generator=torch.Generator().manual_seed(1)))
-        opt = nonlocal_opt.compose([w], "sgd", lr=lr)
+        opt = nonlocal_opt.compose([w], "local", lr=lr)
         order = torch.Generator().manual_seed(2)
         batches = torch.cat([torch.randperm(1000, generator=order) for _ in range(steps * 10 // 1000 + 1)])
         for t in range(steps):
@@ -143,7 +143,7 @@ def sm_path(steps: int, lr: float):
 
     def train(tracker):
         w = torch.nn.Parameter(2 * torch.randn(10, generator=torch.Generator().manual_seed(1)))
-        opt = nonlocal_opt.compose([w], "sgd", lr=lr)
+        opt = nonlocal_opt.compose([w], "local", lr=lr)
 
         def closure():
             opt.zero_grad()

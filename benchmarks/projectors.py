@@ -173,7 +173,7 @@ class ReferenceFootpoint:
     def solve(self, projector: str, theta: torch.Tensor, passes: int, beta: float | None = None) -> torch.Tensor:
         """``passes`` passes of ``projector`` from ``theta`` towards the fixed ``c̃`` on the (smoothed) network."""
         network = self.network(beta)
-        opt = nonlocal_opt.compose(self.params, "rbo", projector, max_iters=passes - 1, rtol=None)
+        opt = nonlocal_opt.compose(self.params, "rbo", projector=projector, max_iters=passes - 1, rtol=None)
 
         def closure():
             opt.zero_grad()
@@ -224,7 +224,7 @@ def residual_tables(problem: Problem, data: list, gap_settings: int = 2) -> tupl
                 relative, gaps, times, spent = [], [], [], []
                 for index, ((x, y), scale) in enumerate(zip(data, scales)):
                     problem.reset()
-                    opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=eta, rho=rho, **hp)
+                    opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector=name, lr=eta, rho=rho, **hp)
                     start = time.process_time()
                     opt.step(problem.closure_for(opt, x, y))
                     times.append(time.process_time() - start)
@@ -252,7 +252,7 @@ def quadratic_table(steps: int) -> list[str]:
     for rho in (0.05, 0.5, 0.9):
         torch.manual_seed(0)
         landscape = Quadratic(torch.randn(50).tolist(), eigenvalues=eigenvalues, seed=0).double()
-        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "gauss-newton", lr=0.1, rho=rho, rtol=1e-6, tol=None, max_iters=200)
+        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="gauss-newton", lr=0.1, rho=rho, rtol=1e-6, tol=None, max_iters=200)
 
         def closure():
             opt.zero_grad()
@@ -283,7 +283,7 @@ def floor_table(problem: Problem, data: list, passes: int = 301, probes: int = 8
             target_theta, target_height, scale = problem.target(x, y, rho, eta)
             problem.reset()
             hp = {"history": 20, "max_iters": passes - 1, "rtol": None}
-            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", "lbfgs", lr=eta, rho=rho, **hp)
+            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector="lbfgs", lr=eta, rho=rho, **hp)
             opt.step(problem.closure_for(opt, x, y))
             reached.append(opt.stats["proj_residual"] / scale)
             theta = torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach()
@@ -323,7 +323,7 @@ def step_costs(problem: Problem, projector, hp: dict, data: list, repeats: int) 
     for _ in range(repeats):
         for x, y in data:
             problem.reset()
-            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector, lr=0.1, rho=1.0, **hp)
+            opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector=projector, lr=0.1, rho=1.0, **hp)
             closure = problem.closure_for(opt, x, y)
             for _ in range(3):
                 start = time.process_time()
@@ -381,7 +381,7 @@ def training_table(problem: Problem, steps: int) -> list[str]:
     for name in PROJECTORS:
         problem.reset()
         problem.generator.manual_seed(1)
-        opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", name, lr=6.0, rho=1.0)
+        opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector=name, lr=6.0, rho=1.0)
         with torch.no_grad():
             start_loss = float(problem.loss(x_eval, y_eval))
         refused, passes = 0, []

@@ -53,7 +53,7 @@ from _common import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.training.config import optimizer_hyperparameters
 from nonlocal_opt.training.data import load_dataset
 from nonlocal_opt.training.models import build_model
@@ -108,7 +108,7 @@ def peak_step_memory_mb(preset: Preset, model_name: str, batch, device: torch.de
     inputs, targets = (t.to(device) for t in batch)
     model = build_model(model_name, inputs.shape[1:], 10).to(device)
     hyperparameters = optimizer_hyperparameters(train_config(preset, model=model_name))
-    opt = compose(model.parameters(), preset.rule, preset.projector, **hyperparameters)
+    opt = compose(model.parameters(), preset.rule, projector=preset.projector, **hyperparameters)
 
     def closure(fresh_batch: bool = False):
         opt.zero_grad()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                   data_dir=args.data_dir, download=args.download)
             runs[label] = run = run_training(config, cache=not args.no_cache)
             timed = run.step_times[1:] or run.step_times
-            projector = compose([torch.nn.Parameter(torch.zeros(1))], preset.rule, preset.projector).projector.name
+            projector = compose([torch.nn.Parameter(torch.zeros(1))], preset.rule, projector=preset.projector).projector.name
             rows.append({"optimizer": label, "projector": projector, "model": model,
                          "step_time_s": statistics.median(timed), "passes_per_step": statistics.fmean(run.passes),
                          "peak_mem_mb": peak_step_memory_mb(preset, model, batch, device),

@@ -3,14 +3,22 @@
 Quick start::
 
     import nonlocal_opt
-    opt = nonlocal_opt.compose(model.parameters(), rule="rbo", projector="footpoint", lr=6.0, rho=1.0)
+    opt = nonlocal_opt.compose(model.parameters(), rule="sam", base="adamw", lr=1e-3, rho=0.05)
+    opt = nonlocal_opt.SAM(model.parameters(), base=torch.optim.AdamW, lr=1e-3, rho=0.05)  # the same
     opt.step(closure)      # closure(): zero grads, forward, backward, return loss
-    opt.stats              # {"grad_evals": 21.0, "proj_iters": 20.0, ...}
+    opt.stats              # {"grad_evals": 2.0, "nonfinite": 0.0}
+
+Rules with an ``alias`` (``SAM``, ``RBO``, ``EntropySGD`` from the first-party plugins) are reachable
+as ``nonlocal_opt.<alias>``.
 """
 
-from nonlocal_opt.optim.composed import ComposedOptimizer, compose
+from typing import Any
+
+from nonlocal_opt.optim.composed import ComposedOptimizer
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
+from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.plugins.compose import compose, constructor
 from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
 from nonlocal_opt.plugins.registry import available, get, registrations
 
@@ -23,6 +31,7 @@ __all__ = [
     "Hyperparameter",
     "ProjectionResult",
     "Projector",
+    "StepContext",
     "available",
     "compose",
     "get",
@@ -32,3 +41,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``nonlocal_opt.SAM`` and the other constructors registered rules declare (``DescentRule.alias``)."""
+    if name[:1].isupper():
+        found = constructor(name)
+        if found is not None:
+            return found
+    raise AttributeError(f"module 'nonlocal_opt' has no attribute {name!r}")

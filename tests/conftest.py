@@ -1,14 +1,44 @@
-"""Shared fixtures: deterministic float64 landscapes and a small classification batch."""
+"""Shared fixtures: deterministic float64 landscapes and a small classification batch. Every test
+parametrised by ``projector`` gets the marker ``projector``; ``NONLOCAL_OPT_PROJECTOR=<name>`` deselects
+those parametrised with another projector (the tox matrix runs ``pytest -m projector``)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from nonlocal_opt.plugins.manager import reset_plugin_manager
+import nonlocal_opt
+from nonlocal_opt.plugins.manager import ALLOW_ENV_VAR, DISABLE_ENV_VAR, reset_plugin_manager
+
+PROJECTOR_ENV_VAR = "NONLOCAL_OPT_PROJECTOR"
 
 # Two cores, many small tensors: one intra-op thread per test process avoids oversubscription.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "projector: parametrised by a projector name (set automatically by conftest.py)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    chosen = os.environ.get(PROJECTOR_ENV_VAR)
+    if chosen is not None and chosen not in nonlocal_opt.available("projector"):
+        raise pytest.UsageError(f"{PROJECTOR_ENV_VAR}={chosen!r} is not a registered projector")
+    kept, deselected = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if "projector" in params:
+            item.add_marker(pytest.mark.projector)
+            if chosen is not None and params["projector"] != chosen:
+                deselected.append(item)
+                continue
+        kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)
@@ -17,8 +47,11 @@ def _seeded():
 
 
 @pytest.fixture
-def fresh_plugins():
-    """Reload plugins before and after a test that changes entry points or the block list."""
+def fresh_plugins(monkeypatch):
+    """Reload plugins before and after a test that changes entry points or the allow- or block-list;
+    both lists start unset (tox sets the allow-list), so the test's own entry points load."""
+    monkeypatch.delenv(ALLOW_ENV_VAR, raising=False)
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     reset_plugin_manager()
     yield
     reset_plugin_manager()

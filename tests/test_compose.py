@@ -27,8 +27,8 @@ def params():
         (dict(rule="rbo", rho=-0.5), r"invalid hyperparameter rho=-0.5"),
         (dict(rule="rbo", max_iters=0), r"invalid hyperparameter max_iters=0 .*integer >= 1"),
         (dict(rule="rbo", momentum=0.9), r"unknown hyperparameter 'momentum' .*known: .*lr.*rho"),
-        (dict(rule="sgd", nesterov=True), r"nesterov=True: it requires momentum > 0"),
-        (dict(rule="sgd", projector="footpoint"), r"projector 'footpoint' cannot project onto manifold 'euclidean'"),
+        (dict(rule="local", nesterov=True), r"nesterov=True: it requires momentum > 0"),
+        (dict(rule="local", projector="footpoint"), r"projector 'footpoint' cannot project onto manifold 'euclidean'"),
         (dict(rule="rbo", manifold="euclidean"), r"rule 'rbo' does not work on manifold 'euclidean'"),
     ],
 )

@@ -72,6 +72,6 @@ def test_train_with_its_projector(plugin_site, tmp_path):
     # and the rule refuses it: the steps above were made by the plugin's backtracking.
     landscape = LANDSCAPES["gaussian-bumps"]()
     settings = {key: group[key] for key in ("lr", "rho", "max_iters", "step_size")}
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "footpoint", **settings)
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="footpoint", **settings)
     opt.step(make_closure(opt, landscape))
     assert opt.stats["nonfinite"] == 1.0

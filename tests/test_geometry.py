@@ -34,7 +34,7 @@ def test_full_batch_gd_on_quadratic_matches_closed_form():
 
     def train(tracker):
         w = torch.nn.Parameter(w0.clone())
-        opt = nonlocal_opt.compose([w], "sgd", lr=LR)
+        opt = nonlocal_opt.compose([w], "local", lr=LR)
 
         closure = make_closure(opt, lambda: 0.5 * (w - m) @ hessian @ (w - m))
 
@@ -131,7 +131,7 @@ def test_rbo_records_the_first_pass_at_the_contact_point():
 
 def test_pass_index_beyond_the_step_raises():
     w = torch.nn.Parameter(torch.ones(2))
-    opt = nonlocal_opt.compose([w], "sgd", lr=0.1)
+    opt = nonlocal_opt.compose([w], "local", lr=0.1)
 
     closure = make_closure(opt, lambda: (w**2).sum())
 

@@ -107,7 +107,7 @@ class ManifoldPlugin:
 def rbo_step_to_tolerance(rule: str, projector: str) -> torch.Tensor:
     """θ after one RBO step from θ_t = 1.2 on f(θ) = θ² (η = 0.3, ρ = 0.5), projection run to 1e-12."""
     land = Quadratic([1.2], eigenvalues=[2.0]).double()
-    opt = nonlocal_opt.compose(land.parameters(), rule, projector, lr=0.3, rho=0.5, max_iters=200, tol=1e-12, rtol=None)
+    opt = nonlocal_opt.compose(land.parameters(), rule, projector=projector, lr=0.3, rho=0.5, max_iters=200, tol=1e-12, rtol=None)
     opt.step(make_closure(opt, land))
     return land.theta.detach().clone()
 
@@ -119,7 +119,7 @@ def test_runtime_manifold_plugin_sets_where_the_ball_goes():
     try:
         assert nonlocal_opt.registrations("manifold")["hanging-offset"].plugin == "manifold-test"
         land = Quadratic([1.2], eigenvalues=[2.0]).double()
-        opt = nonlocal_opt.compose(land.parameters(), "hanging-rbo", "hanging-gauss-newton")
+        opt = nonlocal_opt.compose(land.parameters(), "hanging-rbo", projector="hanging-gauss-newton")
         assert isinstance(opt.manifold, HangingOffset)
         with pytest.raises(ValueError, match="'rbo' does not work on manifold 'hanging-offset'"):
             nonlocal_opt.compose(land.parameters(), "rbo", manifold="hanging-offset")
@@ -212,7 +212,7 @@ def test_entry_point_plugin_is_discovered(installed_entry_point):
     reg = nonlocal_opt.registrations("projector")["entry-point-footpoint"]
     assert (reg.distribution, reg.version, reg.plugin) == ("nlo-test-plugin", "1.2.3", "scaled")
     land = Quadratic([1.0, 2.0], eigenvalues=[1.0, 2.0])
-    opt = nonlocal_opt.compose(land.parameters(), "rbo", "entry-point-footpoint", lr=0.1, rho=0.5)
+    opt = nonlocal_opt.compose(land.parameters(), "rbo", projector="entry-point-footpoint", lr=0.1, rho=0.5)
     opt.step(make_closure(opt, land))
     assert opt.stats["grad_evals"] == 21
 

@@ -50,7 +50,7 @@ def test_trainer_steps_the_projector_like_a_plain_loop(name, tmp_path):
     result = train(config)
     steps = [row for row in read_metrics(tmp_path / "metrics.csv") if row["scope"] == "step"]
     landscape = LANDSCAPES["sine"]()
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", name, **optimizer_hyperparameters(config))
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector=name, **optimizer_hyperparameters(config))
     losses, passes = [], []
     for _ in range(5):
         losses.append(opt.step(make_closure(opt, landscape)).item())
@@ -72,7 +72,7 @@ def test_first_gauss_newton_iterate_is_the_sgd_step(mlp_problem):
     params = list(model.parameters())
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
     _, g = value_and_grad(loss_fn, params)
-    opt = nonlocal_opt.compose(params, "rbo", "gauss-newton", lr=0.3, rho=0.7, max_iters=1, rtol=None)
+    opt = nonlocal_opt.compose(params, "rbo", projector="gauss-newton", lr=0.3, rho=0.7, max_iters=1, rtol=None)
     opt.step(make_closure(opt, loss_fn))
     theta1 = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(theta1, theta0 - 0.3 * g, rtol=1e-5, atol=1e-6)
@@ -83,7 +83,7 @@ def test_finite_difference_hvp_matches_the_exact_hessian():
     from nonlocal_opt_projectors.newton_cg import finite_difference_hvp
 
     landscape = Quadratic(eigenvalues=[0.5, 2.0, 3.0], seed=1).double()
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "newton")
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="newton")
     ctx = StepContext(opt, make_closure(opt, landscape))
     with torch.no_grad():
         point = ctx.evaluate(extra=False)
@@ -97,7 +97,7 @@ def test_tangent_moves_the_centre_by_the_projected_update():
     """Two RBO steps with ``tangent`` against eqs. (10)–(12) written here: ``u = c_t − p_t``."""
     landscape = Sine([0.9, -0.4], dim=2).double()
     eta, rho = 0.2, 0.5
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "tangent", lr=eta, rho=rho)
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="tangent", lr=eta, rho=rho)
     closure = make_closure(opt, landscape)
     theta = landscape.theta.detach().clone()
     f, g = value_and_grad(landscape, [landscape.theta])
@@ -121,7 +121,7 @@ def test_batchnorm_running_stats_see_one_forward_pass(name):
     twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=0.5, rho=0.5)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=0.5, rho=0.5)
     opt.step(make_closure(opt, lambda: torch.nn.functional.cross_entropy(model(x), y)))
     assert opt.stats["grad_evals"] > 1
     twin(x)
@@ -133,7 +133,7 @@ def test_batchnorm_running_stats_see_one_forward_pass(name):
 def test_paper_setting_stays_finite(name, mlp_problem):
     """ρ = 1, η = 6 on a small MLP: the safeguarded projectors never step to a non-finite point."""
     model, loss_fn = mlp_problem
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=6.0, rho=1.0)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=6.0, rho=1.0)
     closure = make_closure(opt, loss_fn)
     for _ in range(10):
         opt.step(closure)
@@ -147,7 +147,7 @@ def test_step_does_not_synchronise_on_cuda(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).cuda()
     x, y = torch.randn(32, 6, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", name, lr=0.5, rho=0.5)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=0.5, rho=0.5)
 
     def closure():
         opt.zero_grad()
@@ -196,7 +196,7 @@ def test_phi_never_increases_along_the_iterations(name, mlp_problem):
         with torch.no_grad():
             for p, p0 in zip(params, theta0):
                 p.copy_(p0)
-        opt = nonlocal_opt.compose(params, "rbo", name, lr=6.0, rho=1.0, max_iters=k, rtol=None)
+        opt = nonlocal_opt.compose(params, "rbo", projector=name, lr=6.0, rho=1.0, max_iters=k, rtol=None)
         ctx = StepContext(opt, make_closure(opt, loss_fn))
         with torch.no_grad():
             start = ctx.evaluate(extra=False)

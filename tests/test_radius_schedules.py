@@ -87,7 +87,7 @@ def test_state_dict_round_trip():
 def test_bad_input_raises_value_error():
     w = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match="no 'rho'"):
-        CosineRadius(nonlocal_opt.compose([w], "sgd"), T, RHO_F)
+        CosineRadius(nonlocal_opt.compose([w], "local"), T, RHO_F)
     with pytest.raises(ValueError, match="rho_final"):
         CosineRadius(rbo()[1], T, rho_final=0.0)  # the offset manifold needs ρ > 0
     with pytest.raises(ValueError, match="total_steps"):

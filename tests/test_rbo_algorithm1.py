@@ -66,7 +66,7 @@ def test_rbo_matches_algorithm1(name, build, rho, eta, dtype, tol):
     try:
         landscape = build()
         theta0 = landscape.theta.detach().clone()
-        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", "footpoint", lr=eta, rho=rho)
+        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="footpoint", lr=eta, rho=rho)
         closure = make_closure(opt, landscape)
         reference = algorithm1(landscape.value, theta0, eta, rho, gamma=0.1, inner_steps=20, steps=30)
         for expected in reference:

@@ -78,7 +78,7 @@ def test_rho_zero_is_sgd_bit_for_bit(foreach):
     model, loss_of = _problem(torch.float32)
     via_rule, via_torch = copy.deepcopy(model), copy.deepcopy(model)
     sam = nonlocal_opt.compose(model.parameters(), rule="sam", rho=0.0, **settings)
-    sgd = nonlocal_opt.compose(via_rule.parameters(), rule="sgd", **settings)
+    sgd = nonlocal_opt.compose(via_rule.parameters(), rule="local", **settings)
     ref = torch.optim.SGD(via_torch.parameters(), foreach=foreach, **settings)
     for _ in range(10):
         sam.step(make_closure(sam, lambda: loss_of(model)))

@@ -1,4 +1,4 @@
-"""compose(rule="sgd") equals torch.optim.SGD bit for bit; RBO tends to SGD as ρ → 0."""
+"""compose(rule="local") equals torch.optim.SGD bit for bit; RBO tends to SGD as ρ → 0."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_sgd_rule_is_torch_sgd_bit_for_bit(mlp_problem, settings, foreach):
     model, _ = mlp_problem
     twin = copy.deepcopy(model)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    ours = nonlocal_opt.compose(model.parameters(), rule="sgd", **settings)
+    ours = nonlocal_opt.compose(model.parameters(), rule="local", **settings)
     theirs = torch.optim.SGD(twin.parameters(), foreach=foreach, **settings)
     for _ in range(10):
         ours.step(make_closure(ours, lambda: torch.nn.functional.cross_entropy(model(x), y)))
@@ -37,7 +37,7 @@ def test_sgd_rule_is_torch_sgd_bit_for_bit(mlp_problem, settings, foreach):
 
 def test_sgd_without_closure_uses_existing_grads(mlp_problem):
     model, loss_fn = mlp_problem
-    opt = nonlocal_opt.compose(model.parameters(), rule="sgd", lr=0.1)
+    opt = nonlocal_opt.compose(model.parameters(), rule="local", lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     loss_fn().backward()
     assert opt.step() is None
@@ -52,7 +52,7 @@ def _rbo_minus_sgd(rho, eta=0.02, steps=20):
         rbo_land = Quadratic([1.0, -0.5, 2.0], eigenvalues=[0.3, 1.0, 2.0])
         sgd_land = copy.deepcopy(rbo_land)
         rbo = nonlocal_opt.compose(rbo_land.parameters(), "rbo", lr=eta, rho=rho, max_iters=5000, step_size=0.3, tol=1e-12)
-        sgd = nonlocal_opt.compose(sgd_land.parameters(), "sgd", lr=eta)
+        sgd = nonlocal_opt.compose(sgd_land.parameters(), "local", lr=eta)
         gap = 0.0
         for _ in range(steps):
             rbo.step(make_closure(rbo, rbo_land))

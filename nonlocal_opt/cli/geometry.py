@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 from nonlocal_opt.analysis.path_geometry import measure_path_geometry, plot_path_geometry, seeded_loader, summarize, write_csv
 from nonlocal_opt.cli.parsing import add_set_argument
-from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.optim.radius_schedules import SCHEDULES, build_radius_scheduler
 from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import TrainConfig, optimizer_hyperparameters
@@ -75,7 +75,7 @@ def run_geometry(args: argparse.Namespace) -> int:
         hyperparameters = optimizer_hyperparameters(config)
         torch.manual_seed(config.seed)  # the initialisation w_0 depends on --seed only
         train_set, _, model0, per_sample_loss, count_correct = build_data_and_model(config)
-        probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector, **hyperparameters)
+        probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, projector=config.projector, **hyperparameters)
         build_radius_scheduler(args, probe, 1)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def run_geometry(args: argparse.Namespace) -> int:
     def train(tracker) -> None:
         torch.manual_seed(config.seed)
         model = copy.deepcopy(model0).train()
-        optimizer = compose(model.parameters(), config.optimizer, config.projector, **hyperparameters)
+        optimizer = compose(model.parameters(), config.optimizer, projector=config.projector, **hyperparameters)
         loader = seeded_loader(train_set, config.batch_size, config.seed, drop_last=True)
         fresh_loader = seeded_loader(train_set, config.batch_size, config.seed, drop_last=True)
         fresh = cycle(fresh_loader, fresh_loader.sampler.generator, config.seed + FRESH_SEED_OFFSET)

@@ -104,7 +104,7 @@ def run_plugins(args) -> int:
 def run_landscape(args) -> int:
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
     from nonlocal_opt.analysis.landscapes import LANDSCAPES, offset_function
-    from nonlocal_opt.optim.composed import compose
+    from nonlocal_opt.plugins.compose import compose
     from nonlocal_opt.optim.interfaces import GraphPoint
     from nonlocal_opt_rolling_ball import OffsetManifold
 
@@ -118,7 +118,7 @@ def run_landscape(args) -> int:
         if surface.dim != 1:
             raise ValueError(f"landscape {args.landscape!r} is {surface.dim}-D; this command plots 1-D landscapes")
         surface.theta.data.fill_(args.start)
-        opt = compose(surface.parameters(), args.optimizer, args.projector, **{"lr": args.lr, "rho": rho, **dict(args.overrides)})
+        opt = compose(surface.parameters(), args.optimizer, projector=args.projector, **{"lr": args.lr, "rho": rho, **dict(args.overrides)})
 
         def closure(opt=opt, surface=surface):
             opt.zero_grad()

@@ -1,16 +1,18 @@
-"""``ComposedOptimizer``: a ``torch.optim.Optimizer`` made of a rule, a projector and a manifold."""
+"""``ComposedOptimizer``: a ``torch.optim.Optimizer`` made of a rule, a base optimizer, a projector
+and a manifold (docs/composing.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, validate
+from nonlocal_opt.optim.host_reads import host_reads
+from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.optim.step_context import StepContext
-from nonlocal_opt.plugins.registry import instantiate
+from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
 
 OPTIMIZER_HYPERPARAMETERS = {
     "freeze_bn_stats": Hyperparameter(
@@ -19,48 +21,132 @@ OPTIMIZER_HYPERPARAMETERS = {
         "BatchNorm running statistics are updated only by the first forward pass of a step",
         boolean,
     ),
+    "max_grad_norm": Hyperparameter(
+        None,
+        "c",
+        "clip the global norm of the gradient handed to the base optimizer to c (None: no clipping)",
+        optional(positive),
+    ),
 }
+
+BaseFactory = Callable[..., torch.optim.Optimizer]
+
+
+def base_keywords(base: BaseFactory) -> set[str] | None:
+    """The keyword arguments ``base(params, ...)`` accepts; ``None`` when it takes ``**kwargs``."""
+    try:
+        parameters = list(inspect.signature(base).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def base_label(base: BaseFactory) -> str:
+    return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}".lstrip(".")
 
 
 class ComposedOptimizer(torch.optim.Optimizer):
-    """A non-local optimizer: ``rule`` proposes a move, ``projector`` restores ``manifold``'s constraint.
+    """A non-local optimizer: ``rule`` decides the gradient a step hands to ``base`` (any
+    ``torch.optim.Optimizer`` class); rules that move a ball use ``projector`` to restore
+    ``manifold``'s constraint.
 
-    Scalar hyperparameters of all three live in ``param_groups`` (so LR schedulers, and schedules
-    of ``rho``, work); per-parameter state lives in ``self.state[p]``. ``stats`` describes the last step.
+    The base shares ``param_groups`` with the composed optimizer: its hyperparameters (``lr``,
+    ``momentum``, ``betas``, ...) sit next to the rule's (``rho``, ...), so LR schedulers drive the
+    base. ``base_hyperparameters`` are passed to ``base(param_groups, **base_hyperparameters)``;
+    ``hyperparameters`` are the ones the optimizer, rule, projector and manifold declare.
+    ``state_dict()`` holds the rule's and the base's state. ``stats`` describes the last step.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         rule: DescentRule,
-        projector: Projector,
-        manifold: ConstraintManifold,
+        base: BaseFactory,
+        projector: Projector | None = None,
+        manifold: ConstraintManifold | None = None,
         **hyperparameters: Any,
     ):
         self.rule, self.projector, self.manifold = rule, projector, manifold
+        self.base_factory = base
+        components = [c for c in (rule, projector, manifold) if c is not None]
         self.hyperparameter_specs: dict[str, Hyperparameter] = merge_specs(
             ("the optimizer", OPTIMIZER_HYPERPARAMETERS),
-            (f"rule {rule.name!r}", rule.hyperparameters),
-            (f"projector {projector.name!r}", projector.hyperparameters),
-            (f"manifold {manifold.name!r}", manifold.hyperparameters),
+            *((f"{kind} {c.name!r}", c.hyperparameters) for kind, c in zip(("rule", "projector", "manifold"), (rule, projector, manifold)) if c is not None),
         )
-        validate(self.hyperparameter_specs, hyperparameters, self._owner())
+        self._base_keys = base_keywords(base)
+        clash = sorted(set(self.hyperparameter_specs) & (self._base_keys or set()))
+        if clash:
+            raise ValueError(
+                f"hyperparameter {clash[0]!r} is declared by {self._owner()} and is also a keyword of the base "
+                f"{base_label(base)}: the two cannot share param_groups; choose another base"
+            )
+        ours = {k: v for k, v in hyperparameters.items() if k in self.hyperparameter_specs}
+        theirs = {k: v for k, v in hyperparameters.items() if k not in self.hyperparameter_specs}
+        self._check_base_keys(theirs)
+        validate(self.hyperparameter_specs, ours, self._owner())
         defaults = {key: spec.default for key, spec in self.hyperparameter_specs.items()}
-        defaults.update(hyperparameters)
+        defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
+        self.last_projection: ProjectionRecord | None = None
+        self._components = components
+        self._ready = False
         super().__init__(params, defaults)
+        try:
+            self.base = base(self.param_groups, **theirs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"invalid base hyperparameters for {base_label(base)}: {error}") from None
+        if not isinstance(self.base, torch.optim.Optimizer):
+            raise TypeError(f"base {base_label(base)} returned {type(self.base).__name__}, not a torch.optim.Optimizer")
+        self.base.param_groups = self.param_groups
+        self.defaults = {**self.base.defaults, **self.defaults}
+        self._ready = True
+        for group in self.param_groups:
+            self._check_components(group)
 
     def _owner(self) -> str:
-        return f"compose(rule={self.rule.name!r}, projector={self.projector.name!r}, manifold={self.manifold.name!r})"
+        parts = [f"rule={self.rule.name!r}"]
+        parts += [f"{kind}={c.name!r}" for kind, c in (("projector", self.projector), ("manifold", self.manifold)) if c is not None]
+        return f"compose({', '.join(parts)})"
+
+    def _check_base_keys(self, values: Mapping[str, Any]) -> None:
+        if self._base_keys is None:
+            return
+        unknown = sorted(set(values) - self._base_keys)
+        if unknown:
+            known = ", ".join(sorted(set(self.hyperparameter_specs) | self._base_keys))
+            raise ValueError(f"unknown hyperparameter {unknown[0]!r} for {self._owner()} over base {base_label(self.base_factory)}; known: {known}")
+
+    def _check_components(self, group: Mapping[str, Any]) -> None:
+        for component in self._components:
+            component.check_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters (unknown or invalid ones raise ``ValueError``)."""
-        validate(self.hyperparameter_specs, {k: v for k, v in param_group.items() if k != "params"}, self._owner())
-        merged = {**self.defaults, **param_group}
-        for component in (self.rule, self.projector, self.manifold):
-            component.check_group(merged)
+        settings = {k: v for k, v in param_group.items() if k != "params"}
+        validate(self.hyperparameter_specs, {k: v for k, v in settings.items() if k in self.hyperparameter_specs}, self._owner())
+        self._check_base_keys({k: v for k, v in settings.items() if k not in self.hyperparameter_specs})
         super().add_param_group(param_group)
+        if self._ready:
+            self._check_components(self.param_groups[-1])
 
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"``."""
+        state = super().state_dict()
+        state["base_state"] = self.base.state_dict()["state"]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the rule's and the base's state; the base keeps sharing ``param_groups``."""
+        state_dict = dict(state_dict)
+        base_state = state_dict.pop("base_state", {})
+        self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
+        super().load_state_dict(state_dict)
+        self.base.param_groups = self.param_groups
+
+    # -- stepping ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
         """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
@@ -76,44 +162,51 @@ class ComposedOptimizer(torch.optim.Optimizer):
         ctx = StepContext(self, closure)
         loss = self.rule.step(ctx)
         self._last_stats = ctx.stats
+        self.last_projection = ctx.projection
         return loss
+
+    def _base_step(self, params: list[torch.Tensor], finite: torch.Tensor | bool, stats: dict[str, Any]) -> torch.Tensor:
+        """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
+        returns the 0-d bool tensor "step taken".
+
+        On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the
+        device path (no host synchronisation) the step runs and ``torch.where`` puts back the
+        parameters and base state; only a step that would create base state reads the verdict.
+        """
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            stats["nonfinite"] = 0.0
+            return torch.ones((), dtype=torch.bool)
+        max_norm = self.param_groups[0]["max_grad_norm"]
+        grads = [p.grad for p in params]
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).sum()) & finite
+        on_host = host_reads(grads[0])
+        if on_host or any(p not in self.base.state for p in params):
+            taken = bool(finite)
+            if taken:
+                self.base.step()
+            stats["nonfinite"] = float(not taken) if on_host else ~finite
+            return torch.tensor(taken) if on_host else finite
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {p: {k: v.clone() for k, v in self.base.state[p].items() if isinstance(v, torch.Tensor)} for p in params}
+        self.base.step()
+        for p, old in zip(params, saved_params):
+            p.copy_(torch.where(finite, p, old))
+            for key, value in saved_state[p].items():
+                self.base.state[p][key].copy_(torch.where(finite, self.base.state[p][key], value))
+        stats["nonfinite"] = ~finite
+        return finite
 
     @property
     def stats(self) -> dict[str, float]:
-        """Plain floats about the last step: ``grad_evals``, ``proj_iters``, ``proj_residual``,
-        ``offset_error`` (and ``nonfinite`` = 1.0 when a non-finite step was refused).
+        """Plain floats about the last step: ``grad_evals``, ``nonfinite`` (1.0 when the base step was
+        skipped), and for projecting rules ``proj_iters``, ``proj_residual``, ``offset_error``.
 
         Converted on access, so reading it is the only host synchronisation the step needs.
         """
         return {key: float(value) for key, value in self._last_stats.items()}
 
     def __repr__(self) -> str:
-        return f"ComposedOptimizer({self._owner()[8:-1]}, groups={len(self.param_groups)})"
-
-
-def compose(
-    params: Iterable[Any],
-    rule: str | DescentRule = "rbo",
-    projector: str | Projector | None = None,
-    manifold: str | ConstraintManifold | None = None,
-    **hyperparameters: Any,
-) -> ComposedOptimizer:
-    """Build an optimizer from registered plugins (names) or component instances.
-
-    ``None`` picks the rule's default projector / manifold. Unknown names raise ``ValueError``
-    listing the available ones; unknown or invalid hyperparameters raise ``ValueError`` naming them.
-    """
-    rule_obj: DescentRule = instantiate("rule", rule)
-    manifold_obj: ConstraintManifold = instantiate("manifold", manifold or rule_obj.default_manifold)
-    projector_obj: Projector = instantiate("projector", projector or rule_obj.default_projector)
-    if manifold_obj.name not in rule_obj.manifolds:
-        raise ValueError(
-            f"rule {rule_obj.name!r} does not work on manifold {manifold_obj.name!r}; "
-            f"it supports: {', '.join(rule_obj.manifolds)}"
-        )
-    if manifold_obj.name not in projector_obj.manifolds:
-        raise ValueError(
-            f"projector {projector_obj.name!r} cannot project onto manifold {manifold_obj.name!r}; "
-            f"it supports: {', '.join(projector_obj.manifolds)}"
-        )
-    return ComposedOptimizer(params, rule_obj, projector_obj, manifold_obj, **hyperparameters)
+        return f"ComposedOptimizer({self._owner()[8:-1]}, base={base_label(self.base_factory)}, groups={len(self.param_groups)})"

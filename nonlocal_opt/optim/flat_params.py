@@ -47,6 +47,13 @@ class FlatParams:
         """Copy the flat vector ``flat`` into the parameters, in place."""
         torch._foreach_copy_(self.params, self._views(flat))
 
+    def write_grad(self, flat: torch.Tensor) -> None:
+        """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        torch._foreach_copy_([p.grad for p in self.params], self._views(flat))
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a flat vector (for per-parameter optimizer state)."""
         return self._views(flat)

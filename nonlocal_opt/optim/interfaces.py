@@ -1,6 +1,6 @@
-"""The three plugin interfaces: ``ConstraintManifold``, ``Projector`` and ``DescentRule``.
+"""The three plugin interfaces: ``DescentRule``, ``Projector`` and ``ConstraintManifold``.
 
-Notation (DESIGN.md §1): loss ``f``, flat parameters ``θ ∈ R^d``, graph ``Γ = {(θ, f(θ))}``,
+Notation (docs/math.md §1): loss ``f``, flat parameters ``θ ∈ R^d``, graph ``Γ = {(θ, f(θ))}``,
 gradient ``g = ∇f(θ)``, contact point ``p = (θ, f(θ))``, ball centre ``c = (θ_c, y_c) ∈ R^{d+1}``.
 Every vector here is a *flat* tensor over all parameters of all groups: one ball, never one per tensor.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
@@ -54,24 +54,29 @@ class ProjectionResult:
 
 
 class _Component(ABC):
-    """Shared shape of registered components: a ``name`` and declared ``hyperparameters``."""
+    """Shared shape of registered components: a ``name``, declared ``hyperparameters`` and named
+    ``presets`` (e.g. ``"paper"``: the settings of the paper that defines the component; a preset may
+    also set hyperparameters of the base optimizer, such as ``lr``)."""
 
     name: ClassVar[str]
     hyperparameters: ClassVar[Mapping[str, Hyperparameter]] = {}
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def check_group(self, group: Mapping[str, object]) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Reject combinations of hyperparameters (one parameter group, defaults filled in) with
-        ``ValueError``; single values are already checked by their ``Hyperparameter`` validators."""
+        """Reject combinations of hyperparameters (one parameter group, the base's and every
+        component's defaults filled in) with ``ValueError``; single values are already checked by
+        their ``Hyperparameter`` validators."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
 class ConstraintManifold(_Component):
-    """The set the optimizer's state lives on.
+    """The set the optimizer's state lives on, and the projection objective that restores it.
 
-    ``offset``: ``S(Γ, ρ) = {c : d(c, Γ) = ρ}``, parametrised by the contact point, ``c(p) = p + ρ ν(p)``
-    with ``ν = (−g, 1)/sqrt(1 + ‖g‖²)``. ``euclidean``: no constraint, ``c(p) = p``.
+    It owns the geometry: the centre ``c(p)`` over a contact point, the objective
+    ``φ(θ) = ½ dist((θ, f(θ)), c̃)²`` a projector minimises to find the new contact point for a
+    proposed centre ``c̃``, its gradient, and the offset error of a centre.
     """
 
     @abstractmethod
@@ -79,18 +84,27 @@ class ConstraintManifold(_Component):
         """``c(p)``: the state attached to the contact point ``p`` (needs ``point.grad``)."""
 
     @abstractmethod
+    def phi(self, point: GraphPoint, target: Centre) -> torch.Tensor:
+        """``φ(θ)`` at ``point`` for the proposed centre ``target``, as a 0-d tensor."""
+
+    @abstractmethod
+    def phi_grad(self, point: GraphPoint, target: Centre, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given."""
+
+    @abstractmethod
     def offset_error(self, centre: Centre, point: GraphPoint, ctx: StepContext) -> torch.Tensor:
         """How far ``(c, p)`` is from satisfying the constraint (0 on the manifold), as a 0-d tensor."""
 
 
 class Projector(_Component):
-    """Restores the constraint after a move: maps a proposed centre ``c̃`` back onto the manifold.
+    """A solver that restores the constraint after a move: it maps a proposed centre ``c̃`` back onto
+    the manifold by minimising the manifold's ``φ`` (``ctx.manifold.phi`` / ``phi_grad``).
 
     It may evaluate the loss as often as it needs through ``ctx.evaluate(θ)``, which runs the
     closure on the *same* mini-batch. ``manifolds`` lists the manifolds it can project onto.
     """
 
-    manifolds: ClassVar[tuple[str, ...]] = ("offset",)
+    manifolds: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def project(self, target: Centre, start: GraphPoint, ctx: StepContext) -> ProjectionResult:
@@ -99,16 +113,23 @@ class Projector(_Component):
 
 
 class DescentRule(_Component):
-    """Proposes the move of one optimizer step, and drives the step.
+    """Decides what one optimizer step hands to the base optimizer, and drives the step.
 
-    ``default_manifold`` / ``default_projector`` are what ``compose`` picks for ``None``;
-    ``manifolds`` lists the manifolds the rule works on. ``requires_closure`` says whether ``step()``
-    needs a closure (LBFGS-style: it zeroes grads, runs forward and backward, returns the loss).
+    A rule reads the loss through ``ctx.evaluate`` (the closure, on the step's mini-batch), and ends
+    with ``ctx.apply(direction)``: the base optimizer (SGD, AdamW, ...) steps from the parameters
+    the step started at, with ``direction`` as the gradient. A non-finite step is skipped.
+
+    ``manifolds``: the manifolds the rule works on; empty for point-like rules, which take no
+    manifold and no projector. ``default_manifold`` / ``default_projector``: what ``compose`` picks
+    for ``None``. ``alias``: the name of a convenience constructor, ``nonlocal_opt.<alias>(params,
+    base=..., **hyperparameters)``. ``requires_closure``: whether ``step()`` needs a closure
+    (LBFGS-style: it zeroes grads, runs forward and backward, returns the loss).
     """
 
-    default_manifold: ClassVar[str] = "euclidean"
-    default_projector: ClassVar[str] = "none"
-    manifolds: ClassVar[tuple[str, ...]] = ("euclidean",)
+    manifolds: ClassVar[tuple[str, ...]] = ()
+    default_manifold: ClassVar[str | None] = None
+    default_projector: ClassVar[str | None] = None
+    alias: ClassVar[str | None] = None
     requires_closure: ClassVar[bool] = True
 
     @abstractmethod

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
@@ -27,47 +28,68 @@ def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
         return False
 
 
+@attrs.frozen
+class ProjectionRecord:
+    """One projection of a step: the centre ``c_t`` the rule moved from (``None`` if it gave none),
+    the proposed centre ``c̃`` and the projector's result."""
+
+    centre: Centre | None
+    target: Centre
+    result: ProjectionResult
+
+
 class StepContext:
-    """One step's view of the optimizer: flat parameters, hyperparameters, closure calls, stats.
+    """One step's view of the optimizer: flat parameters, hyperparameters, state, closure calls,
+    projection, the base optimizer's step, stats. It does not expose the optimizer itself.
 
     Closure protocol: ``closure()`` zeroes the gradients, runs forward and backward on the current
-    mini-batch and returns the loss — the *global* loss in data-parallel training, with the global
-    gradient left in ``p.grad``. A closure may also accept ``fresh_batch=True``, asking it to draw
-    the next mini-batch first (Entropy-SGD's Langevin steps can use this).
+    mini-batch and returns the loss. A closure may also accept ``fresh_batch=True``, asking it to
+    draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
     """
 
     def __init__(self, optimizer: ComposedOptimizer, closure: Callable[..., Any] | None):
-        self.optimizer = optimizer
-        self.closure = closure
+        self._optimizer = optimizer
+        self._closure = closure
+        self.rule_name: str = optimizer.rule.name
         self.manifold = optimizer.manifold
         self.projector = optimizer.projector
         self.flat = FlatParams(optimizer.param_groups)
         self.grad_evals = 0
         self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
-        self.stats: dict[str, Any] = {"grad_evals": 0, "proj_iters": 0, "proj_residual": 0.0, "offset_error": 0.0}
+        self.projection: ProjectionRecord | None = None
+        self.stats: dict[str, Any] = {"grad_evals": 0}
 
-    # -- hyperparameters --------------------------------------------------------------------------
+    # -- hyperparameters and state ------------------------------------------------------------------
     def hp(self, name: str) -> Any:
         """A hyperparameter shared by the whole ball: it must be equal in every parameter group."""
-        values = {group[name] for group in self.optimizer.param_groups}
+        values = {group[name] for group in self._optimizer.param_groups}
         if len(values) != 1:
             raise ValueError(
                 f"hyperparameter {name!r} must be the same in every parameter group for "
-                f"{self.optimizer.rule.name!r} (one ball for all parameters); got {sorted(values)}"
+                f"{self.rule_name!r} (one ball for all parameters); got {sorted(values)}"
             )
         return values.pop()
 
     def per_coordinate(self, name: str) -> float | torch.Tensor:
         """A hyperparameter that may differ between groups, spread over the flat coordinates."""
-        return self.flat.per_coordinate([group[name] for group in self.optimizer.param_groups])
+        return self.flat.per_coordinate([group[name] for group in self._optimizer.param_groups])
 
     @property
     def state(self) -> dict[str, Any]:
-        """Optimizer-wide state (kept in the first parameter's state, so ``state_dict`` saves it)."""
-        return self.optimizer.state[self.flat.params[0]]
+        """The rule's optimizer-wide state (kept in the first parameter's state, so ``state_dict`` saves it)."""
+        return self._optimizer.state[self.flat.params[0]]
 
     # -- closure calls ----------------------------------------------------------------------------
+    @property
+    def has_closure(self) -> bool:
+        return self._closure is not None
+
+    @property
+    def accepts_fresh_batch(self) -> bool:
+        """Whether the closure can draw a new mini-batch (``closure(fresh_batch=True)``)."""
+        return accepts_fresh_batch(self._closure)
+
     def evaluate(
         self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False, grad_out: torch.Tensor | None = None
     ) -> GraphPoint:
@@ -78,21 +100,29 @@ class StepContext:
         ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
         left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
         """
-        if self.closure is None:
-            raise RuntimeError(
-                f"rule {self.optimizer.rule.name!r} needs a closure: call opt.step(closure) where closure() "
-                "zeroes grads, runs forward and backward, and returns the loss"
-            )
         if theta is not None:
             self.flat.write(theta)
         else:
             theta = self.flat.gather()
-        with torch.enable_grad(), self._batchnorm_paused(extra):
-            loss = self.closure(fresh_batch=True) if fresh_batch else self.closure()
-        self.grad_evals += 1
-        self.stats["grad_evals"] = self.grad_evals
+        loss = self.loss(extra=extra, fresh_batch=fresh_batch)
         loss = torch.as_tensor(loss).detach().to(device=self.flat.device, dtype=self.flat.dtype)
         return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad(grad_out))
+
+    def loss(self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False) -> Any:
+        """Run the closure at ``θ`` (the current parameters when ``None``), leaving ``∇f`` in ``p.grad``;
+        return what it returns. One pass, counted in ``grad_evals`` (keywords as in :meth:`evaluate`)."""
+        if theta is not None:
+            self.flat.write(theta)
+        if self._closure is None:
+            raise RuntimeError(
+                f"rule {self.rule_name!r} needs a closure: call opt.step(closure) where closure() "
+                "zeroes grads, runs forward and backward, and returns the loss"
+            )
+        with torch.enable_grad(), self._batchnorm_paused(extra):
+            loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
+        self.grad_evals += 1
+        self.stats["grad_evals"] = self.grad_evals
+        return loss
 
     def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:
         if not (extra and self.hp("freeze_bn_stats")):
@@ -108,23 +138,33 @@ class StepContext:
         ``centre`` is the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors
         that move the centre rather than project it (``tangent``) read it as ``ctx.centre``.
         """
+        if self.projector is None:
+            raise RuntimeError(f"rule {self.rule_name!r} projects, but was composed without a projector")
         self.centre = centre
         result = self.projector.project(target, start, self)
+        self.projection = ProjectionRecord(centre=centre, target=target, result=result)
         self.stats["proj_iters"] = result.iterations
         self.stats["proj_residual"] = result.residual
-        if result.centre is not None:
-            self.stats["offset_error"] = self.manifold.offset_error(result.centre, result.point, self)
+        carried = result.centre
+        self.stats["offset_error"] = torch.zeros_like(start.loss) if carried is None else self.manifold.offset_error(carried, result.point, self)
         return result
 
-    def commit(self, theta: torch.Tensor, fallback: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Write ``θ`` to the parameters unless it (or ``loss``) is not finite; then keep ``fallback``.
+    # -- the base optimizer's step ----------------------------------------------------------------
+    def apply(
+        self, direction: torch.Tensor | None = None, *, theta: torch.Tensor | None = None, finite: torch.Tensor | bool = True
+    ) -> torch.Tensor:
+        """Let the base optimizer step from ``θ`` with ``direction`` as the gradient.
 
-        Decided with ``torch.where``: no host synchronisation. ``stats['nonfinite']`` records it.
-        ``0·θ`` is 0 where ``θ`` is finite and NaN elsewhere, so one sum tests every coordinate
-        (``isfinite(θ).all()`` costs several passes over ``R^d``).
+        ``θ``: the parameters to step from (the step's start, after passes at other points); ``None``
+        keeps the current ones. ``direction``: a flat tensor written into ``p.grad``; ``None`` keeps
+        the gradients the closure left. ``max_grad_norm`` clips them. The base step is skipped —
+        parameters and base state unchanged, ``stats['nonfinite'] = 1`` — unless ``finite`` (the
+        rule's verdict on its passes) holds and every gradient is finite. Returns "step taken" as a
+        0-d bool tensor.
         """
-        finite = torch.isfinite((0 * theta).sum() + loss)
-        theta = torch.where(finite, theta, fallback)
-        self.flat.write(theta)
-        self.stats["nonfinite"] = ~finite
-        return theta
+        if theta is not None:
+            self.flat.write(theta)
+        if direction is not None:
+            self.flat.write_grad(direction)
+        return self._optimizer._base_step(self.flat.params, finite, self.stats)
+

@@ -6,7 +6,8 @@ entry-point group ``nonlocal_opt``::
     [project.entry-points.nonlocal_opt]
     my_plugin = "my_package.plugin"
 
-Each hook receives ``register``; ``register(cls)`` registers ``cls`` under ``cls.name``.
+Each hook receives ``register``; ``register(cls)`` registers ``cls`` under ``cls.name``
+(``register(cls, name=...)`` for a base optimizer, which has no ``name`` attribute).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pluggy
 hookspec = pluggy.HookspecMarker("nonlocal_opt")
 hookimpl = pluggy.HookimplMarker("nonlocal_opt")
 
-Register = Callable[[type], None]
+Register = Callable[..., None]
 
 
 @hookspec
@@ -34,3 +35,8 @@ def nonlocal_opt_register_projectors(register: Register) -> None:
 @hookspec
 def nonlocal_opt_register_manifolds(register: Register) -> None:
     """Register ``ConstraintManifold`` subclasses: call ``register(cls)`` once per class."""
+
+
+@hookspec
+def nonlocal_opt_register_bases(register: Register) -> None:
+    """Register base optimizers (``torch.optim.Optimizer`` subclasses): call ``register(cls, name="...")``."""

@@ -31,7 +31,7 @@ import attrs
 import torch
 
 from nonlocal_opt.analysis.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
-from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.optim.host_reads import as_if_on_device
 from nonlocal_opt.optim.interfaces import Centre, Projector
 from nonlocal_opt.optim.step_context import StepContext
@@ -183,7 +183,7 @@ class _Counted:
         self.landscape = case.landscape().double()
         with torch.no_grad():
             self.landscape.theta.copy_(torch.as_tensor(start, dtype=torch.float64))
-        self.opt = compose(self.landscape.parameters(), "rbo", projector, rho=case.rho, lr=case.eta, **hyperparameters)
+        self.opt = compose(self.landscape.parameters(), "rbo", projector=projector, rho=case.rho, lr=case.eta, **hyperparameters)
         self.calls = 0
 
     def closure(self) -> torch.Tensor:
@@ -374,7 +374,7 @@ def _mlp_steps(projector: Projector, hp: Mapping[str, Any], steps: int, device_p
     x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
-    opt = compose(model.parameters(), "rbo", projector, lr=0.5, rho=0.5, **hp)
+    opt = compose(model.parameters(), "rbo", projector=projector, lr=0.5, rho=0.5, **hp)
 
     def closure():
         opt.zero_grad()

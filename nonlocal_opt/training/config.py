@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -106,11 +106,11 @@ def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
     Unknown rule/projector names and unknown or invalid hyperparameters raise ``ValueError``.
     """
-    probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector)
+    probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, projector=config.projector)
     known = probe.hyperparameter_specs
     paper = {**PAPER_SETTINGS.get(config.optimizer, {}), **PAPER_PROJECTOR_SETTINGS.get(probe.projector.name, {})}
     values = {key: value for key, value in paper.items() if key in known}
     values.update({key: value for key, value in (("lr", config.lr), ("rho", config.rho)) if value is not None})
     values.update(config.overrides)
-    compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, config.projector, **values)  # validate
+    compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, projector=config.projector, **values)  # validate
     return values

@@ -21,7 +21,7 @@ from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from nonlocal_opt.optim.composed import compose
+from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
 from nonlocal_opt.training.checkpoints import Progress, checkpoint_dir, latest_checkpoint, resolve_resume
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
@@ -137,7 +137,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the {accelerator.num_processes} processes")
     set_seed(config.seed)
     train_set, val_set, model, per_sample_loss, count_correct = build_data_and_model(config)
-    optimizer = compose(model.parameters(), config.optimizer, config.projector, **hyperparameters)
+    optimizer = compose(model.parameters(), config.optimizer, projector=config.projector, **hyperparameters)
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
     loaders = [

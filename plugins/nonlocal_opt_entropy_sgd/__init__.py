@@ -1,5 +1,6 @@
 """First-party plugin: Entropy-SGD (Chaudhari et al., Algorithm 1), with the public reference code's
-variant as options. Registers the ``entropy-sgd`` rule through the ``nonlocal_opt`` entry-point group.
+variant as options. Registers the ``entropy-sgd`` rule (constructor ``nonlocal_opt.EntropySGD``) through
+the ``nonlocal_opt`` entry-point group.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import math
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
-from nonlocal_opt.optim.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
 from nonlocal_opt.optim.hyperparameters import (
     boolean,
     non_negative,
@@ -19,13 +19,12 @@ from nonlocal_opt.optim.hyperparameters import (
     positive_int,
     unit_interval,
 )
-from nonlocal_opt.optim.step_context import accepts_fresh_batch
 
 
 class EntropySGDRule(DescentRule):
-    """One outer step: ``x', μ ← x``; ``L`` Langevin steps
+    """One outer step (docs/math.md §8): ``x', μ ← x``; ``L`` Langevin steps
     ``x' ← x' − η' [∇f(x') − γ_t (x − x')] + sqrt(η') ε ξ``, ``μ ← (1 − α) μ + α x'``;
-    then the SGD base update from ``x`` with the gradient ``γ_t (x − μ)`` (``x − μ`` when
+    then the base optimizer steps from ``x`` with the gradient ``γ_t (x − μ)`` (``x − μ`` when
     ``scale_outer_by_gamma=False``). Scoping ``γ_t = γ₀ (1 + γ₁)^t``, ``t`` = accepted outer steps
     (``state['step']``, which ``load_state_dict`` keeps as it is).
 
@@ -34,8 +33,8 @@ class EntropySGDRule(DescentRule):
     """
 
     name = "entropy-sgd"
+    alias = "EntropySGD"
     hyperparameters = {
-        **SGD_HYPERPARAMETERS,
         "inner_steps": Hyperparameter(20, "L", "Langevin steps per outer step", positive_int),
         "inner_lr": Hyperparameter(0.1, "η'", "step size of the Langevin steps", positive),
         "gamma": Hyperparameter(3e-3, "γ₀", "scope: coupling of x' to x at t = 0", positive),
@@ -52,15 +51,16 @@ class EntropySGDRule(DescentRule):
             None, "—", "seed of the noise generator (None: drawn once from torch's global generator)",
             optional(non_negative_int),
         ),
-        "max_grad_norm": MAX_GRAD_NORM,
     }
-
-    def check_group(self, group: dict) -> None:
-        check_nesterov(group)
+    # The paper gives γ and L only; it adapted the public reference code, whose defaults fill in the
+    # rest: outer lr 1 on x − μ (no γ factor), scoping 1e-3, a fresh mini-batch per Langevin step.
+    presets = {
+        "paper": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 20, "scale_outer_by_gamma": False, "scoping": 1e-3, "fresh_batches": True},
+    }
 
     def step(self, ctx):
         fresh = ctx.hp("fresh_batches")
-        if fresh and not accepts_fresh_batch(ctx.closure):
+        if fresh and not ctx.accepts_fresh_batch:
             raise ValueError(
                 "fresh_batches=True needs a closure that accepts the keyword fresh_batch, e.g. "
                 "def closure(fresh_batch=False): ...; or set fresh_batches=False to reuse the step's batch"
@@ -83,7 +83,7 @@ class EntropySGDRule(DescentRule):
                 x_inner = x_inner + math.sqrt(inner_lr) * noise * xi
             mu = mu.lerp(x_inner, alpha)
         outer = gamma * (x - mu) if ctx.hp("scale_outer_by_gamma") else x - mu
-        accepted = guarded_sgd_step(ctx, x, outer, finite)
+        accepted = ctx.apply(outer, theta=x, finite=finite)
         ctx.state["step"] = t + accepted.to(t.dtype)
         if rng is not None:
             ctx.state["noise_rng"] = torch.where(accepted.cpu(), rng.get_state(), self._saved_rng_state(ctx))

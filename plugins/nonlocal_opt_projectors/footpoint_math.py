@@ -1,4 +1,4 @@
-"""O(d) algebra of the footpoint problem ``min_θ φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (DESIGN.md §1).
+"""O(d) algebra of the footpoint problem ``min_θ φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (docs/math.md §3).
 
 With ``a = θ − θ̃`` and ``s = f(θ) − ỹ``: ``∇φ = a + s g`` and the Gauss–Newton matrix is
 ``G = I + g gᵀ``. Everything here is a handful of dot products and axpys on flat tensors.
@@ -9,13 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from nonlocal_opt import Centre, GraphPoint
-
-
-def grad_phi(point: GraphPoint, target: Centre) -> torch.Tensor:
-    """``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
-    return torch.addcmul(point.theta - target.theta, point.loss - target.height, point.grad)
 
 
 def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0, scale: float = 1.0) -> torch.Tensor:

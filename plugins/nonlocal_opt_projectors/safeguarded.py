@@ -58,11 +58,12 @@ class Iterate:
         self.rows = rows  # the TrialRows its vectors live in, if any
 
     @classmethod
-    def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, on_host: bool, rows: TrialRows | None = None) -> Iterate:
-        """The iterate at ``point``, ``a = θ − θ̃`` already formed: ``∇φ`` (one sweep), three dots, one host read on the CPU."""
+    def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, ctx, on_host: bool, rows: TrialRows | None = None) -> Iterate:
+        """The iterate at ``point``, ``a = θ − θ̃`` already formed: the manifold's ``∇φ`` (one sweep),
+        three dots, one host read on the CPU."""
         g = point.grad
         gap = point.loss - target.height
-        grad_phi = torch.addcmul(a, gap, g, out=rows.grad_phi) if rows is not None else torch.addcmul(a, gap, g)
+        grad_phi = ctx.manifold.phi_grad(point, target, out=None if rows is None else rows.grad_phi, offset=a)
         vv, gv, gg, gap = read(torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g), gap]), on_host)
         return cls(point, a, gap, grad_phi, vv, gv, gg, rows)
 
@@ -149,6 +150,7 @@ class SafeguardedFootpointProjector(Projector):
     """
 
     hyperparameters = STOPPING_HYPERPARAMETERS
+    manifolds = ("offset",)  # the step formulas use φ's structure ∇φ = a + s g, G = I + g gᵀ
     safeguarded = True  # φ never increases: nonlocal_opt.testing also checks these on the Riemann function
 
     def new_memory(self, start: GraphPoint, ctx) -> Any:
@@ -182,7 +184,7 @@ class SafeguardedFootpointProjector(Projector):
         on_host = host_reads(start.theta)
         max_iters = ctx.hp("max_iters")
         memory = self.new_memory(start, ctx)
-        current = Iterate.measure(start, start.theta - target.theta, target, on_host)
+        current = Iterate.measure(start, start.theta - target.theta, target, ctx, on_host)
         threshold = tolerance(ctx.hp, current.offset_sq) if on_host else None  # ‖θ_t − θ̃‖² from the dots
         damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
         pool = RowPool(start.theta)
@@ -192,7 +194,7 @@ class SafeguardedFootpointProjector(Projector):
             rows = pool.take()
             predicted = self.trial_offset(current, damping, memory, ctx, out=rows.a)
             point = ctx.evaluate(torch.add(target.theta, rows.a, out=rows.theta), grad_out=rows.grad)
-            trial = Iterate.measure(point, rows.a, target, on_host, rows)
+            trial = Iterate.measure(point, rows.a, target, ctx, on_host, rows)
             if memory is not None:
                 self.observe(memory, current, trial)
             accept = acceptable(trial, current)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, ProjectionResult, Projector
-from nonlocal_opt_projectors.footpoint_math import grad_phi
 
 
 class TangentProjector(Projector):
@@ -21,6 +20,7 @@ class TangentProjector(Projector):
     """
 
     name = "tangent"
+    manifolds = ("offset",)
 
     def project(self, target, start, ctx):
         centre = ctx.centre
@@ -34,5 +34,5 @@ class TangentProjector(Projector):
         along = (u_theta.dot(move_theta) + u_height * move_height) / (u_theta.dot(u_theta) + u_height.square())
         moved = Centre(theta=centre.theta + move_theta - along * u_theta, height=centre.height + move_height - along * u_height)
         point = ctx.evaluate(start.theta + (moved.theta - centre.theta))
-        residual = torch.linalg.vector_norm(grad_phi(point, moved))
+        residual = torch.linalg.vector_norm(ctx.manifold.phi_grad(point, moved))
         return ProjectionResult(point=point, centre=moved, iterations=1, residual=residual)

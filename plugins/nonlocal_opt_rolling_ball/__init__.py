@@ -1,7 +1,7 @@
 """First-party plugin: the Rolling Ball Optimizer (RBO paper, Algorithm 1).
 
-Registers the ``rbo`` rule, the ``offset`` manifold ``S(Γ, ρ)`` and the paper's ``footpoint``
-projector (plain gradient descent on ``φ``). Registered through the ``nonlocal_opt`` entry-point group.
+Registers the ``rbo`` rule (constructor ``nonlocal_opt.RBO``), the ``offset`` manifold ``S(Γ, ρ)`` and
+the paper's ``footpoint`` projector (plain gradient descent on ``φ``). Registered through the ``nonlocal_opt`` entry-point group.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 
 class OffsetManifold(ConstraintManifold):
-    """``S(Γ, ρ) = {c : d(c, Γ) = ρ}``; the centre over contact point ``p`` is ``c = p + ρ ν(p)``,
-    ``ν(p) = (−g, 1)/N``, ``N = sqrt(1 + ‖g‖²)``."""
+    """``S(Γ, ρ) = {c : d(c, Γ) = ρ}`` (docs/math.md §2); the centre over contact point ``p`` is
+    ``c = p + ρ ν(p)``, ``ν(p) = (−g, 1)/N``, ``N = sqrt(1 + ‖g‖²)``. Projection objective
+    ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``, ``∇φ = a + s g`` with ``a = θ − θ̃``, ``s = f(θ) − ỹ``."""
 
     name = "offset"
     hyperparameters = {"rho": Hyperparameter(1.0, "ρ", "radius of the ball", positive)}
@@ -31,6 +32,17 @@ class OffsetManifold(ConstraintManifold):
         rho = ctx.hp("rho")
         return Centre(theta=point.theta + rho * nu_theta, height=point.loss + rho * nu_height)
 
+    def phi(self, point, target):
+        gap = point.loss - target.height
+        return 0.5 * ((point.theta - target.theta).square().sum() + gap * gap)
+
+    def phi_grad(self, point, target, out=None, offset=None):
+        """``∇φ = (θ − θ̃) + s g``; ``offset``: ``a = θ − θ̃`` when the caller has it already (one sweep less)."""
+        gap = point.loss - target.height
+        if offset is not None:
+            return torch.addcmul(offset, gap, point.grad, out=out) if out is not None else torch.addcmul(offset, gap, point.grad)
+        return torch.sub(point.theta, target.theta, out=out).add_(point.grad * gap)  # Algorithm 1's rounding
+
     def offset_error(self, centre, point, ctx):
         """``|‖c − p‖ − ρ| / ρ``: 0 when the carried centre sits at distance ρ from its contact point."""
         rho = ctx.hp("rho")
@@ -39,54 +51,61 @@ class OffsetManifold(ConstraintManifold):
 
 
 class RollingBallRule(DescentRule):
-    """RBO descent step (eq. 2–3): ``c̃ = c − η τ(p)``, ``τ(p) = (g, ‖g‖²)``.
+    """RBO (docs/math.md §2): ``c̃ = c − η τ(p)``, ``τ(p) = (g, ‖g‖²)``, projected to ``p_{t+1}``; the base
+    steps from ``θ_t`` with the pseudo-gradient ``ĝ = (θ_t − θ_{t+1}) / η`` (docs/composing.md).
 
-    With parameter groups of different ``lr`` the step uses one ``η`` per coordinate:
-    ``c̃ = (θ_c − η⊙g, y_c − Σ η_i g_i²)``.
+    ``η`` is the base's ``lr``: over ``sgd`` without momentum the step is ``θ_{t+1}`` itself (paper
+    Algorithm 1). With parameter groups of different ``lr`` the move uses one ``η`` per coordinate:
+    ``c̃ = (θ_c − η⊙g, y_c − Σ η_i g_i²)``. A projector may carry its centre to the next step
+    (``ProjectionResult.centre``); a skipped step keeps the centre it started from.
     """
 
     name = "rbo"
-    hyperparameters = {"lr": Hyperparameter(6.0, "η", "learning rate of the centre (paper: 6)", positive)}
+    alias = "RBO"
     default_manifold = "offset"
     default_projector = "footpoint"
     manifolds = ("offset",)
+    presets = {"paper": {"lr": 6.0, "rho": 1.0}}
 
-    def propose(self, centre: Centre, point, ctx) -> Centre:
-        eta = ctx.per_coordinate("lr")
+    def check_group(self, group):
+        lr = group.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0, got lr={lr!r}")
+
+    @staticmethod
+    def propose(centre: Centre, point, eta) -> Centre:
         step = eta * point.grad
         return Centre(theta=centre.theta - step, height=centre.height - step.dot(point.grad))
 
     def step(self, ctx):
         start = ctx.evaluate(extra=False)
+        eta = ctx.per_coordinate("lr")
         centre = self._carried_centre(ctx) or ctx.manifold.centre(start, ctx)
-        result = ctx.project(self.propose(centre, start, ctx), start, centre=centre)
-        ctx.commit(result.point.theta, fallback=start.theta, loss=result.point.loss)
-        self._carry_centre(ctx, result.centre)
+        result = ctx.project(self.propose(centre, start, eta), start, centre=centre)
+        finite = torch.isfinite(start.loss) & torch.isfinite(result.point.loss)
+        taken = ctx.apply((start.theta - result.point.theta) / eta, theta=start.theta, finite=finite)
+        self._carry_centre(ctx, result.centre, centre, taken)
         return start.loss
 
     @staticmethod
     def _carried_centre(ctx) -> Centre | None:
         """The centre a projector asked to carry over (``ProjectionResult.centre``), if any."""
-        state = ctx.state
-        if "centre_height" not in state:
+        if "centre_height" not in ctx.state:
             return None
-        theta = ctx.flat.join(ctx.optimizer.state[p]["centre_theta"] for p in ctx.flat.params)
-        return Centre(theta=theta, height=state["centre_height"])
+        return Centre(theta=ctx.state["centre_theta"], height=ctx.state["centre_height"])
 
     @staticmethod
-    def _carry_centre(ctx, centre: Centre | None) -> None:
-        if centre is None:
-            for p in ctx.flat.params:
-                ctx.optimizer.state[p].pop("centre_theta", None)
+    def _carry_centre(ctx, new: Centre | None, old: Centre, taken: torch.Tensor) -> None:
+        if new is None:
+            ctx.state.pop("centre_theta", None)
             ctx.state.pop("centre_height", None)
             return
-        for p, piece in zip(ctx.flat.params, ctx.flat.split(centre.theta)):
-            ctx.optimizer.state[p]["centre_theta"] = piece.clone()
-        ctx.state["centre_height"] = centre.height.clone()
+        ctx.state["centre_theta"] = torch.where(taken, new.theta, old.theta)
+        ctx.state["centre_height"] = torch.where(taken, new.height, old.height)
 
 
 class FootpointGradientDescent(Projector):
-    """The paper's solver (eq. 6): gradient descent on ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` from ``θ_t``,
+    """The paper's solver (docs/math.md §2): gradient descent on ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` from ``θ_t``,
     ``θ ← θ − γ [(θ − θ̃) + (f(θ) − ỹ) ∇f(θ)]``, for ``K = max_iters`` iterations.
 
     The gradient at ``θ_t`` is the one the rule already computed; the returned point is evaluated
@@ -95,6 +114,8 @@ class FootpointGradientDescent(Projector):
     """
 
     name = "footpoint"
+    manifolds = ("offset",)
+    presets = {"paper": {"max_iters": 20, "step_size": 0.1}}
     hyperparameters = {
         "max_iters": Hyperparameter(20, "K", "inner gradient-descent iterations", positive_int),
         "step_size": Hyperparameter(0.1, "γ", "step size of the inner gradient descent", positive),
@@ -105,17 +126,16 @@ class FootpointGradientDescent(Projector):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
         stop_early = tol is not None and host_reads(start.theta)
         # Iterates alternate between two preallocated (θ, g) rows and ∇φ has its own row: no new R^d
-        # tensor per pass. The operations keep Algorithm 1's rounding (no fused multiply-adds).
+        # tensor per pass beyond ∇φ's s·g. The operations keep Algorithm 1's rounding (no fused multiply-adds).
         rows = start.theta.new_empty((5, start.theta.numel()))
         grad_phi, slots = rows[4], (rows[0:2], rows[2:4])
         point, iteration = start, 0
         while True:
-            theta_out, grad_out = slots[iteration % 2]
-            torch.mul(point.grad, point.loss - target.height, out=theta_out)  # scratch: s g
-            torch.sub(point.theta, target.theta, out=grad_phi).add_(theta_out)  # ∇φ = (θ − θ̃) + s g
+            ctx.manifold.phi_grad(point, target, out=grad_phi)
             residual = torch.linalg.vector_norm(grad_phi)
             if iteration == max_iters or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
+            theta_out, grad_out = slots[iteration % 2]
             torch.sub(point.theta, torch.mul(grad_phi, gamma, out=theta_out), out=theta_out)  # θ − γ ∇φ
             point = ctx.evaluate(theta_out, grad_out=grad_out)
             iteration += 1

@@ -1,6 +1,7 @@
 """First-party plugin: Sharpness-Aware Minimization (Foret et al.) and adaptive SAM (ASAM, Kwon et al.).
 
-Registers the ``sam`` rule. Registered through the ``nonlocal_opt`` entry-point group.
+Registers the ``sam`` rule (constructor ``nonlocal_opt.SAM``). Registered through the ``nonlocal_opt``
+entry-point group.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
-from nonlocal_opt.optim.base_updates import MAX_GRAD_NORM, SGD_HYPERPARAMETERS, check_nesterov, guarded_sgd_step
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 
 
@@ -20,28 +20,26 @@ def perturbation(w: torch.Tensor, g: torch.Tensor, rho: float, adaptive: bool) -
 
 
 class SAMRule(DescentRule):
-    """SAM: ``g_ε = ∇f(w + ε)`` on the same batch, then the SGD base update from ``w`` with ``g_ε``.
+    """SAM (docs/math.md §7): ``g_ε = ∇f(w + ε)`` on the same batch; the base steps from ``w`` with ``g_ε``.
 
     Two passes per step: the first (at ``w``) alone updates BatchNorm running statistics by default.
+    ``rho = 0`` is the base optimizer exactly.
     """
 
     name = "sam"
+    alias = "SAM"
     hyperparameters = {
-        **SGD_HYPERPARAMETERS,
         "rho": Hyperparameter(0.05, "ρ", "radius of the neighbourhood where the loss is maximised", non_negative),
         "adaptive": Hyperparameter(False, "T", "ASAM: T = diag(abs(w)) scales the neighbourhood per coordinate (False: T = I)", boolean),
-        "max_grad_norm": MAX_GRAD_NORM,
     }
-
-    def check_group(self, group: dict) -> None:
-        check_nesterov(group)
+    presets = {"paper": {"lr": 0.01, "rho": 0.05}}
 
     def step(self, ctx):
         start = ctx.evaluate(extra=False)
         eps = perturbation(start.theta, start.grad, ctx.hp("rho"), ctx.hp("adaptive"))
-        perturbed = ctx.evaluate(start.theta + eps)
-        finite = torch.isfinite(start.loss) & torch.isfinite(perturbed.loss)
-        guarded_sgd_step(ctx, start.theta, perturbed.grad, finite)
+        perturbed = ctx.loss(theta=start.theta + eps)
+        finite = torch.isfinite(start.loss) & torch.isfinite(torch.as_tensor(perturbed))
+        ctx.apply(theta=start.theta, finite=finite)  # g_ε is in p.grad
         return start.loss
 
 

@@ -31,7 +31,7 @@ def start_theta() -> torch.Tensor:
 def one_rbo_step(projector: str, **hyperparameters) -> tuple[torch.Tensor, dict[str, float]]:
     """θ_{t+1} and the stats after one RBO step from ``START``."""
     landscape = stiff_landscape()
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector, lr=ETA, rho=RHO, **hyperparameters)
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector=projector, lr=ETA, rho=RHO, **hyperparameters)
 
     def closure():
         opt.zero_grad()

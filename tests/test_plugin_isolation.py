@@ -1,0 +1,62 @@
+"""``$NONLOCAL_OPT_PLUGINS``: an allow-list of entry-point names, so that a plugin installed in the
+environment (a real distribution on ``sys.path`` here) stays out of a run that does not list it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib import metadata
+
+import pytest
+
+import nonlocal_opt
+from nonlocal_opt.plugins.manager import ALLOW_ENV_VAR, DISABLE_ENV_VAR, ENTRY_POINT_GROUP, reset_plugin_manager
+
+PLUGIN_MODULE = """
+import nonlocal_opt
+
+class IsolatedFootpoint(nonlocal_opt.get("projector", "footpoint")):
+    name = "isolated-footpoint"
+
+@nonlocal_opt.hookimpl
+def nonlocal_opt_register_projectors(register):
+    register(IsolatedFootpoint)
+"""
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch, fresh_plugins):
+    """A distribution with the entry point ``isolated`` on ``sys.path``."""
+    (tmp_path / "nlo_isolated_plugin.py").write_text(PLUGIN_MODULE)
+    info = tmp_path / "nlo_isolated_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nlo-isolated-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nisolated = nlo_isolated_plugin\n")
+    monkeypatch.syspath_prepend(tmp_path)  # also invalidates the import caches
+    yield
+    sys.modules.pop("nlo_isolated_plugin", None)
+    importlib.invalidate_caches()
+
+
+def first_party() -> list[str]:
+    return [ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist.name == "nonlocal-opt"]
+
+
+def test_without_the_allow_list_every_entry_point_loads(third_party):
+    assert nonlocal_opt.registrations("projector")["isolated-footpoint"].plugin == "isolated"
+
+
+def test_allow_list_keeps_unlisted_entry_points_out(third_party, monkeypatch):
+    monkeypatch.setenv(ALLOW_ENV_VAR, ",".join(first_party()))
+    assert "isolated-footpoint" not in nonlocal_opt.available("projector")
+    assert {"footpoint", "gauss-newton"} <= set(nonlocal_opt.available("projector"))
+    assert {"rbo", "sgd"} <= set(nonlocal_opt.available("rule"))
+
+
+def test_listed_entry_points_load_and_the_block_list_still_wins(third_party, monkeypatch):
+    monkeypatch.setenv(ALLOW_ENV_VAR, " isolated, projectors ,rolling_ball")
+    assert {"isolated-footpoint", "footpoint"} <= set(nonlocal_opt.available("projector"))
+    assert "sam" not in nonlocal_opt.available("rule")
+    reset_plugin_manager()
+    monkeypatch.setenv(DISABLE_ENV_VAR, "isolated")
+    assert "isolated-footpoint" not in nonlocal_opt.available("projector")
