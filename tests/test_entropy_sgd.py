@@ -148,7 +148,7 @@ def test_scoping_advances_gamma_once_per_outer_step():
 @pytest.mark.parametrize(
     ("bad", "message"),
     [(dict(inner_steps=0), "inner_steps"), (dict(alpha=1.5), "alpha"), (dict(noise=-1.0), "noise"),
-     (dict(seed=-3), "seed"), (dict(nesterov=True), "nesterov"), (dict(gamma=0.0), "gamma")],
+     (dict(seed=-3), "seed"), (dict(nesterov=True), "Nesterov"), (dict(gamma=0.0), "gamma")],
 )
 def test_bad_hyperparameters_raise_value_error(bad, message):
     model, _ = _problem()

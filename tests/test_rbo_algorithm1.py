@@ -132,18 +132,18 @@ def test_nonfinite_step_is_refused():
     torch.testing.assert_close(landscape.theta.detach(), before, rtol=0, atol=0)
 
 
-def test_commit_refuses_any_nonfinite_coordinate_but_not_a_large_finite_one():
-    """``StepContext.commit`` keeps ``fallback`` for ±inf/NaN in ``θ`` or the loss, and writes a finite ``θ``
-    even when its coordinates would overflow a plain sum (float32, 3e38 each)."""
+def test_apply_skips_any_nonfinite_coordinate_or_verdict_but_not_a_large_finite_one():
+    """``StepContext.apply`` skips the base step for ±inf/NaN in the direction or a false verdict —
+    parameters stay at ``θ`` — and steps with a finite direction even when its coordinates would
+    overflow a plain sum (float32, 3e38 each)."""
     param = torch.nn.Parameter(torch.zeros(4, dtype=torch.float32))
-    ctx = StepContext(nonlocal_opt.compose([param], "rbo"), None)
-    fallback, large = torch.full((4,), 7.0), torch.full((4,), 3e38)
+    ctx = StepContext(nonlocal_opt.compose([param], "rbo", lr=1.0), None)
+    start, large = torch.full((4,), 7.0), torch.full((4,), 3e38)
     with torch.no_grad():
-        for bad, loss in ((float("inf"), 1.0), (-float("inf"), 1.0), (float("nan"), 1.0), (0.0, float("inf"))):
-            kept = ctx.commit(torch.tensor([1.0, bad, 2.0, 3.0]), fallback, torch.tensor(loss))
-            torch.testing.assert_close(param.detach(), fallback)
-            torch.testing.assert_close(kept, fallback)
-            assert bool(ctx.stats["nonfinite"])
-        ctx.commit(large, fallback, torch.tensor(1.0))
-    torch.testing.assert_close(param.detach(), large)
-    assert not bool(ctx.stats["nonfinite"])
+        for bad, verdict in ((float("inf"), True), (-float("inf"), True), (float("nan"), True), (0.0, False)):
+            taken = ctx.apply(torch.tensor([1.0, bad, 2.0, 3.0]), theta=start, finite=torch.tensor(verdict))
+            torch.testing.assert_close(param.detach(), start)
+            assert not bool(taken) and ctx.stats["nonfinite"] == 1.0
+        taken = ctx.apply(large, theta=torch.zeros(4), finite=torch.tensor(True))
+    torch.testing.assert_close(param.detach(), -large)
+    assert bool(taken) and ctx.stats["nonfinite"] == 0.0

@@ -62,7 +62,7 @@ def test_sam_matches_independent_implementation(adaptive):
 def test_sam_differs_from_sgd_and_asam_from_sam():
     """The independent comparison above must be able to fail: the three rules give three paths."""
     finals = []
-    for rule, extra in [("sgd", {}), ("sam", dict(rho=0.05)), ("sam", dict(rho=0.05, adaptive=True))]:
+    for rule, extra in [("local", {}), ("sam", dict(rho=0.05)), ("sam", dict(rho=0.05, adaptive=True))]:
         model, loss_of = _problem()
         opt = nonlocal_opt.compose(model.parameters(), rule=rule, **BASE, **extra)
         for _ in range(5):
@@ -107,7 +107,7 @@ def test_perturbation_norm_is_global():
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [(dict(rho=-0.1), "rho"), (dict(nesterov=True), "nesterov"), (dict(adaptive=1), "adaptive"),
+    [(dict(rho=-0.1), "rho"), (dict(nesterov=True), "Nesterov"), (dict(adaptive=1), "adaptive"),
      (dict(max_grad_norm=0.0), "max_grad_norm")],
 )
 def test_bad_hyperparameters_raise_value_error(bad, message):

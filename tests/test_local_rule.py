@@ -1,4 +1,4 @@
-"""compose(rule="local") equals torch.optim.SGD bit for bit; RBO tends to SGD as ρ → 0."""
+"""compose(rule="local") over sgd equals torch.optim.SGD bit for bit; RBO tends to SGD as ρ → 0."""
 
 from __future__ import annotations
 

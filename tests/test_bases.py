@@ -1,0 +1,238 @@
+"""The base-optimizer slot: SAM/ASAM over AdamW against an independent two-pass implementation, ρ = 0
+is the base bit for bit, RBO and Entropy-SGD over momentum and Adam bases, schedulers, state round
+trips, third-party bases by class and by plugin, the convenience constructors."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+import nonlocal_opt
+from nonlocal_opt.plugins.manager import get_plugin_manager
+
+from conftest import make_closure
+
+
+def _problem(dtype=torch.float64, seed=2):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    x, y = torch.randn(24, 5, dtype=dtype), torch.randint(0, 3, (24,))
+    return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def reference_sam_adamw(model, loss_of, steps, lr, rho, adaptive, betas, eps, weight_decay):
+    """SAM / ASAM over AdamW from the formulas: ε = ρ T² g / (‖T g‖ + 1e-12) (one global norm),
+    g_ε = ∇f(w + ε); then from w: w ← w(1 − ηλ), m ← β₁m + (1 − β₁)g_ε, v ← β₂v + (1 − β₂)g_ε²,
+    w ← w − η (m / (1 − β₁ᵗ)) / (sqrt(v / (1 − β₂ᵗ)) + eps)."""
+    params = list(model.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t in range(1, steps + 1):
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
+            norm = torch.sqrt(sum(((s * g) ** 2).sum() for s, g in zip(scale, grads)))
+            saved = [p.clone() for p in params]
+            for p, s, g in zip(params, scale, grads):
+                p.add_(rho * s * s * g / (norm + 1e-12))
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            for i, (p, w, g) in enumerate(zip(params, saved, grads)):
+                w = w * (1 - lr * weight_decay)
+                m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+                v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+                m_hat, v_hat = m[i] / (1 - betas[0] ** t), v[i] / (1 - betas[1] ** t)
+                p.copy_(w - lr * m_hat / (v_hat.sqrt() + eps))
+
+
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+@pytest.mark.parametrize("base", ["adamw", torch.optim.AdamW], ids=["by-name", "by-class"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_over_adamw_matches_an_independent_two_pass_implementation(base, adaptive):
+    model, loss_of = _problem()
+    twin, start = copy.deepcopy(model), _flat(model)
+    rho = 0.5 if adaptive else 0.05
+    opt = nonlocal_opt.compose(model.parameters(), "sam", base=base, rho=rho, adaptive=adaptive, **ADAMW)
+    closure = make_closure(opt, lambda: loss_of(model))
+    for _ in range(16):
+        opt.step(closure)
+    reference_sam_adamw(twin, loss_of, 16, rho=rho, adaptive=adaptive, **ADAMW)
+    assert (_flat(model) - start).norm() > 1e-2
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=0, atol=1e-10)
+
+
+BASES = {
+    "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adam": dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-3),
+    "adamw": dict(lr=1e-2, weight_decay=0.05, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_sam_with_rho_zero_is_its_base_bit_for_bit(base):
+    model, loss_of = _problem(torch.float32)
+    twin = copy.deepcopy(model)
+    sam = nonlocal_opt.compose(model.parameters(), "sam", base=base, rho=0.0, **BASES[base])
+    plain = nonlocal_opt.get("base", base)(twin.parameters(), **BASES[base])
+    for _ in range(10):
+        sam.step(make_closure(sam, lambda: loss_of(model)))
+        plain.step(make_closure(plain, lambda: loss_of(twin)))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_scheduler_on_the_composed_optimizer_drives_the_base():
+    model, loss_of = _problem(torch.float32)
+    twin = copy.deepcopy(model)
+    sam = nonlocal_opt.SAM(model.parameters(), base=torch.optim.AdamW, rho=0.0, **ADAMW)
+    plain = torch.optim.AdamW(twin.parameters(), **ADAMW)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1) for o in (sam, plain)]
+    for _ in range(6):
+        sam.step(make_closure(sam, lambda: loss_of(model)))
+        plain.step(make_closure(plain, lambda: loss_of(twin)))
+        for scheduler in schedulers:
+            scheduler.step()
+    assert sam.base.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize(("base", "settings"), [("sgd", dict(momentum=0.9)), ("adam", {}), ("adamw", dict(weight_decay=0.1))])
+def test_rbo_gauss_newton_with_one_iteration_is_its_base(base, settings):
+    """From ``p_t`` the first Gauss–Newton iterate is ``θ_t − η g`` (docs/math.md §3), so the pseudo-gradient
+    ``ĝ = (θ_t − θ_{t+1})/η`` is ``g``: RBO-GN with K = 1 over any base is that base, up to rounding."""
+    model, loss_of = _problem()
+    twin = copy.deepcopy(model)
+    lr = 0.05 if base == "sgd" else 1e-2
+    rbo = nonlocal_opt.RBO(model.parameters(), base=base, projector="gauss-newton", lr=lr, rho=0.5, max_iters=1, rtol=None, **settings)
+    plain = nonlocal_opt.get("base", base)(twin.parameters(), lr=lr, **settings)
+    for _ in range(10):
+        rbo.step(make_closure(rbo, lambda: loss_of(model)))
+        plain.step(make_closure(plain, lambda: loss_of(twin)))
+        assert rbo.stats["proj_iters"] == 1.0 and rbo.stats["nonfinite"] == 0.0
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("rule", "extra"), [("rbo", dict(rho=0.5)), ("entropy-sgd", dict(inner_steps=3, noise=0.0, scale_outer_by_gamma=False))])
+def test_rules_run_over_sgd_momentum_and_adam_and_momentum_matters(rule, extra):
+    finals = {}
+    for label, base, settings in [("sgd", "sgd", dict(lr=0.1)), ("sgd-m", "sgd", dict(lr=0.1, momentum=0.9)), ("adam", "adam", dict(lr=1e-2))]:
+        model, loss_of = _problem()
+        start = loss_of(model).item()
+        opt = nonlocal_opt.compose(model.parameters(), rule, base=base, **settings, **extra)
+        for _ in range(12):
+            opt.step(make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model)))
+            assert opt.stats["nonfinite"] == 0.0
+        assert loss_of(model).item() < start
+        finals[label] = _flat(model)
+    assert (finals["sgd"] - finals["sgd-m"]).abs().max() > 1e-3
+    assert (finals["sgd"] - finals["adam"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("rule", "extra"), [("sam", {}), ("rbo", dict(rho=0.5)), ("entropy-sgd", dict(inner_steps=2, seed=1))])
+def test_state_dict_holds_the_base_state_and_round_trips(rule, extra):
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), rule, base="adam", lr=1e-2, **extra)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+    saved = copy.deepcopy(opt.state_dict())
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["base_state"][0])
+    resumed_model = copy.deepcopy(model)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+    resumed = nonlocal_opt.compose(resumed_model.parameters(), rule, base="adam", **extra)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["lr"] == 1e-2 and resumed.base.param_groups is resumed.param_groups
+    for _ in range(3):
+        resumed.step(make_closure(resumed, lambda: loss_of(resumed_model)))
+    assert torch.equal(_flat(model), _flat(resumed_model))
+
+
+def test_a_nonfinite_step_leaves_parameters_and_adam_state_alone():
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "local", base="adam", lr=1e-2)
+    for _ in range(2):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+    params, state = _flat(model), copy.deepcopy(opt.base.state_dict()["state"])
+    opt.step(make_closure(opt, lambda: loss_of(model) * torch.nan))
+    assert opt.stats["nonfinite"] == 1.0 and torch.equal(_flat(model), params)
+    after = opt.base.state_dict()["state"]
+    assert all(torch.equal(after[i][k], v) for i, s in state.items() for k, v in s.items())
+
+
+class SignDescent(torch.optim.Optimizer):
+    """A third party's optimizer: ``θ ← θ − η sign(g)``."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def _sign_sam(model, loss_of, steps, lr, rho):
+    params = list(model.parameters())
+    for _ in range(steps):
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            saved = [p.clone() for p in params]
+            for p, g in zip(params, grads):
+                p.add_(rho * g / (norm + 1e-12))
+        grads = torch.autograd.grad(loss_of(model), params)
+        with torch.no_grad():
+            for p, w, g in zip(params, saved, grads):
+                p.copy_(w - lr * g.sign())
+
+
+def test_a_third_party_base_by_class(fresh_plugins):
+    model, loss_of = _problem()
+    twin = copy.deepcopy(model)
+    opt = nonlocal_opt.compose(model.parameters(), "sam", base=SignDescent, lr=0.01, rho=0.1)
+    for _ in range(5):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+    _sign_sam(twin, loss_of, 5, lr=0.01, rho=0.1)
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter 'momentum' .*SignDescent; known: .*lr.*rho"):
+        nonlocal_opt.compose(twin.parameters(), "sam", base=SignDescent, momentum=0.9)
+
+
+def test_a_third_party_base_registered_by_a_plugin(fresh_plugins):
+    plugin = types.SimpleNamespace(nonlocal_opt_register_bases=nonlocal_opt.hookimpl(lambda register: register(SignDescent, name="sign")))
+    get_plugin_manager().register(plugin, name="sign-plugin")
+    assert "sign" in nonlocal_opt.available("base")
+    assert nonlocal_opt.registrations("base")["sign"].plugin == "sign-plugin"
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "local", base="sign", lr=0.01)
+    before = _flat(model)
+    opt.step(make_closure(opt, lambda: loss_of(model)))
+    assert (_flat(model) - before).abs().max().item() == pytest.approx(0.01)
+
+
+def test_convenience_constructors_are_composed_optimizer_classes():
+    model, loss_of = _problem()
+    twin = copy.deepcopy(model)
+    ours = nonlocal_opt.SAM(model.parameters(), base=torch.optim.AdamW, rho=0.05, **ADAMW)
+    composed = nonlocal_opt.compose(twin.parameters(), "sam", base="adamw", rho=0.05, **ADAMW)
+    for _ in range(3):
+        ours.step(make_closure(ours, lambda: loss_of(model)))
+        composed.step(make_closure(composed, lambda: loss_of(twin)))
+    assert torch.equal(_flat(model), _flat(twin))
+    assert isinstance(ours, nonlocal_opt.SAM) and isinstance(ours, nonlocal_opt.ComposedOptimizer)
+    assert not isinstance(composed, nonlocal_opt.SAM)
+    rbo = nonlocal_opt.RBO(model.parameters(), lr=0.1)
+    assert (rbo.rule.name, rbo.projector.name, rbo.manifold.name, rbo.base_factory) == ("rbo", "footpoint", "offset", torch.optim.SGD)
+    assert nonlocal_opt.EntropySGD(model.parameters()).rule.name == "entropy-sgd"
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        nonlocal_opt.Nope  # noqa: B018
