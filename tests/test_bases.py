@@ -111,7 +111,9 @@ def test_rbo_gauss_newton_with_one_iteration_is_its_base(base, settings):
     model, loss_of = _problem()
     twin = copy.deepcopy(model)
     lr = 0.05 if base == "sgd" else 1e-2
-    rbo = nonlocal_opt.RBO(model.parameters(), base=base, projector="gauss-newton", lr=lr, rho=0.5, max_iters=1, rtol=None, **settings)
+    rbo = nonlocal_opt.RBO(
+        model.parameters(), base=base, projector="gauss-newton", lr=lr, rho=0.5, max_iters=1, rtol=None, **settings
+    )
     plain = nonlocal_opt.get("base", base)(twin.parameters(), lr=lr, **settings)
     for _ in range(10):
         rbo.step(make_closure(rbo, lambda: loss_of(model)))
@@ -120,10 +122,14 @@ def test_rbo_gauss_newton_with_one_iteration_is_its_base(base, settings):
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize(("rule", "extra"), [("rbo", dict(rho=0.5)), ("entropy-sgd", dict(inner_steps=3, noise=0.0, scale_outer_by_gamma=False))])
+ENTROPY = dict(inner_steps=3, noise=0.0, scale_outer_by_gamma=False)
+OVER = [("sgd", "sgd", dict(lr=0.1)), ("sgd-m", "sgd", dict(lr=0.1, momentum=0.9)), ("adam", "adam", dict(lr=1e-2))]
+
+
+@pytest.mark.parametrize(("rule", "extra"), [("rbo", dict(rho=0.5)), ("entropy-sgd", ENTROPY)])
 def test_rules_run_over_sgd_momentum_and_adam_and_momentum_matters(rule, extra):
     finals = {}
-    for label, base, settings in [("sgd", "sgd", dict(lr=0.1)), ("sgd-m", "sgd", dict(lr=0.1, momentum=0.9)), ("adam", "adam", dict(lr=1e-2))]:
+    for label, base, settings in OVER:
         model, loss_of = _problem()
         start = loss_of(model).item()
         opt = nonlocal_opt.compose(model.parameters(), rule, base=base, **settings, **extra)
@@ -209,7 +215,8 @@ def test_a_third_party_base_by_class(fresh_plugins):
 
 
 def test_a_third_party_base_registered_by_a_plugin(fresh_plugins):
-    plugin = types.SimpleNamespace(nonlocal_opt_register_bases=nonlocal_opt.hookimpl(lambda register: register(SignDescent, name="sign")))
+    hook = nonlocal_opt.hookimpl(lambda register: register(SignDescent, name="sign"))
+    plugin = types.SimpleNamespace(nonlocal_opt_register_bases=hook)
     get_plugin_manager().register(plugin, name="sign-plugin")
     assert "sign" in nonlocal_opt.available("base")
     assert nonlocal_opt.registrations("base")["sign"].plugin == "sign-plugin"
@@ -232,7 +239,8 @@ def test_convenience_constructors_are_composed_optimizer_classes():
     assert isinstance(ours, nonlocal_opt.SAM) and isinstance(ours, nonlocal_opt.ComposedOptimizer)
     assert not isinstance(composed, nonlocal_opt.SAM)
     rbo = nonlocal_opt.RBO(model.parameters(), lr=0.1)
-    assert (rbo.rule.name, rbo.projector.name, rbo.manifold.name, rbo.base_factory) == ("rbo", "footpoint", "offset", torch.optim.SGD)
+    names = (rbo.rule.name, rbo.projector.name, rbo.manifold.name, rbo.base_factory)
+    assert names == ("rbo", "footpoint", "offset", torch.optim.SGD)
     assert nonlocal_opt.EntropySGD(model.parameters()).rule.name == "entropy-sgd"
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         nonlocal_opt.Nope  # noqa: B018

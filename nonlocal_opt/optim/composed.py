@@ -71,9 +71,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.rule, self.projector, self.manifold = rule, projector, manifold
         self.base_factory = base
         components = [c for c in (rule, projector, manifold) if c is not None]
+        named = zip(("rule", "projector", "manifold"), (rule, projector, manifold))
         self.hyperparameter_specs: dict[str, Hyperparameter] = merge_specs(
             ("the optimizer", OPTIMIZER_HYPERPARAMETERS),
-            *((f"{kind} {c.name!r}", c.hyperparameters) for kind, c in zip(("rule", "projector", "manifold"), (rule, projector, manifold)) if c is not None),
+            *((f"{kind} {c.name!r}", c.hyperparameters) for kind, c in named if c is not None),
         )
         self._base_keys = base_keywords(base)
         clash = sorted(set(self.hyperparameter_specs) & (self._base_keys or set()))
@@ -116,7 +117,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         unknown = sorted(set(values) - self._base_keys)
         if unknown:
             known = ", ".join(sorted(set(self.hyperparameter_specs) | self._base_keys))
-            raise ValueError(f"unknown hyperparameter {unknown[0]!r} for {self._owner()} over base {base_label(self.base_factory)}; known: {known}")
+            raise ValueError(
+                f"unknown hyperparameter {unknown[0]!r} for {self._owner()} over base {base_label(self.base_factory)}; known: {known}"
+            )
 
     def _check_components(self, group: Mapping[str, Any]) -> None:
         for component in self._components:

@@ -146,7 +146,8 @@ class StepContext:
         self.stats["proj_iters"] = result.iterations
         self.stats["proj_residual"] = result.residual
         carried = result.centre
-        self.stats["offset_error"] = torch.zeros_like(start.loss) if carried is None else self.manifold.offset_error(carried, result.point, self)
+        error = torch.zeros_like(start.loss) if carried is None else self.manifold.offset_error(carried, result.point, self)
+        self.stats["offset_error"] = error
         return result
 
     # -- the base optimizer's step ----------------------------------------------------------------

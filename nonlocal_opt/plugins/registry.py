@@ -83,7 +83,9 @@ def registrations(kind: str) -> dict[str, Registration]:
                 raise TypeError(f"plugin {_plugin!r} registered {cls!r}, which is not a {base.__name__} subclass")
             name = name or getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
-                raise TypeError(f"plugin {_plugin!r} registered {cls.__name__} without a name (a string `name` attribute or register(cls, name=...))")
+                raise TypeError(
+                    f"plugin {_plugin!r} registered {cls.__name__} without a name (a string `name` attribute or register(cls, name=...))"
+                )
             entry = Registration(kind, name, cls, _plugin, _dist, _version)
             if name in found:
                 raise ValueError(
