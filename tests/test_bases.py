@@ -4,6 +4,7 @@ trips, third-party bases by class and by plugin, the convenience constructors.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -244,3 +245,32 @@ def test_convenience_constructors_are_composed_optimizer_classes():
     assert nonlocal_opt.EntropySGD(model.parameters()).rule.name == "entropy-sgd"
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         nonlocal_opt.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("base", "settings", "strict"),
+    [("sgd", dict(lr=0.1), True), ("sgd", dict(lr=0.1, momentum=0.9), True), ("adam", dict(lr=1e-2), False)],
+)
+def test_device_path_skips_nonfinite_steps_like_the_host_path(base, settings, strict):
+    """Off the CPU the skip is a ``torch.where`` restore of parameters and base state: runs on both
+    paths, refusals included, agree exactly. Past the step that creates the base state our code reads
+    nothing on the host (``strict``; torch's Adam itself reads its CPU step counter)."""
+    from nonlocal_opt.optim.host_reads import as_if_on_device
+    from nonlocal_opt.testing import host_reads_raise
+
+    finals = []
+    for device_path in (False, True):
+        model, loss_of = _problem()
+        opt = nonlocal_opt.compose(model.parameters(), "sam", base=base, **settings)
+        bad = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model) * torch.nan)
+        good = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model))
+        with as_if_on_device() if device_path else contextlib.nullcontext():
+            opt.step(bad)  # a refused first step: base state created and dropped again
+            opt.step(good)
+            for closure in (good, bad, good):
+                with host_reads_raise() if device_path and strict else contextlib.nullcontext():
+                    opt.step(closure)
+                assert bool(opt.stats["nonfinite"]) == (closure is bad)
+        finals.append((_flat(model), opt.base.state_dict()["state"]))
+    assert torch.equal(finals[0][0], finals[1][0])
+    assert finals[0][1].keys() == finals[1][1].keys()

@@ -174,31 +174,39 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
         On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the
         device path (no host synchronisation) the step runs and ``torch.where`` puts back the
-        parameters and base state; only a step that would create base state reads the verdict.
+        parameters and base state; only a step that creates base state (a first step) reads the
+        verdict, to drop that state again.
         """
         params = [p for p in params if p.grad is not None]
         if not params:
             stats["nonfinite"] = 0.0
             return torch.ones((), dtype=torch.bool)
         max_norm = self.param_groups[0]["max_grad_norm"]
-        grads = [p.grad for p in params]
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).sum()) & finite
-        on_host = host_reads(grads[0])
-        if on_host or any(p not in self.base.state for p in params):
+        norms = torch._foreach_norm([p.grad for p in params], float("inf"))
+        finite = torch.isfinite(torch.stack(norms).sum()) & finite
+        if host_reads(params[0]):
             taken = bool(finite)
             if taken:
                 self.base.step()
-            stats["nonfinite"] = float(not taken) if on_host else ~finite
-            return torch.tensor(taken) if on_host else finite
+            stats["nonfinite"] = float(not taken)
+            return torch.tensor(taken)
+        state = self.base.state
+        keys = {p: set(state[p]) if p in state else set() for p in params}
         saved_params = [p.detach().clone() for p in params]
-        saved_state = {p: {k: v.clone() for k, v in self.base.state[p].items() if isinstance(v, torch.Tensor)} for p in params}
+        saved_state = {p: {k: v.clone() for k, v in state[p].items() if isinstance(v, torch.Tensor)} for p in params if p in state}
         self.base.step()
+        created = [p for p in params if p in state and set(state[p]) - keys[p]]
+        if created and not bool(finite):
+            for p in created:
+                for key in set(state[p]) - keys[p]:
+                    del state[p][key]
         for p, old in zip(params, saved_params):
             p.copy_(torch.where(finite, p, old))
-            for key, value in saved_state[p].items():
-                self.base.state[p][key].copy_(torch.where(finite, self.base.state[p][key], value))
+        for p, tensors in saved_state.items():
+            for key, old in tensors.items():
+                state[p][key].copy_(torch.where(finite, state[p][key], old))
         stats["nonfinite"] = ~finite
         return finite
 
