@@ -11,46 +11,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import attrs
 import torch
 
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
+from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 if TYPE_CHECKING:
     from nonlocal_opt.optim.step_context import StepContext
 
-
-@attrs.frozen
-class GraphPoint:
-    """A point ``p = (θ, f(θ))`` of Γ, with the gradient ``g = ∇f(θ)`` when it was evaluated."""
-
-    theta: torch.Tensor
-    loss: torch.Tensor
-    grad: torch.Tensor | None = None
-
-
-@attrs.frozen
-class Centre:
-    """A point ``c = (θ_c, y_c)`` of ``R^{d+1}``: the ball's centre, or a proposed centre ``c̃``."""
-
-    theta: torch.Tensor
-    height: torch.Tensor
-
-
-@attrs.frozen
-class ProjectionResult:
-    """What a projector returns.
-
-    ``point``: the new contact point ``p_{t+1}`` (its ``grad`` is ``∇f`` there when it was evaluated).
-    ``centre``: the centre to carry into the next step, or ``None`` when the next step recomputes it
-    from the new mini-batch as ``c = p + ρ ν(p)`` (the paper's code does).
-    ``iterations``: inner iterations run; ``residual``: ``‖∇φ‖`` at ``point``.
-    """
-
-    point: GraphPoint
-    centre: Centre | None
-    iterations: int
-    residual: torch.Tensor
+__all__ = ["Centre", "ConstraintManifold", "DescentRule", "GraphPoint", "ProjectionResult", "Projector"]
 
 
 class _Component(ABC):

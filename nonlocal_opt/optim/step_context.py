@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
 from nonlocal_opt.optim.flat_params import FlatParams
-from nonlocal_opt.optim.interfaces import Centre, GraphPoint, ProjectionResult
-
-if TYPE_CHECKING:
-    from nonlocal_opt.optim.composed import ComposedOptimizer
+from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 
 def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
@@ -47,7 +44,8 @@ class StepContext:
     draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
     """
 
-    def __init__(self, optimizer: ComposedOptimizer, closure: Callable[..., Any] | None):
+    def __init__(self, optimizer: torch.optim.Optimizer, closure: Callable[..., Any] | None):
+        """``optimizer``: the ``ComposedOptimizer`` taking the step (kept private)."""
         self._optimizer = optimizer
         self._closure = closure
         self.rule_name: str = optimizer.rule.name
