@@ -274,3 +274,27 @@ def test_device_path_skips_nonfinite_steps_like_the_host_path(base, settings, st
         finals.append((_flat(model), opt.base.state_dict()["state"]))
     assert torch.equal(finals[0][0], finals[1][0])
     assert finals[0][1].keys() == finals[1][1].keys()
+
+
+def test_a_base_whose_step_needs_a_closure_is_refused():
+    with pytest.raises(ValueError, match=r"base torch.optim.lbfgs.LBFGS needs a closure in step\(\)"):
+        nonlocal_opt.compose(_problem()[0].parameters(), "sam", base=torch.optim.LBFGS)
+
+
+def test_max_grad_norm_must_agree_across_groups():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = nonlocal_opt.compose([{"params": [a], "max_grad_norm": 1.0}, {"params": [b]}], "local", lr=0.1)
+    with pytest.raises(ValueError, match="max_grad_norm clips one global norm and must be the same in every parameter group"):
+        opt.step(make_closure(opt, lambda: (a**2).sum() + (b**2).sum()))
+
+
+def test_tangent_centre_moves_with_the_contact_point_over_a_momentum_base():
+    """The carried centre follows the parameters the base lands on: ``c − θ`` keeps the projector's offset."""
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", base="sgd", projector="tangent", lr=0.05, momentum=0.9, rho=0.5)
+    for _ in range(4):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+        record = opt.last_projection
+        offset = record.result.centre.theta - record.result.point.theta
+        carried = opt.state[next(model.parameters())]["centre_theta"]
+        torch.testing.assert_close(carried - _flat(model), offset, rtol=0, atol=1e-12)

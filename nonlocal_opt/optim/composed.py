@@ -100,6 +100,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"invalid base hyperparameters for {base_label(base)}: {error}") from None
         if not isinstance(self.base, torch.optim.Optimizer):
             raise TypeError(f"base {base_label(base)} returned {type(self.base).__name__}, not a torch.optim.Optimizer")
+        closure = inspect.signature(self.base.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"base {base_label(base)} needs a closure in step(): it runs its own loop and cannot take a gradient "
+                "from a rule; choose a base whose step() works on the gradients in p.grad"
+            )
         self.base.param_groups = self.param_groups
         self.defaults = {**self.base.defaults, **self.defaults}
         self._ready = True
@@ -181,7 +187,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not params:
             stats["nonfinite"] = 0.0
             return torch.ones((), dtype=torch.bool)
-        max_norm = self.param_groups[0]["max_grad_norm"]
+        max_norms = {group["max_grad_norm"] for group in self.param_groups}
+        if len(max_norms) != 1:
+            raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
+        max_norm = max_norms.pop()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         norms = torch._foreach_norm([p.grad for p in params], float("inf"))

@@ -75,7 +75,7 @@ def compose(
     ``manifold`` for rules that move a ball (``None``: the rule's defaults).
 
     ``hyperparameters`` go to the components that declare them and the rest to the base, e.g.
-    ``compose(params, "sam", "adamw", lr=1e-3, weight_decay=0.05, rho=0.05)``. Unknown names raise
+    ``compose(params, "sam", base="adamw", lr=1e-3, weight_decay=0.05, rho=0.05)``. Unknown names raise
     ``ValueError`` listing the available ones; unknown or invalid hyperparameters raise ``ValueError``.
     """
     return ComposedOptimizer(params, *resolve(rule, base, projector, manifold), **hyperparameters)

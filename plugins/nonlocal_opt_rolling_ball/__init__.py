@@ -57,7 +57,10 @@ class RollingBallRule(DescentRule):
     ``η`` is the base's ``lr``: over ``sgd`` without momentum the step is ``θ_{t+1}`` itself (paper
     Algorithm 1). With parameter groups of different ``lr`` the move uses one ``η`` per coordinate:
     ``c̃ = (θ_c − η⊙g, y_c − Σ η_i g_i²)``. A projector may carry its centre to the next step
-    (``ProjectionResult.centre``); a skipped step keeps the centre it started from.
+    (``ProjectionResult.centre``); it moves with the contact point: when the base lands elsewhere
+    than ``θ_{t+1}`` (momentum, Adam, weight decay, clipping), the carried centre is translated by the
+    same ``Δθ`` (``offset_error`` then reports how far that leaves it from ``S(Γ, ρ)``); a skipped
+    step keeps the centre it started from.
     """
 
     name = "rbo"
@@ -84,7 +87,11 @@ class RollingBallRule(DescentRule):
         result = ctx.project(self.propose(centre, start, eta), start, centre=centre)
         finite = torch.isfinite(start.loss) & torch.isfinite(result.point.loss)
         taken = ctx.apply((start.theta - result.point.theta) / eta, theta=start.theta, finite=finite)
-        self._carry_centre(ctx, result.centre, centre, taken)
+        carried = result.centre
+        if carried is not None:
+            landed = ctx.flat.gather()
+            carried = Centre(theta=carried.theta + (landed - result.point.theta), height=carried.height)
+        self._carry_centre(ctx, carried, centre, taken)
         return start.loss
 
     @staticmethod
