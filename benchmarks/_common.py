@@ -1,6 +1,6 @@
 """Shared pieces of the result benchmarks (``accuracy.py``, ``speed.py``, ``ironing.py``).
 
-Optimizer presets (the RBO paper's untuned settings, Sec. 4.1), ``PRESET@key=value`` specs, one
+Optimizer presets (labelled compositions run with the plugins' paper settings), ``PRESET@key=value`` specs, one
 trainer run summarised from its ``metrics.csv``, 95 % t-intervals, CSV / markdown writers, the
 machine description, and the one-line user-error exit every script shares.
 """
@@ -41,21 +41,19 @@ class UserError(ValueError):
 @attrs.frozen
 class Preset:
     """A composition for ``TrainConfig``: rule, projector and the hyperparameters set on top of the
-    trainer's paper settings (``nonlocal_opt.training.config.PAPER_SETTINGS``)."""
+    components' ``paper`` presets (which the trainer applies, ``TrainConfig.preset``)."""
 
     rule: str
     projector: str | None = None
     overrides: dict[str, Any] = attrs.field(factory=dict)
 
 
-# SGD η = 0.01, SAM ρ = 0.05, RBO ρ = 1, η = 6, footpoint γ = 0.1 × K = 20 come from PAPER_SETTINGS.
-# Entropy-SGD: the paper gives γ = 3e-3 and L = 20 only, and adapts the public code of
-# steph1793/Entropy-SGD, whose defaults fill the rest: lr 1, outer step lr·(x − μ) without γ,
-# scoping 1e-3, a fresh mini-batch for every Langevin step (η' = 0.1, ε = 1e-4, α = 0.75 are ours too).
+# Labels → compositions; every hyperparameter not overridden comes from the plugins' "paper" presets
+# (SGD η = 0.01; SAM ρ = 0.05; RBO ρ = 1, η = 6 and footpoint γ = 0.1 × K = 20; Entropy-SGD's γ, L and
+# the reference code's settings): `nonlocal-opt plugins` lists them.
 PRESETS: dict[str, Preset] = {
-    "sgd": Preset("sgd"),
-    "entropy-sgd": Preset("entropy-sgd", None, {"lr": 1.0, "scale_outer_by_gamma": False, "scoping": 1e-3,
-                                                "fresh_batches": True}),
+    "sgd": Preset("local"),
+    "entropy-sgd": Preset("entropy-sgd"),
     "sam": Preset("sam"),
     "rbo": Preset("rbo", "footpoint"),
     "rbo-gn": Preset("rbo", "gauss-newton"),  # the best safeguarded projector (docs/projectors.md)

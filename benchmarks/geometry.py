@@ -49,7 +49,7 @@ def pyplot():
 def network_runs(model: str, quick: bool) -> dict[str, list[str]]:
     """label → extra CLI arguments of ``nonlocal-opt geometry``."""
     runs = {
-        "sgd": ["--optimizer", "sgd", "--lr", "0.05"],
+        "sgd": ["--optimizer", "local", "--lr", "0.05"],
         "sam (G = ∇f(w))": ["--optimizer", "sam", "--lr", "0.05", "--rho", "0.05"],
         "sam (G = ∇f(w+ε))": ["--optimizer", "sam", "--lr", "0.05", "--rho", "0.05", "--gradient-pass", "1"],
         # The paper's footpoint solver (γ = 0.1, K = 20) diverges here at η = 6 (every step after the
@@ -234,7 +234,7 @@ def bumps_section(quick: bool, figures: Path) -> None:
     starts = torch.tensor([2.0, 2.0]) + 0.1 * torch.randn(starts_n, 2, generator=torch.Generator().manual_seed(0))
     gn = {"projector": "gauss-newton", "max_iters": 10}
     configs = {
-        "GD (η = 0.01)": ("sgd", None, {"lr": 0.01}),
+        "GD (η = 0.01)": ("local", None, {"lr": 0.01}),
         "RBO ρ = 0.5": ("rbo", None, {"lr": 0.01, "rho": 0.5, **gn}),
         "RBO ρ = 4": ("rbo", None, {"lr": 0.01, "rho": 4.0, **gn}),
         "RBO ρ: 4 → 0.5 (cosine)": ("rbo", 0.5, {"lr": 0.01, "rho": 4.0, **gn}),

@@ -129,7 +129,7 @@ def bumps_section(args, out: Path) -> tuple[list[str], list[Path]]:
         field = torch.stack([landscape.value(row) for row in torch.stack([gx, gy], -1)])
         global_min = global_minimum(landscape, torch.stack([gx, gy], -1).reshape(-1, 2), field.reshape(-1))
         starts = torch.tensor([2.0, 2.0]) + 0.1 * torch.randn(args.starts, 2, generator=torch.Generator().manual_seed(0))
-        configs = {"GD": ("sgd", {"lr": 0.01})}
+        configs = {"GD": ("local", {"lr": 0.01})}
         for solver in args.bump_solvers:
             for rho in args.bump_rho:
                 configs[f"RBO {solver} ρ = {rho:g}"] = ("rbo", {"lr": 0.01, "rho": rho, **BUMP_SOLVERS[solver]})

@@ -252,7 +252,8 @@ def quadratic_table(steps: int) -> list[str]:
     for rho in (0.05, 0.5, 0.9):
         torch.manual_seed(0)
         landscape = Quadratic(torch.randn(50).tolist(), eigenvalues=eigenvalues, seed=0).double()
-        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="gauss-newton", lr=0.1, rho=rho, rtol=1e-6, tol=None, max_iters=200)
+        opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="gauss-newton", lr=0.1, rho=rho,
+                                   rtol=1e-6, tol=None, max_iters=200)
 
         def closure():
             opt.zero_grad()

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from _common import (
     PRESETS,
-    Preset,
     RunSummary,
     UserError,
     comma_list,
@@ -54,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from nonlocal_opt.plugins.compose import compose
-from nonlocal_opt.training.config import optimizer_hyperparameters
+from nonlocal_opt.training.config import TrainConfig, optimizer_hyperparameters
 from nonlocal_opt.training.data import load_dataset
 from nonlocal_opt.training.models import build_model
 
@@ -102,13 +101,13 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def peak_step_memory_mb(preset: Preset, model_name: str, batch, device: torch.device) -> float:
+def peak_step_memory_mb(config: TrainConfig, batch, device: torch.device) -> float:
     """Peak memory (MiB) of one optimizer step after a warm-up step (which creates the optimizer state)."""
     torch.manual_seed(0)
     inputs, targets = (t.to(device) for t in batch)
-    model = build_model(model_name, inputs.shape[1:], 10).to(device)
-    hyperparameters = optimizer_hyperparameters(train_config(preset, model=model_name))
-    opt = compose(model.parameters(), preset.rule, projector=preset.projector, **hyperparameters)
+    model = build_model(config.model, inputs.shape[1:], 10).to(device)
+    opt = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector,
+                  **optimizer_hyperparameters(config))
 
     def closure(fresh_batch: bool = False):
         opt.zero_grad()
@@ -193,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                                   data_dir=args.data_dir, download=args.download)
             runs[label] = run = run_training(config, cache=not args.no_cache)
             timed = run.step_times[1:] or run.step_times
-            projector = compose([torch.nn.Parameter(torch.zeros(1))], preset.rule, projector=preset.projector).projector.name
-            rows.append({"optimizer": label, "projector": projector, "model": model,
+            probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, base=config.base, projector=config.projector)
+            rows.append({"optimizer": label, "projector": probe.projector.name if probe.projector else "none", "model": model,
                          "step_time_s": statistics.median(timed), "passes_per_step": statistics.fmean(run.passes),
-                         "peak_mem_mb": peak_step_memory_mb(preset, model, batch, device),
+                         "peak_mem_mb": peak_step_memory_mb(config, batch, device),
                          "ratio_to_sgd": math.nan, "steps_timed": len(timed),
                          "refused_frac": run.refused_fraction})
             print(f"{model} {label}: {rows[-1]['step_time_s'] * 1e3:.1f} ms/step, {rows[-1]['passes_per_step']:.1f} passes, "

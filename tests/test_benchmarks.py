@@ -160,7 +160,8 @@ def test_projector_benchmark_reference_is_below_every_budgeted_projection(tiny_d
     assert 0 < start_gap <= 1 and start_gap == pytest.approx(1 - reference.phi_star / reference.phi_t)
     for name in ("footpoint", "gauss-newton"):
         problem.reset()
-        opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector=name, lr=0.1, rho=1.0, **projectors.budget_hyperparameters(name, 21))
+        opt = nonlocal_opt.compose(problem.model.parameters(), "rbo", projector=name, lr=0.1, rho=1.0,
+                                   **projectors.budget_hyperparameters(name, 21))
         opt.step(problem.closure_for(opt, x, y))
         gap = reference.gap(torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach())
         assert -1e-6 <= gap < start_gap, name

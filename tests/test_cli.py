@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from nonlocal_opt.analysis.landscapes import LANDSCAPES
 from nonlocal_opt.cli.main import main
 from nonlocal_opt.cli.parsing import parse_value
 from nonlocal_opt.plugins.registry import registrations
@@ -29,13 +31,17 @@ def run(capsys, *argv):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--optimizer", "adamw"], "unknown rule 'adamw'; available: entropy-sgd, rbo, sam, sgd"),
+        (["--optimizer", "adamw"], "unknown rule 'adamw'; available: entropy-sgd, local, rbo, sam"),
+        (["--base", "lbfgs"], "unknown base 'lbfgs'; available: adadelta, adagrad, adam, adamax, adamw,"),
+        (["--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + footpoint; available: none, paper"),
         (["--projector", "magic"], "unknown projector 'magic'; available:"),
         (["--model", "resnet50"], "unknown model 'resnet50'; available: mlp"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'; available: fashion-mnist"),
         (["--set", "max_iters=0"], "invalid hyperparameter max_iters=0"),
-        (["--set", "momentum=0.9"], "unknown hyperparameter 'momentum'"),
-        (["--optimizer", "sgd", "--rho", "0.5"], "unknown hyperparameter 'rho'"),
+        (["--base", "adam", "--set", "momentum=0.9"], "unknown hyperparameter 'momentum'"),
+        (["--optimizer", "local", "--rho", "0.5"], "unknown hyperparameter 'rho'"),
+        (["--optimizer", "sam", "--projector", "footpoint"], "rule 'sam' takes no projector"),
+        (["--train-subset", "0"], "--train-subset must be an integer >= 1"),
         (["--set", "max_iters"], "--set takes key=value"),
         (["--epochs", "0"], "--epochs must be an integer >= 1"),
         (["--label-noise", "1.5"], "--label-noise must be a probability in [0, 1]"),
@@ -55,12 +61,12 @@ def test_bad_train_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
 def test_non_writable_log_dir_exits_2(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, _, err = run(capsys, "train", "--dataset", "landscape:sine", "--optimizer", "sgd", "--logdir", str(blocker / "run"))
+    code, _, err = run(capsys, "train", "--dataset", "landscape:sine", "--optimizer", "local", "--logdir", str(blocker / "run"))
     assert code == 2 and "cannot write to log dir" in err and "--logdir" in err and err.count("\n") == 1
 
 
 def test_diverged_run_exits_1_naming_the_last_checkpoint(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--dataset", "landscape:alm", "--optimizer", "sgd", "--lr", "0.5",
+    code, _, err = run(capsys, "train", "--dataset", "landscape:alm", "--optimizer", "local", "--lr", "0.5",
                        "--epochs", "3", "--logdir", str(tmp_path))
     assert code == 1 and "the loss became inf" in err and str(tmp_path / "checkpoints" / "epoch_1") in err
 
@@ -71,7 +77,7 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     done = subprocess.run([*command, "train", "--optimizer", "adamw", "--logdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "nonlocal-opt: error: unknown rule 'adamw'; available: entropy-sgd, rbo, sam, sgd"
+        "nonlocal-opt: error: unknown rule 'adamw'; available: entropy-sgd, local, rbo, sam"
     ]
 
 
@@ -84,12 +90,17 @@ def test_set_values_are_parsed():
 def test_plugins_lists_every_registration_with_provider_and_defaults(capsys):
     code, out, _ = run(capsys, "plugins")
     assert code == 0
-    for kind in ("rule", "projector", "manifold"):
+    for kind in ("rule", "base", "projector", "manifold"):
+        assert f"\n{kind}s\n" in out
         for name, entry in registrations(kind).items():
             assert f"  {name}  — {entry.provider}" in out
-            for key, spec in entry.cls.hyperparameters.items():
+            for key, spec in getattr(entry.cls, "hyperparameters", {}).items():
                 assert f"      {key} = {spec.default!r}" in out
+            for preset, values in getattr(entry.cls, "presets", {}).items():
+                assert f"    preset {preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()) in out
     assert "freeze_bn_stats = True" in out
+    assert "  adamw  — plugin 'torch'\n      lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01," in out
+    assert "preset paper: lr=6.0, rho=1.0" in out
 
 
 def test_landscape_writes_a_png(capsys, tmp_path):
@@ -98,13 +109,47 @@ def test_landscape_writes_a_png(capsys, tmp_path):
     assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out) in stdout
 
 
+def landscape_trajectories(capsys, monkeypatch, tmp_path, *argv):
+    """The ``Trajectory`` objects ``nonlocal-opt landscape`` hands to the plot."""
+    import nonlocal_opt.analysis.figures as figures
+
+    captured = []
+    monkeypatch.setattr(figures, "plot_landscape_trajectories", lambda grid, values, runs, out, title: captured.extend(runs) or out)
+    assert run(capsys, "landscape", "--landscape", "sine", "--out", str(tmp_path / "f.png"), *argv)[0] == 0
+    return captured
+
+
+def test_landscape_plots_the_rbo_centre_c_equals_p_plus_rho_nu(capsys, monkeypatch, tmp_path):
+    """RBO's first centre is ``c_0 = p_0 + ρ ν(p_0)``, ``ν = (−f', 1)/√(1 + f'²)`` at θ_0 = --start, computed
+    here; every centre lies ρ above the graph or higher (the ball touches Γ from above)."""
+    (trajectory,) = landscape_trajectories(capsys, monkeypatch, tmp_path, "--rho", "0.5", "--steps", "4", "--start", "0.3")
+    theta = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    value = LANDSCAPES["sine"]().double().value(theta.unsqueeze(0)).squeeze()
+    (slope,) = torch.autograd.grad(value, theta)
+    value = value.detach()
+    norm = float((1 + slope**2).sqrt())
+    assert len(trajectory.thetas) == 5
+    assert float(trajectory.thetas[0]) == pytest.approx(0.3 - 0.5 * float(slope) / norm, rel=1e-12)
+    assert float(trajectory.heights[0]) == pytest.approx(float(value) + 0.5 / norm, rel=1e-12)
+
+
+def test_landscape_plots_the_contact_point_for_a_rule_that_does_not_project(capsys, monkeypatch, tmp_path):
+    """SAM keeps no ball: the plotted points are the iterates (θ_t, f(θ_t)) on the graph, starting at --start."""
+    (trajectory,) = landscape_trajectories(capsys, monkeypatch, tmp_path, "--optimizer", "sam", "--rho", "0.05",
+                                           "--base", "adam", "--lr", "0.1", "--steps", "4")
+    surface = LANDSCAPES["sine"]().double()
+    assert float(trajectory.thetas[0]) == 1.0 and len(set(trajectory.thetas.tolist())) == 5
+    torch.testing.assert_close(trajectory.heights, surface.value(trajectory.thetas.unsqueeze(-1)), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--landscape", "nowhere"], "unknown landscape 'nowhere'"),
         (["--landscape", "gaussian-bumps"], "is 2-D"),
         (["--rho", "a,b"], "comma-separated numbers"),
-        (["--optimizer", "sgd"], "unknown hyperparameter 'rho'"),
+        (["--optimizer", "local"], "unknown hyperparameter 'rho'"),
+        (["--base", "nope"], "unknown base 'nope'"),
     ],
 )
 def test_bad_landscape_input_exits_2(capsys, tmp_path, argv, message):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
 import torch
 
 import nonlocal_opt
+from nonlocal_opt.analysis.landscapes import LANDSCAPES
 from nonlocal_opt.analysis.path_geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.main import main
+from nonlocal_opt.training.metrics import read_metrics
 
 from conftest import make_closure
 
@@ -148,7 +151,7 @@ def test_mlp_runs_replay_bit_identically_and_nondeterminism_warns():
     def train(tracker, seed=0):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-        opt = nonlocal_opt.compose(model.parameters(), "sgd", lr=0.1, momentum=0.9)
+        opt = nonlocal_opt.compose(model.parameters(), "local", lr=0.1, momentum=0.9)
         for epoch in range(2):
             for xb, yb in seeded_loader(dataset, 16, seed=epoch):
 
@@ -179,7 +182,7 @@ def geometry_args(tmp_path, *extra):
 
 def test_cli_writes_csv_tensorboard_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert run_geometry(geometry_args(tmp_path, "--optimizer", "sgd", "--lr", "0.001")) == 0
+    assert run_geometry(geometry_args(tmp_path, "--optimizer", "local", "--lr", "0.001")) == 0
     rows = read_csv(tmp_path / "path_geometry.csv")
     assert [r.step for r in rows] == list(range(12)) and {r.epoch for r in rows} == {0, 1}
     assert all(math.isfinite(r.gamma) and -1 <= r.gamma <= 1 for r in rows)
@@ -188,13 +191,53 @@ def test_cli_writes_csv_tensorboard_and_png(tmp_path, capsys):
     assert "replay error 0" in capsys.readouterr().out
 
 
+def test_cli_measures_the_trainers_path(tmp_path, capsys):
+    """``nonlocal-opt geometry`` runs the trainer: on ALM (every batch's loss is f(θ), θ_0 = 0) its rows are
+    those of plain GD θ_{t+1} = θ_t − η∇f(θ_t) written here, with w* = θ_12; the second run's logdir holds
+    the trainer's metrics, whose per-step loss is copied to TensorBoard and the summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lr = 0.001
+    assert run_geometry(geometry_args(tmp_path, "--optimizer", "local", "--lr", str(lr))) == 0
+    landscape = LANDSCAPES["alm"]()
+    landscape.theta.data.zero_()
+    path, grads, losses = [], [], []
+    for _ in range(12):
+        loss = landscape()
+        (grad,) = torch.autograd.grad(loss, landscape.theta)
+        path.append(landscape.theta.detach().clone())
+        grads.append(grad)
+        losses.append(loss.item())
+        landscape.theta.data -= lr * grad
+    w_star = landscape.theta.detach()
+    rows = read_csv(tmp_path / "path_geometry.csv")
+    for row, w, grad in zip(rows, path, grads, strict=True):
+        diff = w - w_star
+        assert row.rsi == pytest.approx(float(grad @ diff / diff.dot(diff)), rel=1e-5)
+        assert row.eb == pytest.approx(float(grad.norm() / diff.norm()), rel=1e-5)
+    steps = [r for r in read_metrics(tmp_path / "run2" / "metrics.csv") if r["scope"] == "step"]
+    assert [float(r["train/loss"]) for r in steps] == pytest.approx(losses, rel=1e-5)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(12))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-5)
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([lr] * 12)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_loss"] == pytest.approx(losses[-1], rel=1e-5) and summary["replay_error"] == 0.0
+    assert summary["last_epoch"]["val/loss"] == pytest.approx(landscape().item(), rel=1e-5)
+    assert "replay error 0" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--optimizer", "nope"], "unknown rule"),
-        (["--optimizer", "sgd", "--rho-schedule", "cosine"], "rho"),
+        (["--optimizer", "local", "--rho-schedule", "cosine"], "rho"),
         (["--optimizer", "rbo", "--rho-schedule", "cosine", "--rho-final", "0"], "rho_final"),
         (["--set", "momentum"], "key=value"),
+        (["--gradient-pass", "-1"], "--gradient-pass must be >= 0"),
+        (["--train-subset", "10"], "--batch-size 128 is larger than the 10 training samples"),
+        (["--optimizer", "sam", "--gradient-pass", "2"], "pass_index"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):

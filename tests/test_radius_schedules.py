@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.cli.geometry import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
+from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
+from nonlocal_opt.cli.parsing import add_radius_schedule_arguments
 from nonlocal_opt.optim.radius_schedules import CosineRadius, LinearRadius, StepRadius, build_radius_scheduler, radius_scheduler
 
 RHO0, RHO_F, T = 2.0, 0.1, 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import nonlocal_opt
+from nonlocal_opt.analysis.landscapes import LANDSCAPES
 from nonlocal_opt.training import TrainConfig, TrainingDiverged, train
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, optimizer_hyperparameters
@@ -69,20 +71,41 @@ def test_fp16_overflow_is_refused_and_backs_off_the_loss_scale():
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_paper_settings_are_filtered_by_what_the_composition_declares():
+def test_paper_preset_is_filtered_by_what_the_composition_accepts():
     rbo = optimizer_hyperparameters(TrainConfig(optimizer="rbo"))
+    assert rbo == nonlocal_opt.get("rule", "rbo").presets["paper"] | nonlocal_opt.get("projector", "footpoint").presets["paper"]
     assert rbo["lr"] == 6.0 and rbo["rho"] == 1.0
     assert rbo["max_iters"] == 20 and rbo["step_size"] == 0.1  # the paper's footpoint solver
     gauss = optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="gauss-newton", lr=2.0))
     assert gauss == {"lr": 2.0, "rho": 1.0}
-    newton = nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(1))], "rbo", "newton",
-                     **optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="newton")))
+    newton = nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(1))], "rbo", projector="newton",
+                                  **optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="newton")))
     assert newton.param_groups[0]["max_iters"] == 6  # the projector's own default, not the footpoint's 20
-    assert optimizer_hyperparameters(TrainConfig(optimizer="sgd", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
+    assert optimizer_hyperparameters(TrainConfig(optimizer="local", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
     with pytest.raises(ValueError, match="unknown hyperparameter 'rho'"):
-        optimizer_hyperparameters(TrainConfig(optimizer="sgd", rho=0.1))
+        optimizer_hyperparameters(TrainConfig(optimizer="local", rho=0.1))
     entropy = optimizer_hyperparameters(TrainConfig(optimizer="entropy-sgd", overrides={"inner_steps": 5}))
     assert entropy["inner_steps"] == 5 and entropy["lr"] == 1.0 and entropy["scale_outer_by_gamma"] is False
+
+
+def test_preset_keys_the_base_does_not_take_are_dropped(monkeypatch):
+    monkeypatch.setattr(nonlocal_opt.get("rule", "local"), "presets", {"paper": {"lr": 0.01, "momentum": 0.9}})
+    assert optimizer_hyperparameters(TrainConfig(optimizer="local")) == {"lr": 0.01, "momentum": 0.9}
+    assert optimizer_hyperparameters(TrainConfig(optimizer="local", base="adam")) == {"lr": 0.01}  # Adam has no momentum
+    with pytest.raises(ValueError, match="unknown hyperparameter 'momentum'"):  # a flag is not dropped
+        optimizer_hyperparameters(TrainConfig(optimizer="local", base="adam", overrides={"momentum": 0.9}))
+
+
+def test_preset_none_keeps_every_components_own_default():
+    assert optimizer_hyperparameters(TrainConfig(optimizer="rbo", preset="none")) == {}
+    assert optimizer_hyperparameters(TrainConfig(optimizer="sam", preset="none", rho=0.1)) == {"rho": 0.1}
+    opt = nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(1))], "entropy-sgd", base="adamw",
+                               **optimizer_hyperparameters(TrainConfig(optimizer="entropy-sgd", base="adamw", preset="none")))
+    group, rule = opt.param_groups[0], nonlocal_opt.get("rule", "entropy-sgd")
+    assert {key: group[key] for key in rule.hyperparameters} == {key: spec.default for key, spec in rule.hyperparameters.items()}
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.01  # torch.optim.AdamW's defaults
+    with pytest.raises(ValueError, match="unknown preset 'iclr' for sam; available: none, paper"):
+        optimizer_hyperparameters(TrainConfig(optimizer="sam", preset="iclr"))
 
 
 def tensorboard_tags(logdir):
@@ -99,7 +122,7 @@ def tensorboard_tags(logdir):
 @needs_fashion
 @pytest.mark.parametrize(
     ("optimizer", "overrides", "passes"),
-    [("sgd", {}, 1), ("sam", {}, 2), ("entropy-sgd", {"inner_steps": 3, "fresh_batches": True}, 3),
+    [("local", {}, 1), ("sam", {}, 2), ("entropy-sgd", {"inner_steps": 3, "fresh_batches": True}, 3),
      ("rbo", {"max_iters": 3}, 4)],
 )
 def test_one_epoch_leaves_events_metrics_and_a_checkpoint(tmp_path, optimizer, overrides, passes):
@@ -120,7 +143,7 @@ def test_one_epoch_leaves_events_metrics_and_a_checkpoint(tmp_path, optimizer, o
 
 
 @needs_fashion
-@pytest.mark.parametrize(("optimizer", "overrides"), [("sgd", {"momentum": 0.9}), ("rbo", {"max_iters": 3, "lr": 1.0})])
+@pytest.mark.parametrize(("optimizer", "overrides"), [("local", {"momentum": 0.9}), ("rbo", {"max_iters": 3, "lr": 1.0})])
 def test_resume_continues_bit_identically(tmp_path, optimizer, overrides):
     common = dict(optimizer=optimizer, overrides=overrides, **QUICK)
     straight = train(TrainConfig(epochs=2, logdir=str(tmp_path / "straight"), **common))
@@ -153,7 +176,7 @@ def test_radius_schedule_is_followed_and_survives_resume(tmp_path):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # SGD with a too-large lr on the ALM landscape: |θ| grows ~50x per step, the loss overflows in epoch 2
     with pytest.raises(TrainingDiverged, match="epoch_1") as info:
-        train(TrainConfig(dataset="landscape:alm", optimizer="sgd", lr=0.5, epochs=3, logdir=str(tmp_path)))
+        train(TrainConfig(dataset="landscape:alm", optimizer="local", lr=0.5, epochs=3, logdir=str(tmp_path)))
     assert "the loss became inf at epoch 2" in str(info.value)
     assert (tmp_path / "checkpoints" / "epoch_1" / "model.safetensors").is_file()
     assert not (tmp_path / "checkpoints" / "epoch_2").exists()
@@ -161,8 +184,60 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
-        train(TrainConfig(dataset="landscape:sine", optimizer="sgd", logdir=str(tmp_path), resume="latest"))
+        train(TrainConfig(dataset="landscape:sine", optimizer="local", logdir=str(tmp_path), resume="latest"))
     with pytest.raises(ConfigError, match="--model does not apply"):
-        train(TrainConfig(dataset="landscape:sine", model="mlp", optimizer="sgd", logdir=str(tmp_path)))
+        train(TrainConfig(dataset="landscape:sine", model="mlp", optimizer="local", logdir=str(tmp_path)))
     with pytest.raises(ConfigError, match="larger than the 1024 training samples"):
-        train(TrainConfig(dataset="landscape:sine", optimizer="sgd", batch_size=2048, logdir=str(tmp_path)))
+        train(TrainConfig(dataset="landscape:sine", optimizer="local", batch_size=2048, logdir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="larger than the 100 training samples"):
+        train(TrainConfig(dataset="landscape:sine", optimizer="local", train_subset=100, logdir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="unknown base 'lbfgs'"):
+        train(TrainConfig(dataset="landscape:sine", optimizer="local", base="lbfgs", logdir=str(tmp_path)))
+
+
+def hparams(logdir):
+    """The run config Accelerate's TensorBoard tracker logged (``hparams.yml``)."""
+    import yaml
+
+    (path,) = (logdir / "tensorboard").rglob("hparams.yml")
+    return yaml.safe_load(path.read_text())
+
+
+def test_base_adamw_steps_as_torch_adamw_and_is_recorded(tmp_path):
+    """``base="adamw"``: the local rule's run on a landscape equals torch.optim.AdamW on it, step by step;
+    the logged config, the checkpoint's config and its optimizer state record AdamW."""
+    config = TrainConfig(dataset="landscape:quadratic", optimizer="local", base="adamw", lr=0.1,
+                         overrides={"weight_decay": 0.05}, batch_size=64, limit_train_batches=4, logdir=str(tmp_path))
+    result = train(config)
+    landscape = LANDSCAPES["quadratic"]()
+    landscape.theta.data.zero_()  # the trainer's landscape model starts at θ = 0
+    reference = torch.optim.AdamW(landscape.parameters(), lr=0.1, weight_decay=0.05)
+    for _ in range(4):
+        reference.zero_grad()
+        landscape().backward()
+        reference.step()
+    torch.testing.assert_close(next(result.model.parameters()), landscape.theta.detach())
+    assert isinstance(result.optimizer.base, torch.optim.AdamW)
+    assert hparams(tmp_path)["base"] == "adamw" and hparams(tmp_path)["hp.weight_decay"] == 0.05
+    saved = json.loads((result.checkpoint / "config.json").read_text())
+    assert saved == config.flat() and saved["base"] == "adamw" and saved["preset"] == "paper"
+    state = torch.load(result.checkpoint / "optimizer.bin", weights_only=True)
+    assert state["param_groups"][0]["betas"] == (0.9, 0.999) and state["param_groups"][0]["weight_decay"] == 0.05
+    assert {"exp_avg", "exp_avg_sq"} <= set(state["base_state"][0])
+
+
+def test_resume_with_another_base_is_refused(tmp_path):
+    common = dict(dataset="landscape:quadratic", optimizer="local", batch_size=256, limit_train_batches=2, logdir=str(tmp_path))
+    train(TrainConfig(base="adamw", **common))
+    with pytest.raises(ConfigError, match="written with --base adamw, this run has --base sgd; pass --base adamw"):
+        train(TrainConfig(epochs=2, resume="latest", **common))
+    assert len(train(TrainConfig(base="adamw", epochs=2, resume="latest", **common)).epochs) == 1
+
+
+def test_preset_none_trains_with_the_components_defaults(tmp_path):
+    result = train(TrainConfig(dataset="landscape:quadratic", optimizer="sam", preset="none", batch_size=256,
+                               limit_train_batches=2, logdir=str(tmp_path)))
+    group = result.optimizer.param_groups[0]
+    assert group["rho"] == nonlocal_opt.get("rule", "sam").hyperparameters["rho"].default
+    assert group["lr"] == 1e-3  # torch.optim.SGD's default, not the paper's 0.01
+    assert hparams(tmp_path)["preset"] == "none" and hparams(tmp_path)["hp.lr"] == 1e-3

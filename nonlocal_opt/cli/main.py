@@ -10,10 +10,16 @@ import sys
 
 import torch
 
-from nonlocal_opt.cli.geometry import add_geometry_arguments, add_radius_schedule_arguments, run_geometry
-from nonlocal_opt.cli.parsing import add_set_argument, parse_float_list
-from nonlocal_opt.training.data import DATASETS
-from nonlocal_opt.training.models import MODELS
+from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
+from nonlocal_opt.cli.parsing import (
+    add_base_argument,
+    add_composition_arguments,
+    add_radius_schedule_arguments,
+    add_run_arguments,
+    add_set_argument,
+    parse_float_list,
+)
+from nonlocal_opt.training.config import MIXED_PRECISION
 
 PROG = "nonlocal-opt"
 
@@ -30,35 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     train = commands.add_parser("train", help="train a model with a composed optimizer (Accelerate)")
-    train.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
-    train.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (default mlp)")
-    train.add_argument("--optimizer", default="rbo", help="a registered rule (see `nonlocal-opt plugins`)")
-    train.add_argument("--projector", default=None, help="a registered projector (default: the rule's)")
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the RBO paper's setting)")
-    train.add_argument("--rho", type=float, default=None, help="radius ρ for rules/manifolds that have one")
-    train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
-    train.add_argument("--seed", type=int, default=0)
+    add_run_arguments(train)
+    add_composition_arguments(train, rule="rbo")
     train.add_argument("--logdir", default="runs/default", help="TensorBoard events, metrics.csv, checkpoints")
-    add_set_argument(train)
-    train.add_argument("--limit-train-batches", type=int, default=None)
-    train.add_argument("--limit-val-batches", type=int, default=None)
-    train.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
-    train.add_argument("--data-dir", default=None, help="directory holding the dataset files")
-    train.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR")
+    train.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     train.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise probability P")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from LOGDIR's latest checkpoint (or the given checkpoint directory)")
     add_radius_schedule_arguments(train)
     train.set_defaults(handler=run_train)
 
-    plugins = commands.add_parser("plugins", help="list registered rules, projectors and manifolds")
+    plugins = commands.add_parser("plugins", help="list registered rules, base optimizers, projectors and manifolds")
     plugins.set_defaults(handler=run_plugins)
 
     landscape = commands.add_parser("landscape", help="centre trajectories on an analytic 1-D landscape (PNG)")
     landscape.add_argument("--landscape", default="riemann")
-    landscape.add_argument("--optimizer", default="rbo")
-    landscape.add_argument("--projector", default=None)
+    landscape.add_argument("--optimizer", default="rbo", help="a registered rule")
+    add_base_argument(landscape)
+    landscape.add_argument("--projector", default=None, help="a registered projector (default: the rule's)")
     landscape.add_argument("--rho", type=parse_float_list, default=[0.1, 0.5, 1.0], help="comma-separated radii")
     landscape.add_argument("--lr", type=float, default=0.005)
     landscape.add_argument("--steps", type=int, default=60)
@@ -84,6 +79,8 @@ def run_train(args) -> int:
 
 
 def run_plugins(args) -> int:
+    import inspect
+
     from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS
     from nonlocal_opt.plugins.registry import registrations
 
@@ -91,22 +88,30 @@ def run_plugins(args) -> int:
         for key, spec in specs.items():
             print(f"      {key} = {spec.default!r}  [{spec.symbol}] {spec.doc}")
 
+    def describe_base(cls) -> None:
+        keywords = [f"{key}={p.default!r}" for key, p in inspect.signature(cls).parameters.items() if p.default is not p.empty]
+        print(f"      {', '.join(keywords)}")
+
     print("optimizer (every composition)")
     describe(OPTIMIZER_HYPERPARAMETERS)
-    for kind in ("rule", "projector", "manifold"):
+    for kind in ("rule", "base", "projector", "manifold"):
         print(f"{kind}s")
         for name, entry in sorted(registrations(kind).items()):
             print(f"  {name}  — {entry.provider}")
+            if kind == "base":
+                describe_base(entry.cls)
+                continue
             describe(entry.cls.hyperparameters)
+            for preset, values in entry.cls.presets.items():
+                print(f"    preset {preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
     return 0
 
 
 def run_landscape(args) -> int:
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
     from nonlocal_opt.analysis.landscapes import LANDSCAPES, offset_function
+    from nonlocal_opt.optim.interfaces import Centre
     from nonlocal_opt.plugins.compose import compose
-    from nonlocal_opt.optim.interfaces import GraphPoint
-    from nonlocal_opt_rolling_ball import OffsetManifold
 
     if args.landscape not in LANDSCAPES:
         raise ValueError(f"unknown landscape {args.landscape!r}; available: {', '.join(LANDSCAPES)}")
@@ -118,7 +123,8 @@ def run_landscape(args) -> int:
         if surface.dim != 1:
             raise ValueError(f"landscape {args.landscape!r} is {surface.dim}-D; this command plots 1-D landscapes")
         surface.theta.data.fill_(args.start)
-        opt = compose(surface.parameters(), args.optimizer, projector=args.projector, **{"lr": args.lr, "rho": rho, **dict(args.overrides)})
+        hyperparameters = {"lr": args.lr, "rho": rho, **dict(args.overrides)}
+        opt = compose(surface.parameters(), args.optimizer, base=args.base, projector=args.projector, **hyperparameters)
 
         def closure(opt=opt, surface=surface):
             opt.zero_grad()
@@ -128,11 +134,12 @@ def run_landscape(args) -> int:
 
         centres = []
         for _ in range(args.steps + 1):
-            point = GraphPoint(surface.theta.detach().clone(), closure().detach(), surface.theta.grad.clone())
-            nu_theta, nu_height = OffsetManifold.normal(point.grad)
-            centres.append((float(point.theta + rho * nu_theta), float(point.loss + rho * nu_height)))
-            opt.step(closure)
-        thetas, heights = torch.tensor(centres).T
+            # c_t: the centre the step moved from; the contact point (θ_t, f(θ_t)) for rules that do not project
+            contact = Centre(surface.theta.detach().clone(), opt.step(closure).detach())
+            record = opt.last_projection
+            centre = record.centre if record is not None and record.centre is not None else contact
+            centres.append((float(centre.theta), float(centre.height)))
+        thetas, heights = torch.tensor(centres, dtype=torch.float64).T
         runs.append((rho, surface, thetas, heights))
     low = min(float(t.min()) for *_, t, _ in runs) - max(args.rho)
     high = max(float(t.max()) for *_, t, _ in runs) + max(args.rho)

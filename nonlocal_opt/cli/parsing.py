@@ -1,9 +1,16 @@
-"""Argument types shared by the ``nonlocal-opt`` subcommands (``--set key=value``, number lists)."""
+"""Arguments shared by the ``nonlocal-opt`` subcommands: the training run (data, model, epochs), the
+composition (rule, base, projector, preset, ``--set key=value``), the radius schedule, number lists."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from nonlocal_opt.optim.radius_schedules import SCHEDULES
+from nonlocal_opt.plugins.compose import DEFAULT_BASE
+from nonlocal_opt.training.config import DEFAULT_PRESET, NO_PRESET
+from nonlocal_opt.training.data import DATASETS
+from nonlocal_opt.training.models import MODELS
 
 
 def parse_value(text: str) -> Any:
@@ -40,4 +47,46 @@ def parse_float_list(text: str) -> list[float]:
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     """``--set KEY=VALUE`` (repeatable) collected as ``args.overrides``, a list of pairs."""
     parser.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=[],
-                        metavar="KEY=VALUE", help="any rule/projector/manifold hyperparameter, e.g. --set max_iters=10 (repeatable)")
+                        metavar="KEY=VALUE",
+                        help="any hyperparameter of the rule, projector, manifold or base, e.g. --set max_iters=10 (repeatable)")
+
+
+def add_base_argument(parser: argparse.ArgumentParser) -> None:
+    """``--base NAME``: the base optimizer the rule's direction is handed to."""
+    parser.add_argument("--base", default=DEFAULT_BASE, help=f"a registered base optimizer: sgd, adamw, … (default {DEFAULT_BASE})")
+
+
+def add_composition_arguments(parser: argparse.ArgumentParser, rule: str) -> None:
+    """``--optimizer RULE --base NAME --projector NAME --preset NAME --lr η --rho ρ --set KEY=VALUE``
+    (``rule``: the default rule)."""
+    parser.add_argument("--optimizer", default=rule, help=f"a registered rule (`nonlocal-opt plugins`; default {rule})")
+    add_base_argument(parser)
+    parser.add_argument("--projector", default=None, help="a registered projector, for rules that project (default: the rule's)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"named settings of the rule and projector (default {DEFAULT_PRESET}); {NO_PRESET}: their own defaults")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate η of the base (default: the preset's)")
+    parser.add_argument("--rho", type=float, default=None, help="radius ρ for rules that have one (default: the preset's)")
+    add_set_argument(parser)
+
+
+def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``."""
+    group = parser.add_argument_group("radius schedule")
+    group.add_argument("--rho-schedule", choices=("none", *SCHEDULES), default="none",
+                       help="decay rho from its initial value to --rho-final over the run (default: none)")
+    group.add_argument("--rho-final", type=float, default=0.1, help="radius at the end of the schedule (default 0.1)")
+    group.add_argument("--couple-lr", action="store_true", help="scale lr with the radius: lr_t = lr_0 rho_t/rho_0")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed."""
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (default mlp)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training samples only")
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="steps per epoch at most")
+    parser.add_argument("--limit-val-batches", type=int, default=None, help="validation batches per epoch at most")
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset files")
+    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR")

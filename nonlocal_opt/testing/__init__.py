@@ -1,4 +1,28 @@
-"""Contract kits for plugin authors: run them in a plugin's own test suite."""
+"""Contract kits for plugin authors: run them in a plugin's own test suite.
 
-from nonlocal_opt.testing.projector_kit import *  # noqa: F403
-from nonlocal_opt.testing.projector_kit import __all__  # noqa: F401
+``check_projector`` (:mod:`~nonlocal_opt.testing.projector_kit`), ``check_rule``
+(:mod:`~nonlocal_opt.testing.rule_kit`), ``check_device_path`` (:mod:`~nonlocal_opt.testing.device_path`);
+the brute-force oracle ``nearest_point`` (:mod:`~nonlocal_opt.testing.oracles`).
+"""
+
+from nonlocal_opt.testing.device_path import check_device_path, host_reads_raise
+from nonlocal_opt.testing.oracles import NearestPoint, nearest_point
+from nonlocal_opt.testing.projector_kit import DEFAULT_CASES, RUN_CASES, Case, check_projector, excess_distances, offset_drift
+from nonlocal_opt.testing.reports import Check, Report
+from nonlocal_opt.testing.rule_kit import check_rule
+
+__all__ = [
+    "DEFAULT_CASES",
+    "RUN_CASES",
+    "Case",
+    "Check",
+    "NearestPoint",
+    "Report",
+    "check_device_path",
+    "check_projector",
+    "check_rule",
+    "excess_distances",
+    "host_reads_raise",
+    "nearest_point",
+    "offset_drift",
+]

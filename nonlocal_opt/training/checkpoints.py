@@ -1,7 +1,9 @@
-"""Checkpoint layout: ``LOGDIR/checkpoints/epoch_N`` written by ``accelerator.save_state`` after epoch N."""
+"""Checkpoint layout: ``LOGDIR/checkpoints/epoch_N`` written by ``accelerator.save_state`` after epoch N,
+with the run's flat config in ``config.json``."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 from nonlocal_opt.training.config import ConfigError
 
 PATTERN = re.compile(r"epoch_(\d+)$")
+CONFIG_FILE = "config.json"
+COMPOSITION = ("optimizer", "base", "projector")  # what the saved optimizer state belongs to
 
 
 class Progress:
@@ -42,3 +46,19 @@ def resolve_resume(logdir: Path, resume: str) -> Path:
         looked = Path(logdir) / "checkpoints" if resume == "latest" else path
         raise ConfigError(f"no checkpoint to resume from at {looked}; run without --resume first or pass --resume DIR")
     return path
+
+
+def save_config(checkpoint: Path, config: dict[str, Any]) -> None:
+    """Write the flat run config (``TrainConfig.flat()``) next to the checkpoint's state."""
+    (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+
+def check_resume_config(checkpoint: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` with another rule, base or projector than it was written with
+    (its optimizer state belongs to those); checkpoints without ``config.json`` are not checked."""
+    path = Path(checkpoint) / CONFIG_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    for key in COMPOSITION:
+        if key in saved and saved[key] != config[key]:
+            raise ConfigError(f"cannot resume {checkpoint}: it was written with --{key} {saved[key]}, this run has "
+                              f"--{key} {config[key]}; pass --{key} {saved[key]}")

@@ -9,25 +9,13 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.plugins.compose import compose
+from nonlocal_opt.optim.composed import ComposedOptimizer, base_keywords
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
+from nonlocal_opt.plugins.compose import DEFAULT_BASE, compose
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-
-# The RBO paper's settings (Sec. 4.1), used for every hyperparameter the user does not set. Only the
-# keys the composed optimizer declares are passed on (e.g. a projector other than footpoint). The
-# paper gives Entropy-SGD's γ and L only; it adapted the steph1793/Entropy-SGD code, whose defaults fill
-# in the rest: outer lr 1 on x − μ (no γ factor), scoping 1e-3, a fresh mini-batch per Langevin step.
-PAPER_SETTINGS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.01},
-    "rbo": {"lr": 6.0, "rho": 1.0},
-    "sam": {"lr": 0.01, "rho": 0.05},
-    "entropy-sgd": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 20, "scale_outer_by_gamma": False, "scoping": 1e-3,
-                    "fresh_batches": True},
-}
-# Per projector: the paper's solver (20 gradient steps of size 0.1); other projectors keep their own
-# defaults (e.g. `newton`'s max_iters counts Newton iterations of 1 + cg_iters passes each).
-PAPER_PROJECTOR_SETTINGS: dict[str, dict[str, Any]] = {"footpoint": {"max_iters": 20, "step_size": 0.1}}
+DEFAULT_PRESET = "paper"  # the settings of the paper that defines each component
+NO_PRESET = "none"  # every hyperparameter at its component's (and base's) own default
 
 
 class ConfigError(ValueError):
@@ -55,6 +43,8 @@ class TrainConfig:
     model: str | None = None  # None: "mlp" for images; a landscape dataset is its own model
     optimizer: str = "rbo"
     projector: str | None = None
+    base: str = DEFAULT_BASE  # a registered base optimizer, stepping from θ_t with the rule's direction
+    preset: str = DEFAULT_PRESET  # a name in the components' ``presets``, or NO_PRESET
     lr: float | None = None
     rho: float | None = None
     epochs: int = 1
@@ -65,6 +55,7 @@ class TrainConfig:
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
     mixed_precision: str = "no"
+    train_subset: int | None = None  # train on the first N samples only
     data_dir: str | None = None
     download: bool = False
     label_noise: float = 0.0
@@ -84,7 +75,7 @@ class TrainConfig:
         """Raise ``ConfigError`` for values no run can use."""
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        for name in ("epochs", "batch_size", "limit_train_batches", "limit_val_batches"):
+        for name in ("epochs", "batch_size", "train_subset", "limit_train_batches", "limit_val_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -100,17 +91,31 @@ class TrainConfig:
         return {key: "None" if value is None else value for key, value in out.items()}
 
 
-def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
-    """The hyperparameters passed to ``compose``: the paper's settings for ``config.optimizer`` and its
-    projector (only those the composed optimizer declares), then ``--lr`` / ``--rho``, then ``--set``.
+def preset_hyperparameters(probe: ComposedOptimizer, preset: str) -> dict[str, Any]:
+    """The preset ``preset`` of the composition's rule, manifold and projector merged in that order
+    (e.g. ``"paper"``: RBO's η and ρ, then the footpoint solver's K and γ), restricted to the keys the
+    composition accepts; ``{}`` for ``"none"``. A name no component defines raises ``ValueError``."""
+    if preset == NO_PRESET:
+        return {}
+    components = [c for c in (probe.rule, probe.manifold, probe.projector) if c is not None]
+    if not any(preset in c.presets for c in components):
+        names = sorted({name for c in components for name in c.presets} | {NO_PRESET})
+        raise ValueError(f"unknown preset {preset!r} for {' + '.join(c.name for c in components)}; available: {', '.join(names)}")
+    values = {key: value for c in components for key, value in c.presets.get(preset, {}).items()}
+    base_keys = base_keywords(probe.base_factory)
+    return {key: value for key, value in values.items() if base_keys is None or key in base_keys or key in probe.hyperparameter_specs}
 
-    Unknown rule/projector names and unknown or invalid hyperparameters raise ``ValueError``.
+
+def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters passed to ``compose``: ``config.preset`` of the rule and its projector (only keys
+    the composition accepts), then ``--lr`` / ``--rho``, then ``--set``.
+
+    Unknown rule/base/projector/preset names and unknown or invalid hyperparameters raise ``ValueError``.
     """
-    probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, projector=config.projector)
-    known = probe.hyperparameter_specs
-    paper = {**PAPER_SETTINGS.get(config.optimizer, {}), **PAPER_PROJECTOR_SETTINGS.get(probe.projector.name, {})}
-    values = {key: value for key, value in paper.items() if key in known}
+    slots = {"base": config.base, "projector": config.projector}
+    probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, **slots)
+    values = preset_hyperparameters(probe, config.preset)
     values.update({key: value for key, value in (("lr", config.lr), ("rho", config.rho)) if value is not None})
     values.update(config.overrides)
-    compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, projector=config.projector, **values)  # validate
+    compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, **slots, **values)  # validate
     return values

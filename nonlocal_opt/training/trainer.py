@@ -1,7 +1,8 @@
 """``train(config)``: one readable training function on Accelerate, for any composed optimizer.
 
 Layout of ``config.logdir``: ``tensorboard/`` (event files, hparams), ``metrics.csv``,
-``checkpoints/epoch_N/`` (``accelerator.save_state``: model, optimizer, RNG states, progress).
+``checkpoints/epoch_N/`` (``accelerator.save_state``: model, optimizer, RNG states, progress; and
+``config.json``, the run's flat config).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,16 @@ from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
-from nonlocal_opt.training.checkpoints import Progress, checkpoint_dir, latest_checkpoint, resolve_resume
+from nonlocal_opt.plugins.compose import compose
+from nonlocal_opt.training.checkpoints import (
+    Progress,
+    check_resume_config,
+    checkpoint_dir,
+    latest_checkpoint,
+    resolve_resume,
+    save_config,
+)
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, as_config_error, optimizer_hyperparameters
 from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
@@ -31,6 +39,14 @@ from nonlocal_opt.training.metrics import MetricsLogger
 from nonlocal_opt.training.models import LandscapeModel, build_model
 
 FRESH_SEED_OFFSET = 1_000_003  # keeps the fresh-batch stream's shuffles apart from the epoch's
+
+# ``step(optimizer, closure, epoch)``: one optimizer step of epoch ``epoch`` (0-based) on the closure's batch.
+StepFn = Callable[[Any, BatchClosure, int], Any]
+
+
+def optimizer_step(optimizer, closure: BatchClosure, epoch: int) -> Any:
+    """The default ``StepFn``: ``optimizer.step(closure)``."""
+    return optimizer.step(closure)
 
 
 @attrs.frozen
@@ -63,13 +79,16 @@ def build_data_and_model(config: TrainConfig):
             raise ConfigError(f"--model does not apply to {config.dataset!r}: the landscape is the model; drop --model")
         if config.label_noise:
             raise ConfigError("--label-noise needs a classification dataset, not an analytic landscape")
-        return train_set, val_set, LandscapeModel(train_set.landscape), lambda out, _: out, None
-    if config.label_noise:
-        train_set = with_label_noise(train_set, config.label_noise, config.seed)
-    with as_config_error():
-        model = build_model(config.model or "mlp", train_set.input_shape, train_set.num_classes)
-    per_sample = functools.partial(F.cross_entropy, reduction="none")
-    return train_set, val_set, model, per_sample, classification_correct
+        model, per_sample, count_correct = LandscapeModel(train_set.landscape), lambda out, _: out, None
+    else:
+        if config.label_noise:
+            train_set = with_label_noise(train_set, config.label_noise, config.seed)
+        with as_config_error():
+            model = build_model(config.model or "mlp", train_set.input_shape, train_set.num_classes)
+        per_sample, count_correct = functools.partial(F.cross_entropy, reduction="none"), classification_correct
+    if config.train_subset is not None:
+        train_set = Subset(train_set, range(min(config.train_subset, len(train_set))))
+    return train_set, val_set, model, per_sample, count_correct
 
 
 def cycle(loader, generator: torch.Generator, seed: int) -> Iterator[Any]:
@@ -119,8 +138,12 @@ def step_metrics(optimizer, closure: BatchClosure, loss_scale: LossScale, classi
     return values
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.dataset`` with the composed optimizer; see the module doc."""
+def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset`` with the composed optimizer; see the module doc.
+
+    ``step(optimizer, closure, epoch)`` makes each optimizer step (e.g. ``PathTracker.step``, which
+    records the path while stepping); the default is ``optimizer.step(closure)``.
+    """
     config.check()
     with as_config_error():
         hyperparameters = optimizer_hyperparameters(config)
@@ -137,7 +160,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the {accelerator.num_processes} processes")
     set_seed(config.seed)
     train_set, val_set, model, per_sample_loss, count_correct = build_data_and_model(config)
-    optimizer = compose(model.parameters(), config.optimizer, projector=config.projector, **hyperparameters)
+    optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
     loaders = [
@@ -153,7 +176,9 @@ def train(config: TrainConfig) -> TrainResult:
         radius = build_radius_scheduler(config, optimizer, steps_per_epoch * config.epochs)
     accelerator.register_for_checkpointing(progress, loss_scale, *([radius] if radius else []))
     if config.resume is not None:
-        accelerator.load_state(str(resolve_resume(logdir, config.resume)))
+        resume_from = resolve_resume(logdir, config.resume)
+        check_resume_config(resume_from, config.flat())
+        accelerator.load_state(str(resume_from))
     hparams = {f"hp.{key}": _scalar(value) for key, value in optimizer.param_groups[0].items() if key != "params"}
     accelerator.init_trackers("tensorboard", config={**config.flat(), **hparams})
     logger = MetricsLogger(accelerator, logdir / "metrics.csv")
@@ -175,7 +200,7 @@ def train(config: TrainConfig) -> TrainResult:
                     break
                 step_start = time.perf_counter()
                 closure.start(batch)
-                optimizer.step(closure)
+                step(optimizer, closure, epoch)
                 if not math.isfinite(float(closure.first_loss)):
                     raise TrainingDiverged(
                         f"training stopped: the loss became {float(closure.first_loss)} at epoch {epoch + 1}, step "
@@ -203,6 +228,8 @@ def train(config: TrainConfig) -> TrainResult:
             accelerator.print(f"epoch {progress.epoch}/{config.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in epoch_values.items()))
             last_checkpoint = checkpoint_dir(logdir, progress.epoch)
             accelerator.save_state(str(last_checkpoint))
+            if accelerator.is_main_process:
+                save_config(last_checkpoint, config.flat())
     finally:
         for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
             tracker.finish()
