@@ -45,7 +45,7 @@ def plugin_site(tmp_path_factory) -> Path:
 
 
 def nonlocal_opt_command(site: Path, *args: str) -> str:
-    env = {key: value for key, value in os.environ.items() if key != "NONLOCAL_OPT_DISABLE_PLUGINS"}
+    env = {key: value for key, value in os.environ.items() if key not in ("NONLOCAL_OPT_DISABLE_PLUGINS", "NONLOCAL_OPT_PLUGINS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     return run([str(NONLOCAL_OPT), *args], env)

@@ -1,56 +1,96 @@
-"""Every registered projector (except ``none``) against the contract kit ``nonlocal_opt.testing``
-and through the trainer, plus projector-specific facts checked against independent formulas.
+"""Every registered projector against the contract kit ``nonlocal_opt.testing`` and through the trainer,
+deliberately broken projectors failing the kit at their default budget, plus projector-specific facts
+checked against independent formulas.
 
-``NONLOCAL_OPT_PROJECTOR=<name>`` restricts the parametrised tests to one projector (tox matrix).
+``NONLOCAL_OPT_PROJECTOR=<name>`` restricts the tests parametrised by ``projector`` to one projector
+(tests/conftest.py; the tox matrix).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
 import nonlocal_opt
+from nonlocal_opt import Hyperparameter, ProjectionResult, Projector
 from nonlocal_opt.analysis.landscapes import LANDSCAPES, Quadratic, Sine
+from nonlocal_opt.optim.hyperparameters import positive_int
 from nonlocal_opt.optim.step_context import StepContext
-from nonlocal_opt.testing import carried_centre, check_projector
+from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_device_path, check_projector
 from nonlocal_opt.training import TrainConfig, train
 from nonlocal_opt.training.config import optimizer_hyperparameters
 from nonlocal_opt.training.metrics import read_metrics
 
 from conftest import make_closure
 
-
-def projector_names() -> list[str]:
-    names = [name for name in nonlocal_opt.available("projector") if name != "none"]
-    chosen = os.environ.get("NONLOCAL_OPT_PROJECTOR")
-    if chosen is None:
-        return names
-    if chosen not in names:
-        raise pytest.UsageError(f"NONLOCAL_OPT_PROJECTOR={chosen!r} is not a registered projector; choose one of: {', '.join(names)}")
-    return [chosen]
+PROJECTORS = nonlocal_opt.available("projector")
 
 
-PROJECTORS = projector_names()
-
-
-@pytest.mark.parametrize("name", PROJECTORS)
-def test_projector_contract(name):
-    report = check_projector(name)
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_projector_contract(projector):
+    report = check_projector(projector)
     assert report.ok
+    assert {check.name for check in report.checks} >= {"residual", "evaluated", "passes", "idempotence"}
 
 
-@pytest.mark.parametrize("name", PROJECTORS)
-def test_trainer_steps_the_projector_like_a_plain_loop(name, tmp_path):
+def residual(ctx, point, target) -> torch.Tensor:
+    return torch.linalg.vector_norm(ctx.manifold.phi_grad(point, target))
+
+
+class StaysPut(Projector):
+    """Returns the contact point it started from."""
+
+    name = "stays-put"
+    manifolds = ("offset",)
+
+    def project(self, target, start, ctx):
+        return ProjectionResult(point=start, centre=None, iterations=0, residual=residual(ctx, start, target))
+
+
+class HalfWay(nonlocal_opt.get("projector", "gauss-newton")):
+    """Moves half way from θ_t to the Gauss–Newton footpoint."""
+
+    name = "half-way"
+
+    def project(self, target, start, ctx):
+        end = super().project(target, start, ctx).point
+        point = ctx.evaluate((start.theta + end.theta) / 2)
+        return ProjectionResult(point=point, centre=None, iterations=1, residual=residual(ctx, point, target))
+
+
+Footpoint = nonlocal_opt.get("projector", "footpoint")
+
+
+class TwoSteps(Footpoint):
+    """The paper's solver with a default budget of K = 2: it converges when run to tolerance, not at its defaults."""
+
+    name = "two-steps"
+    hyperparameters = {**Footpoint.hyperparameters, "max_iters": Hyperparameter(2, "K", "iterations", positive_int)}
+
+
+@pytest.mark.parametrize(
+    ("broken", "failing"),
+    [(StaysPut(), {"accuracy", "contact"}), (HalfWay(), {"accuracy", "convergence", "contact"}), (TwoSteps(), {"accuracy", "contact"})],
+    ids=lambda value: getattr(value, "name", ""),
+)
+def test_broken_projectors_fail_the_kit_at_their_default_budget(broken, failing):
+    report = check_projector(broken, cases=DEFAULT_CASES[:3], run_cases=RUN_CASES[:1], steps=50, raise_on_failure=False)
+    assert {check.name for check in report.failures} == failing  # two-steps passes "convergence": K = 500 reaches θ*
+    with pytest.raises(AssertionError, match="FAIL accuracy"):
+        check_projector(broken, cases=DEFAULT_CASES[:1], run_cases=())
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_trainer_steps_the_projector_like_a_plain_loop(projector, tmp_path):
     """``train`` on ``landscape:sine`` (every sample's loss is f(θ)) = the same optimizer stepped by hand."""
-    config = TrainConfig(dataset="landscape:sine", projector=name, lr=0.05, rho=0.2, batch_size=64,
+    config = TrainConfig(dataset="landscape:sine", projector=projector, lr=0.05, rho=0.2, batch_size=64,
                          limit_train_batches=5, limit_val_batches=1, logdir=str(tmp_path))
     result = train(config)
     steps = [row for row in read_metrics(tmp_path / "metrics.csv") if row["scope"] == "step"]
     landscape = LANDSCAPES["sine"]()
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector=name, **optimizer_hyperparameters(config))
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector=projector, **optimizer_hyperparameters(config))
     losses, passes = [], []
     for _ in range(5):
         losses.append(opt.step(make_closure(opt, landscape)).item())
@@ -109,19 +149,19 @@ def test_tangent_moves_the_centre_by_the_projected_update():
         delta = delta - (u @ delta) / (u @ u) * u
         centre, theta = centre + delta, theta + delta[:2]
         opt.step(closure)
-        carried = carried_centre(opt)
+        carried = opt.last_projection.result.centre
         torch.testing.assert_close(torch.cat([carried.theta, carried.height.reshape(1)]), centre)
         torch.testing.assert_close(landscape.theta.detach(), theta)
 
 
-@pytest.mark.parametrize("name", PROJECTORS)
-def test_batchnorm_running_stats_see_one_forward_pass(name):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_batchnorm_running_stats_see_one_forward_pass(projector):
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=0.5, rho=0.5)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=projector, lr=0.5, rho=0.5)
     opt.step(make_closure(opt, lambda: torch.nn.functional.cross_entropy(model(x), y)))
     assert opt.stats["grad_evals"] > 1
     twin(x)
@@ -129,11 +169,11 @@ def test_batchnorm_running_stats_see_one_forward_pass(name):
         torch.testing.assert_close(model.state_dict()[key], twin.state_dict()[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in PROJECTORS if n != "footpoint"])
-def test_paper_setting_stays_finite(name, mlp_problem):
+@pytest.mark.parametrize("projector", [n for n in PROJECTORS if n != "footpoint"])
+def test_paper_setting_stays_finite(projector, mlp_problem):
     """ρ = 1, η = 6 on a small MLP: the safeguarded projectors never step to a non-finite point."""
     model, loss_fn = mlp_problem
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=6.0, rho=1.0)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=projector, lr=6.0, rho=1.0)
     closure = make_closure(opt, loss_fn)
     for _ in range(10):
         opt.step(closure)
@@ -142,12 +182,12 @@ def test_paper_setting_stays_finite(name, mlp_problem):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", PROJECTORS)
-def test_step_does_not_synchronise_on_cuda(name):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_step_does_not_synchronise_on_cuda(projector):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).cuda()
     x, y = torch.randn(32, 6, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=name, lr=0.5, rho=0.5)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=projector, lr=0.5, rho=0.5)
 
     def closure():
         opt.zero_grad()
@@ -181,27 +221,28 @@ def test_gain_ratio_damping_follows_nielsen():
     torch.testing.assert_close(damping, 2 * mu)  # a non-positive prediction counts as ϱ = 0
 
 
-SAFEGUARDED = [n for n in PROJECTORS if getattr(nonlocal_opt.plugins.registry.instantiate("projector", n), "safeguarded", False)]
+SAFEGUARDED = [n for n in PROJECTORS if getattr(nonlocal_opt.get("projector", n), "safeguarded", False)]
 
 
-@pytest.mark.parametrize("name", SAFEGUARDED)
-def test_phi_never_increases_along_the_iterations(name, mlp_problem):
+@pytest.mark.parametrize("projector", SAFEGUARDED)
+def test_phi_never_increases_along_the_iterations(projector, mlp_problem):
     """``K = 1, 2, …, 12`` iterations of the same deterministic run: ``φ`` at the returned point never rises
     (beyond the documented 8-ulp rounding allowance), at the paper's ρ = 1, η = 6 where many trials are rejected."""
     model, loss_fn = mlp_problem
     params = list(model.parameters())
     theta0 = [p.detach().clone() for p in params]
+    no_early_stop = {key: None for key in ("tol", "rtol") if key in nonlocal_opt.get("projector", projector).hyperparameters}
     values = []
     for k in range(1, 13):
         with torch.no_grad():
             for p, p0 in zip(params, theta0):
                 p.copy_(p0)
-        opt = nonlocal_opt.compose(params, "rbo", projector=name, lr=6.0, rho=1.0, max_iters=k, rtol=None)
+        opt = nonlocal_opt.compose(params, "rbo", projector=projector, lr=6.0, rho=1.0, max_iters=k, **no_early_stop)
         ctx = StepContext(opt, make_closure(opt, loss_fn))
         with torch.no_grad():
             start = ctx.evaluate(extra=False)
             centre = ctx.manifold.centre(start, ctx)
-            target = opt.rule.propose(centre, start, ctx)
+            target = opt.rule.propose(centre, start, ctx.per_coordinate("lr"))
             result = ctx.project(target, start, centre=centre)
         values.append(float(0.5 * ((result.point.theta - target.theta).square().sum() + (result.point.loss - target.height) ** 2)))
     ulps = 8 * torch.finfo(torch.float32).eps
@@ -223,13 +264,11 @@ def test_choose_branches_on_the_host_and_selects_on_devices_identically():
                 torch.testing.assert_close(got, want, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", PROJECTORS)
-def test_device_path_reads_nothing_on_the_host_and_matches_the_cpu_path(name):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_device_path_reads_nothing_on_the_host_and_matches_the_cpu_path(projector):
     """The path a GPU takes (0-d tensor scalars, ``torch.where`` choices) run on the CPU with every host
     read raising: no read happens, and five float64 steps end where the CPU path (Python scalars and branches) ends."""
-    from nonlocal_opt.testing import check_device_path
-
-    assert check_device_path(name) <= 1e-9
+    assert check_device_path(projector) <= 1e-9
 
 
 def test_host_scalars_past_the_dtype_range_overflow_like_tensors():

@@ -140,7 +140,7 @@ def offset_function(
     queries: torch.Tensor | None = None,
     chunk: int = 512,
 ) -> torch.Tensor:
-    """Brute-force ``f_ρ(θ) = sup_{‖s‖ ≤ ρ} [ f(θ + s) + sqrt(ρ² − ‖s‖²) ]`` (DESIGN.md §1).
+    """Brute-force ``f_ρ(θ) = sup_{‖s‖ ≤ ρ} [ f(θ + s) + sqrt(ρ² − ‖s‖²) ]`` (docs/math.md §6).
 
     The sup runs over the points ``θ + s`` of ``grid`` (shape ``(n,)`` in 1-D or ``(n, dim)``), so its
     accuracy is that of the grid. ``queries`` (default: the grid) are the ``θ`` to evaluate at.

@@ -57,8 +57,11 @@ class ConstraintManifold(_Component):
         """``φ(θ)`` at ``point`` for the proposed centre ``target``, as a 0-d tensor."""
 
     @abstractmethod
-    def phi_grad(self, point: GraphPoint, target: Centre, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given."""
+    def phi_grad(
+        self, point: GraphPoint, target: Centre, out: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given. ``offset``:
+        ``θ − θ̃`` when the caller has formed it already (a solver may pass it to save a sweep)."""
 
     @abstractmethod
     def offset_error(self, centre: Centre, point: GraphPoint, ctx: StepContext) -> torch.Tensor:

@@ -28,7 +28,8 @@ def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
 @attrs.frozen
 class ProjectionRecord:
     """One projection of a step: the centre ``c_t`` the rule moved from (``None`` if it gave none),
-    the proposed centre ``c̃`` and the projector's result."""
+    the proposed centre ``c̃`` and the projector's result (its ``centre`` as the projector returned it,
+    before the rule moves it with the parameters the base lands on)."""
 
     centre: Centre | None
     target: Centre

@@ -8,15 +8,18 @@ caller's ``hyperparameters``), and again **to tolerance** when it declares ``max
 ``rtol`` (those it declares set to ``500``, ``1e-9``, ``None``):
 
 - ``accuracy`` (defaults): ``‖θ_{t+1} − θ*‖ ≤ atol + default_rtol·‖θ_t − θ*‖``, ``θ*`` the brute-force
-  nearest point of Γ to ``c̃`` (where unique): the default budget removes most of the error;
+  nearest point of Γ to ``c̃`` (where unique; not on ``slow`` cases): the default budget removes most
+  of the distance;
 - ``convergence`` (to tolerance): ``‖θ_{t+1} − θ*‖ ≤ atol``;
 - ``idempotence``: projecting ``c(p)`` from ``p`` returns ``p``;
 - ``residual``, ``evaluated``, ``passes``: the reported ``residual`` is ``‖∇φ‖`` at the returned
   point, the returned ``f`` and ``∇f`` belong to the returned ``θ``, every closure call is counted;
 - ``monotone`` (projectors declaring ``safeguarded = True``, also run on the Riemann function):
   ``φ(θ_{t+1}) ≤ φ(θ_t)``;
-- ``contact``: over ``steps`` steps of the rule at the defaults, the returned contact point stays the
-  nearest point of Γ to the proposed centre: ``(‖c̃ − p_{t+1}‖ − d_Γ(c̃)) / ‖c̃ − p_{t+1}‖ ≤ contact_limit``.
+- ``contact``: over ``steps`` steps of the rule at the defaults, the projections leave little of the
+  excess distance ``‖c̃ − p‖ − d_Γ(c̃)`` (0 at the footpoint, quadratic in the error) of the points
+  they start from: ``Σ_t (‖c̃ − p_{t+1}‖ − d_Γ(c̃)) / Σ_t (‖c̃ − p_t‖ − d_Γ(c̃)) ≤ default_rtol²``
+  (:func:`excess_distances`, ``d_Γ`` brute-forced).
 
 A projector that returns a ``centre`` (it moves the centre instead of projecting it, like ``tangent``)
 makes no footpoint claim: ``accuracy``, ``convergence`` and ``contact`` are skipped, and the drift of
@@ -54,7 +57,7 @@ class Case:
     starts: Sequence[Sequence[float]]
     rho: float
     eta: float
-    rough: bool = False  # only for safeguarded projectors
+    rough: bool = False  # Riemann's function: only for safeguarded projectors
     slow: bool = False  # φ is badly conditioned: no accuracy claim at a default budget, checked to tolerance only
 
 
@@ -77,24 +80,22 @@ RUN_CASES = (
 
 
 @attrs.frozen
-class Budget:
-    """Settings a projection runs with: the projector's ``defaults`` or ``to tolerance``."""
+class _Budget:
+    """The settings a projection runs with: the projector's defaults, or ``to_tolerance``."""
 
-    label: str
     hyperparameters: Mapping[str, Any]
+    to_tolerance: bool = False
 
     @property
-    def to_tolerance(self) -> bool:
-        return self.label == "to tolerance"
+    def label(self) -> str:
+        return "to tolerance" if self.to_tolerance else "defaults"
 
 
-def budgets(projector: Projector, hyperparameters: Mapping[str, Any]) -> list[Budget]:
+def _budgets(projector: Projector, hyperparameters: Mapping[str, Any]) -> list[_Budget]:
     """The defaults (plus ``hyperparameters``), and to tolerance if the projector declares a stopping rule."""
     declared = {k: v for k, v in TO_TOLERANCE.items() if k in projector.hyperparameters}
-    runs = [Budget("defaults", dict(hyperparameters))]
-    if declared:
-        runs.append(Budget("to tolerance", {**declared, **hyperparameters}))
-    return runs
+    defaults = _Budget(dict(hyperparameters))
+    return [defaults, _Budget({**declared, **hyperparameters}, to_tolerance=True)] if declared else [defaults]
 
 
 class _Run:
@@ -133,14 +134,15 @@ def _invariants(run: _Run, ctx: StepContext, start: GraphPoint, target: Centre, 
     f_true, g_true = value_and_grad(run.landscape, theta)
     mismatch = float(torch.linalg.vector_norm(torch.cat([(result.point.loss - f_true).reshape(1), result.point.grad - g_true])))
     checks.append(Check.at_most("evaluated", label, mismatch, 1e-10, "(f, ∇f) of the returned θ"))
-    checks.append(Check.at_most("passes", label, float(run.calls - ctx.grad_evals), 0.0, "closure calls not counted in grad_evals"))
+    uncounted = float(run.calls - ctx.stats["grad_evals"])
+    checks.append(Check.at_most("passes", label, uncounted, 0.0, "closure calls not counted in grad_evals"))
     if getattr(run.opt.projector, "safeguarded", False):
         rise = phi(run.landscape, theta, target) - phi(run.landscape, start.theta, target)
         checks.append(Check.at_most("monotone", label, rise, 1e-12, "φ(θ_{t+1}) − φ(θ_t)"))
     return checks
 
 
-def _accuracy(budget: Budget, label: str, start: GraphPoint, result: ProjectionResult, oracle: NearestPoint, atol: float,
+def _accuracy(budget: _Budget, label: str, start: GraphPoint, result: ProjectionResult, oracle: NearestPoint, atol: float,
               default_rtol: float) -> Check:
     """``convergence`` to tolerance (absolute), or ``accuracy`` at the defaults (relative to ``‖θ_t − θ*‖``)."""
     error = float(torch.linalg.vector_norm(result.point.theta - oracle.theta))
@@ -152,7 +154,7 @@ def _accuracy(budget: Budget, label: str, start: GraphPoint, result: ProjectionR
     return Check(name, label, error <= limit or not oracle.unique, error, limit, detail)
 
 
-def _idempotence(composition: Composition, case: Case, start: Sequence[float], budget: Budget, label: str) -> Check:
+def _idempotence(composition: Composition, case: Case, start: Sequence[float], budget: _Budget, label: str) -> Check:
     """Projecting ``c(p)`` from ``p`` returns ``p``."""
     run = _Run(composition, case, start, budget.hyperparameters)
     ctx = run.context()
@@ -162,7 +164,7 @@ def _idempotence(composition: Composition, case: Case, start: Sequence[float], b
     return Check.at_most("idempotence", label, moved, 1e-8, "‖proj(c(p)) − p‖")
 
 
-def _project_from(composition: Composition, case: Case, start: Sequence[float], runs: Sequence[Budget], atol: float,
+def _project_from(composition: Composition, case: Case, start: Sequence[float], runs: Sequence[_Budget], atol: float,
                   default_rtol: float) -> tuple[list[Check], bool]:
     """Every single-projection check from one contact point ``θ_t``, at each budget; also whether
     the projector carried its own centre."""
@@ -185,10 +187,8 @@ def _project_from(composition: Composition, case: Case, start: Sequence[float], 
     return checks, carried
 
 
-Step = tuple[Landscape, torch.Tensor, ProjectionRecord]
-
-
-def _records(composition: Composition, case: Case, hyperparameters: Mapping[str, Any], steps: int) -> Iterator[Step]:
+def _records(composition: Composition, case: Case, hyperparameters: Mapping[str, Any], steps: int
+             ) -> Iterator[tuple[Landscape, torch.Tensor, ProjectionRecord]]:
     """``steps`` steps of the rule from the case's first start; per step the landscape, ``θ_t`` and the step's projection."""
     run = _Run(composition, case, case.starts[0], hyperparameters)
     for _ in range(steps):
@@ -281,7 +281,7 @@ def check_projector(
     """
     composition = Composition.for_projector(name_or_instance, rule, manifold)
     projector, hyperparameters = composition.projector, dict(hyperparameters or {})
-    runs = budgets(projector, hyperparameters)
+    runs = _budgets(projector, hyperparameters)
     safeguarded = getattr(projector, "safeguarded", False)
     checks: list[Check] = []
     carries = False
@@ -292,5 +292,6 @@ def check_projector(
                 checks += found
                 carries = carries or carried
         checks += [_run_check(composition, case, hyperparameters, steps, carries, default_rtol) for case in run_cases]
-    report = Report(f"projector {projector.name!r} ({composition})", tuple(checks))
+    subject = f"projector {projector.name!r} under rule {composition.rule.name!r} on manifold {composition.manifold.name!r}"
+    report = Report(subject, tuple(checks))
     return report.raise_on_failure() if raise_on_failure else report

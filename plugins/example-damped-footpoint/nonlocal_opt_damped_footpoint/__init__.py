@@ -4,9 +4,12 @@ An example of a third-party projector plugin for nonlocal-opt. Per iteration ``k
 ``θ' = θ − γ_k ∇φ(θ)`` (one forward+backward pass) and accepts it only if
 ``φ(θ') ≤ φ(θ) − c γ_k ‖∇φ(θ)‖²``; on acceptance ``γ_{k+1} = min(2 γ_k, γ_max)``, otherwise the trial
 is discarded and ``γ_{k+1} = γ_k / 2``. Accept/reject is decided with ``torch.where``: no host sync.
+``φ`` and ``∇φ`` are the manifold's (``ctx.manifold.phi`` / ``phi_grad``), so it projects onto any
+manifold that declares it: here ``offset``, RBO's ``S(Γ, ρ)``.
 
 Like any third-party plugin it uses only nonlocal-opt's public API (``nonlocal_opt``,
-``nonlocal_opt.optim.hyperparameters``), not the internals of the first-party plugins.
+``nonlocal_opt.optim.hyperparameters``, ``nonlocal_opt.optim.host_reads``), not the internals of the
+first-party plugins.
 """
 
 from __future__ import annotations
@@ -14,22 +17,18 @@ from __future__ import annotations
 import torch
 
 import nonlocal_opt
-from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
+from nonlocal_opt import GraphPoint, Hyperparameter, ProjectionResult, Projector
+from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 ARMIJO_C = 1e-4
-
-
-def phi_and_grad(point: GraphPoint, target: Centre) -> tuple[torch.Tensor, torch.Tensor]:
-    """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` and ``∇φ(θ) = (θ − θ̃) + (f(θ) − ỹ) ∇f(θ)``."""
-    offset, gap = point.theta - target.theta, point.loss - target.height
-    return 0.5 * (offset.dot(offset) + gap * gap), offset + gap * point.grad
 
 
 class DampedFootpoint(Projector):
     """Footpoint gradient descent with backtracking: ``φ`` is non-increasing, so it cannot blow up."""
 
     name = "damped-footpoint"
+    manifolds = ("offset",)  # the manifolds it projects onto; the contract kit runs it on the first
     hyperparameters = {
         "max_iters": Hyperparameter(20, "K", "trial steps (one pass each)", positive_int),
         "step_size": Hyperparameter(0.1, "γ₀", "initial step size", positive),
@@ -42,13 +41,14 @@ class DampedFootpoint(Projector):
         max_iters, tol = ctx.hp("max_iters"), ctx.hp("tol")
         gamma = torch.tensor(float(ctx.hp("step_size")), dtype=start.theta.dtype, device=start.theta.device)
         gamma_max = ctx.hp("max_step_size")
+        phi, phi_grad = ctx.manifold.phi, ctx.manifold.phi_grad
         point = start
-        value, gradient = phi_and_grad(start, target)
-        stop_early = tol is not None and start.theta.device.type == "cpu"
+        value, gradient = phi(start, target), phi_grad(start, target)
+        stop_early = tol is not None and host_reads(start.theta)  # a Python branch on a value: free on the CPU only
         iteration = 0
         while iteration < max_iters and not (stop_early and bool(torch.linalg.vector_norm(gradient) <= tol)):
             trial = ctx.evaluate(point.theta - gamma * gradient)
-            trial_value, trial_gradient = phi_and_grad(trial, target)
+            trial_value, trial_gradient = phi(trial, target), phi_grad(trial, target)
             accept = torch.isfinite(trial_value) & (trial_value <= value - ARMIJO_C * gamma * gradient.dot(gradient))
             point = GraphPoint(
                 theta=torch.where(accept, trial.theta, point.theta),

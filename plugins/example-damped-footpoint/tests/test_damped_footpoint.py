@@ -1,19 +1,27 @@
 """Tests of the example plugin, run where it is installed (``pip install ./plugins/example-damped-footpoint``;
-``tox -e example-plugin``): its registration, the contract kit, and its own claim — on a stiff
-landscape where the paper's fixed step overshoots, backtracking keeps ``φ`` non-increasing and
-reaches the footpoint.
+``tox -e example-plugin``): its registration, the contract kits (``check_projector``, and
+``check_device_path`` for the path a GPU takes), and its own claim — on a stiff landscape where the
+paper's fixed step overshoots, backtracking keeps ``φ`` non-increasing and reaches the footpoint.
+Where the distribution is not installed they are skipped, saying so.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
+import pytest
 import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre
 from nonlocal_opt.analysis.landscapes import Quadratic
-from nonlocal_opt.testing import check_projector, nearest_point
+from nonlocal_opt.testing import check_device_path, check_projector, nearest_point
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("nonlocal_opt_damped_footpoint") is None,
+    reason="the example plugin is not installed: pip install ./plugins/example-damped-footpoint (or tox -e example-plugin)",
+)
 
 # f(θ) = ½(θ − θ*)ᵀH(θ − θ*) with eigenvalues 10 and 1: ‖∇f(θ_t)‖ ≈ 9.1, so ∇²φ has an eigenvalue
 # ≈ 1 + ‖∇f‖² ≈ 84 and a fixed step γ > 2/84 ≈ 0.024 — the paper's γ = 0.1 included — makes GD on φ diverge.
@@ -67,6 +75,12 @@ def test_contract_kit():
     assert report.ok
     # safeguarded = True: the kit also asserted φ(θ_{t+1}) ≤ φ(θ_t), on the Riemann function too.
     assert any(check.name == "monotone" and check.case.startswith("riemann") for check in report.checks)
+    # max_iters and tol are declared: accurate at the defaults, and converged when run to tolerance.
+    assert {"accuracy", "convergence", "contact"} <= {check.name for check in report.checks}
+
+
+def test_device_path_reads_nothing_on_the_host():
+    assert check_device_path("damped-footpoint") <= 1e-9
 
 
 def test_the_paper_fixed_step_overshoots_on_this_landscape():

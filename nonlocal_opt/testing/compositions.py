@@ -1,0 +1,69 @@
+"""How the kits compose the component under test without naming any plugin: a projector runs on its
+first manifold under the first registered rule (sorted names) that works on that manifold."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+import nonlocal_opt
+from nonlocal_opt import ComposedOptimizer, ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.plugins.registry import instantiate
+
+
+def rule_on(manifold: str) -> str:
+    """The first registered rule (sorted names) whose ``manifolds`` include ``manifold``."""
+    for name in nonlocal_opt.available("rule"):
+        if manifold in nonlocal_opt.get("rule", name).manifolds:
+            return name
+    raise ValueError(f"no registered rule works on manifold {manifold!r}: pass rule=... to the kit")
+
+
+@attrs.frozen
+class Composition:
+    """A rule with the projector and manifold it runs with (both ``None`` for a point rule), composed
+    over any base with :meth:`compose`."""
+
+    rule: DescentRule
+    projector: Projector | None = None
+    manifold: ConstraintManifold | None = None
+
+    @classmethod
+    def for_projector(
+        cls, projector: str | Projector, rule: str | DescentRule | None = None, manifold: str | ConstraintManifold | None = None
+    ) -> Composition:
+        """``manifold``: the caller's, else the projector's first; ``rule``: the caller's, else :func:`rule_on` it."""
+        projector = instantiate("projector", projector)
+        if manifold is None:
+            if not projector.manifolds:
+                raise ValueError(f"projector {projector.name!r} declares no manifolds: set Projector.manifolds")
+            manifold = projector.manifolds[0]
+        manifold = instantiate("manifold", manifold)
+        return cls(instantiate("rule", rule or rule_on(manifold.name)), projector, manifold)
+
+    @classmethod
+    def for_rule(
+        cls, rule: str | DescentRule, projector: str | Projector | None = None, manifold: str | ConstraintManifold | None = None
+    ) -> Composition:
+        """The caller's ``projector`` and ``manifold``, else the rule's defaults (none for a point rule)."""
+        rule = instantiate("rule", rule)
+        if rule.manifolds:
+            projector = instantiate("projector", projector or rule.default_projector)
+            manifold = instantiate("manifold", manifold or rule.default_manifold)
+        return cls(rule, projector, manifold)
+
+    def radius(self, rho: float) -> dict[str, float]:
+        """``{"rho": ρ}`` when the manifold declares ``rho``, else nothing."""
+        return {"rho": rho} if self.manifold is not None and "rho" in self.manifold.hyperparameters else {}
+
+    def compose(self, params: Iterable[Any], base: str | type | None = None, **hyperparameters: Any) -> ComposedOptimizer:
+        """A new optimizer with copies of the components, so that no run sees another's instance attributes."""
+        rule, projector, manifold = copy.deepcopy((self.rule, self.projector, self.manifold))
+        return nonlocal_opt.compose(params, rule, base=base, projector=projector, manifold=manifold, **hyperparameters)
+
+    def __str__(self) -> str:
+        parts = {"rule": self.rule, "projector": self.projector, "manifold": self.manifold}
+        return ", ".join(f"{kind} {part.name!r}" for kind, part in parts.items() if part is not None)
