@@ -76,3 +76,32 @@ def mlp_problem():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     return model, lambda: torch.nn.functional.cross_entropy(model(x), y)
+
+
+class PlainSGD(torch.optim.Optimizer):
+    """A third party's base optimizer: ``θ ← θ − η g``, no state."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def sam_gradients(model, loss_of, rho, adaptive):
+    """SAM / ASAM from the formulas, as an oracle: ``ε = ρ T² g / (‖T g‖ + 1e-12)``, ``T = |w|`` or 1, one
+    norm over all tensors; returns ``(w, ∇f(w + ε))`` and leaves the model at ``w + ε``."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_of(model), params)
+    with torch.no_grad():
+        scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
+        norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scale, grads)))
+        saved = [p.clone() for p in params]
+        for p, t, g in zip(params, scale, grads):
+            p.add_(rho * t * t * g / (norm + 1e-12))
+    return saved, torch.autograd.grad(loss_of(model), params)
+

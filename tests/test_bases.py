@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 
 import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.plugins.manager import get_plugin_manager
 
-from conftest import make_closure
+from conftest import PlainSGD, make_closure, sam_gradients
 
 
 def _problem(dtype=torch.float64, seed=2):
@@ -36,14 +34,7 @@ def reference_sam_adamw(model, loss_of, steps, lr, rho, adaptive, betas, eps, we
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     for t in range(1, steps + 1):
-        grads = torch.autograd.grad(loss_of(model), params)
-        with torch.no_grad():
-            scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
-            norm = torch.sqrt(sum(((s * g) ** 2).sum() for s, g in zip(scale, grads)))
-            saved = [p.clone() for p in params]
-            for p, s, g in zip(params, scale, grads):
-                p.add_(rho * s * s * g / (norm + 1e-12))
-        grads = torch.autograd.grad(loss_of(model), params)
+        saved, grads = sam_gradients(model, loss_of, rho, adaptive)
         with torch.no_grad():
             for i, (p, w, g) in enumerate(zip(params, saved, grads)):
                 w = w * (1 - lr * weight_decay)
@@ -174,58 +165,18 @@ def test_a_nonfinite_step_leaves_parameters_and_adam_state_alone():
     assert all(torch.equal(after[i][k], v) for i, s in state.items() for k, v in s.items())
 
 
-class SignDescent(torch.optim.Optimizer):
-    """A third party's optimizer: ``θ ← θ − η sign(g)``."""
-
-    def __init__(self, params, lr=0.01):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
-
-
-def _sign_sam(model, loss_of, steps, lr, rho):
-    params = list(model.parameters())
-    for _ in range(steps):
-        grads = torch.autograd.grad(loss_of(model), params)
-        with torch.no_grad():
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            saved = [p.clone() for p in params]
-            for p, g in zip(params, grads):
-                p.add_(rho * g / (norm + 1e-12))
-        grads = torch.autograd.grad(loss_of(model), params)
-        with torch.no_grad():
-            for p, w, g in zip(params, saved, grads):
-                p.copy_(w - lr * g.sign())
-
-
-def test_a_third_party_base_by_class(fresh_plugins):
+def test_a_third_party_base_by_class():
+    """SAM over a third party's ``θ ← θ − η g`` is SAM over ``torch.optim.SGD`` (the same update)."""
     model, loss_of = _problem()
     twin = copy.deepcopy(model)
-    opt = nonlocal_opt.compose(model.parameters(), "sam", base=SignDescent, lr=0.01, rho=0.1)
+    ours = nonlocal_opt.compose(model.parameters(), "sam", base=PlainSGD, lr=0.01, rho=0.1)
+    torchs = nonlocal_opt.compose(twin.parameters(), "sam", base="sgd", lr=0.01, rho=0.1)
     for _ in range(5):
-        opt.step(make_closure(opt, lambda: loss_of(model)))
-    _sign_sam(twin, loss_of, 5, lr=0.01, rho=0.1)
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match=r"unknown hyperparameter 'momentum' .*SignDescent; known: .*lr.*rho"):
-        nonlocal_opt.compose(twin.parameters(), "sam", base=SignDescent, momentum=0.9)
-
-
-def test_a_third_party_base_registered_by_a_plugin(fresh_plugins):
-    hook = nonlocal_opt.hookimpl(lambda register: register(SignDescent, name="sign"))
-    plugin = types.SimpleNamespace(nonlocal_opt_register_bases=hook)
-    get_plugin_manager().register(plugin, name="sign-plugin")
-    assert "sign" in nonlocal_opt.available("base")
-    assert nonlocal_opt.registrations("base")["sign"].plugin == "sign-plugin"
-    model, loss_of = _problem()
-    opt = nonlocal_opt.compose(model.parameters(), "local", base="sign", lr=0.01)
-    before = _flat(model)
-    opt.step(make_closure(opt, lambda: loss_of(model)))
-    assert (_flat(model) - before).abs().max().item() == pytest.approx(0.01)
+        ours.step(make_closure(ours, lambda: loss_of(model)))
+        torchs.step(make_closure(torchs, lambda: loss_of(twin)))
+    assert torch.equal(_flat(model), _flat(twin))
+    with pytest.raises(ValueError, match=r"unknown hyperparameter 'momentum' .*PlainSGD; known: .*lr.*rho"):
+        nonlocal_opt.compose(twin.parameters(), "sam", base=PlainSGD, momentum=0.9)
 
 
 def test_convenience_constructors_are_composed_optimizer_classes():

@@ -14,10 +14,21 @@ import nonlocal_opt
 from nonlocal_opt import Centre, ConstraintManifold, Hyperparameter
 from nonlocal_opt.analysis.landscapes import Quadratic
 from nonlocal_opt.optim.hyperparameters import positive
-from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR, get_plugin_manager
+from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_projector, check_rule, nearest_point
 
-from conftest import make_closure
+from conftest import PlainSGD, make_closure
+
+
+@contextlib.contextmanager
+def registered(plugin, name):
+    """``plugin`` registered under ``name`` with the plugin manager for the block."""
+    manager = get_plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        manager.unregister(plugin)
 
 RollingBall = nonlocal_opt.get("rule", "rbo")
 
@@ -55,10 +66,7 @@ def test_builtins_come_from_this_distribution_entry_points():
 
 
 def test_runtime_registered_plugin_works_in_compose():
-    manager = get_plugin_manager()
-    plugin = RuntimePlugin()
-    manager.register(plugin, name="runtime-test")
-    try:
+    with registered(RuntimePlugin(), "runtime-test"):
         assert "half-step-rbo" in nonlocal_opt.available("rule")
         assert nonlocal_opt.get("rule", "half-step-rbo") is HalfStepRBO
         land = Quadratic([1.0, 2.0], eigenvalues=[1.0, 2.0]).double()
@@ -73,8 +81,6 @@ def test_runtime_registered_plugin_works_in_compose():
         assert land().item() < before
         # Its move c̃ = c − (η/2)τ is RBO's at η/2, and over plain SGD the base lands on the projection θ_{t+1}.
         torch.testing.assert_close(land.theta.detach(), twin.theta.detach(), rtol=0, atol=1e-12)
-    finally:
-        manager.unregister(plugin)
     assert "half-step-rbo" not in nonlocal_opt.available("rule")
 
 
@@ -139,10 +145,7 @@ def rbo_step_to_tolerance(rule: str, projector: str) -> torch.Tensor:
 
 
 def test_runtime_manifold_plugin_sets_where_the_ball_goes():
-    manager = get_plugin_manager()
-    plugin = ManifoldPlugin()
-    manager.register(plugin, name="manifold-test")
-    try:
+    with registered(ManifoldPlugin(), "manifold-test"):
         assert nonlocal_opt.registrations("manifold")["hanging-offset"].plugin == "manifold-test"
         land = Quadratic([1.2], eigenvalues=[2.0]).double()
         opt = nonlocal_opt.compose(land.parameters(), "hanging-rbo")
@@ -153,8 +156,6 @@ def test_runtime_manifold_plugin_sets_where_the_ball_goes():
         # The contract kit finds the rule for the projector's manifold by itself (hanging-rbo, not rbo).
         report = check_projector("hanging-footpoint", cases=DEFAULT_CASES[:2], run_cases=RUN_CASES[:1], steps=50)
         assert "under rule 'hanging-rbo'" in report.subject and report.worst("convergence") <= 1e-6
-    finally:
-        manager.unregister(plugin)
     assert "hanging-offset" not in nonlocal_opt.available("manifold")
     # Independently: c = p − ρν with ν = (−f', 1)/N, moved by −η(f', f'²), then the nearest point of Γ.
     theta, rho, eta = 1.2, 0.5, 0.3
@@ -169,20 +170,6 @@ def test_runtime_manifold_plugin_sets_where_the_ball_goes():
     assert (above - hanging).abs().item() > 1e-2  # the manifold, not only the rule, decided the step
 
 
-class PlainSGD(torch.optim.Optimizer):
-    """A third party's base optimizer: ``θ ← θ − η g``, no state."""
-
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
-
-
 class BasePlugin:
     @nonlocal_opt.hookimpl
     def nonlocal_opt_register_bases(self, register):
@@ -190,10 +177,7 @@ class BasePlugin:
 
 
 def test_runtime_base_plugin_composes_by_name_and_passes_the_rule_kit():
-    manager = get_plugin_manager()
-    plugin = BasePlugin()
-    manager.register(plugin, name="base-test")
-    try:
+    with registered(BasePlugin(), "base-test"):
         assert nonlocal_opt.registrations("base")["plain-sgd"].plugin == "base-test"
         land = Quadratic([1.0, -2.0], eigenvalues=[1.0, 3.0]).double()
         theta, grad = land.theta.detach().clone(), land.hessian @ (land.theta.detach() - land.minimum)
@@ -201,8 +185,6 @@ def test_runtime_base_plugin_composes_by_name_and_passes_the_rule_kit():
         opt.step(make_closure(opt, land))
         torch.testing.assert_close(land.theta.detach(), theta - 0.25 * grad, rtol=0, atol=1e-15)
         check_rule("sam", bases={"plain-sgd": ("plain-sgd", {"lr": 0.5})})
-    finally:
-        manager.unregister(plugin)
     assert "plain-sgd" not in nonlocal_opt.available("base")
 
 
@@ -215,14 +197,8 @@ def test_duplicate_name_names_both_providers():
         def nonlocal_opt_register_descent_rules(self, register):
             register(Clash)
 
-    manager = get_plugin_manager()
-    plugin = ClashPlugin()
-    manager.register(plugin, name="clash-test")
-    try:
-        with pytest.raises(ValueError, match=r"duplicate rule name 'rbo'.*rolling_ball.*clash-test"):
-            nonlocal_opt.available("rule")
-    finally:
-        manager.unregister(plugin)
+    with registered(ClashPlugin(), "clash-test"), pytest.raises(ValueError, match=r"duplicate rule name 'rbo'.*rolling_ball.*clash-test"):
+        nonlocal_opt.available("rule")
 
 
 def test_registering_a_non_rule_is_refused():
@@ -231,14 +207,8 @@ def test_registering_a_non_rule_is_refused():
         def nonlocal_opt_register_projectors(self, register):
             register(int)
 
-    manager = get_plugin_manager()
-    plugin = BadPlugin()
-    manager.register(plugin, name="bad-test")
-    try:
-        with pytest.raises(TypeError, match=r"bad-test.*not a Projector"):
-            nonlocal_opt.available("projector")
-    finally:
-        manager.unregister(plugin)
+    with registered(BadPlugin(), "bad-test"), pytest.raises(TypeError, match=r"bad-test.*not a Projector"):
+        nonlocal_opt.available("projector")
 
 
 PLUGIN_MODULE = textwrap.dedent(

@@ -9,7 +9,7 @@ import torch
 
 import nonlocal_opt
 
-from conftest import make_closure
+from conftest import make_closure, sam_gradients
 
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -27,14 +27,7 @@ def reference_sam(model, loss_of, steps, lr, rho, adaptive, momentum, weight_dec
     params = list(model.parameters())
     buffers = [None] * len(params)
     for _ in range(steps):
-        grads = torch.autograd.grad(loss_of(model), params)
-        with torch.no_grad():
-            scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
-            norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scale, grads)))
-            saved = [p.clone() for p in params]
-            for p, t, g in zip(params, scale, grads):
-                p.add_(rho * t * t * g / (norm + 1e-12))
-        grads = torch.autograd.grad(loss_of(model), params)
+        saved, grads = sam_gradients(model, loss_of, rho, adaptive)
         with torch.no_grad():
             for i, (p, w, g) in enumerate(zip(params, saved, grads)):
                 d = g + weight_decay * w
