@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nonlocal_opt
+from nonlocal_opt.testing import NoHostReads
 
 from conftest import PlainSGD, make_closure, sam_gradients
 
@@ -206,22 +207,18 @@ def test_device_path_skips_nonfinite_steps_like_the_host_path(base, settings, st
     """Off the CPU the skip is a ``torch.where`` restore of parameters and base state: runs on both
     paths, refusals included, agree exactly. Past the step that creates the base state our code reads
     nothing on the host (``strict``; torch's Adam itself reads its CPU step counter)."""
-    from nonlocal_opt.optim.host_reads import as_if_on_device
-    from nonlocal_opt.testing import host_reads_raise
-
     finals = []
     for device_path in (False, True):
         model, loss_of = _problem()
-        opt = nonlocal_opt.compose(model.parameters(), "sam", base=base, **settings)
+        opt = nonlocal_opt.compose(model.parameters(), "sam", base=base, device_path=device_path, **settings)
         bad = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model) * torch.nan)
         good = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model))
-        with as_if_on_device() if device_path else contextlib.nullcontext():
-            opt.step(bad)  # a refused first step: base state created and dropped again
-            opt.step(good)
-            for closure in (good, bad, good):
-                with host_reads_raise() if device_path and strict else contextlib.nullcontext():
-                    opt.step(closure)
-                assert bool(opt.stats["nonfinite"]) == (closure is bad)
+        opt.step(bad)  # a refused first step: base state created and dropped again
+        opt.step(good)
+        for closure in (good, bad, good):
+            with NoHostReads() if device_path and strict else contextlib.nullcontext():
+                opt.step(closure)
+            assert bool(opt.stats["nonfinite"]) == (closure is bad)
         finals.append((_flat(model), opt.base.state_dict()["state"]))
     assert torch.equal(finals[0][0], finals[1][0])
     assert finals[0][1].keys() == finals[1][1].keys()
@@ -249,3 +246,12 @@ def test_tangent_centre_moves_with_the_contact_point_over_a_momentum_base():
         offset = record.result.centre.theta - record.result.point.theta
         carried = opt.state[next(model.parameters())]["centre_theta"]
         torch.testing.assert_close(carried - _flat(model), offset, rtol=0, atol=1e-12)
+
+
+def test_no_host_reads_catches_every_way_of_reading_a_value():
+    from nonlocal_opt.testing import HostReadError
+
+    value = torch.tensor(2.0)
+    for read in (bool, float, int, torch.Tensor.item, lambda t: 1 if t > 0 else 0):
+        with NoHostReads(), pytest.raises(HostReadError, match="read on the host"):
+            read(value)

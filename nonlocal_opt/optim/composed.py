@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
@@ -20,6 +19,13 @@ OPTIMIZER_HYPERPARAMETERS = {
         "—",
         "BatchNorm running statistics are updated only by the first forward pass of a step",
         boolean,
+    ),
+    "device_path": Hyperparameter(
+        None,
+        "—",
+        "no host synchronisation inside a step: scalars stay 0-d device tensors, choices use torch.where "
+        "(None: on when the parameters are not on the CPU)",
+        optional(boolean),
     ),
     "max_grad_norm": Hyperparameter(
         None,
@@ -174,7 +180,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.last_projection = ctx.projection
         return loss
 
-    def _base_step(self, params: list[torch.Tensor], finite: torch.Tensor | bool, stats: dict[str, Any]) -> torch.Tensor:
+    def _base_step(self, params: list[torch.Tensor], finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool) -> torch.Tensor:
         """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
         returns the 0-d bool tensor "step taken".
 
@@ -195,7 +201,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         norms = torch._foreach_norm([p.grad for p in params], float("inf"))
         finite = torch.isfinite(torch.stack(norms).sum()) & finite
-        if host_reads(params[0]):
+        if host_reads:
             taken = bool(finite)
             if taken:
                 self.base.step()

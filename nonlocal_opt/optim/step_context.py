@@ -53,6 +53,11 @@ class StepContext:
         self.manifold = optimizer.manifold
         self.projector = optimizer.projector
         self.flat = FlatParams(optimizer.param_groups)
+        device_path = self.hp("device_path")
+        self.host_reads: bool = self.flat.device.type == "cpu" if device_path is None else not device_path
+        """Whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python branch):
+        the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
+        ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``."""
         self.grad_evals = 0
         self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
@@ -166,5 +171,5 @@ class StepContext:
             self.flat.write(theta)
         if direction is not None:
             self.flat.write_grad(direction)
-        return self._optimizer._base_step(self.flat.params, finite, self.stats)
+        return self._optimizer._base_step(self.flat.params, finite, self.stats, self.host_reads)
 

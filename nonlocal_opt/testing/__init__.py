@@ -5,7 +5,7 @@
 the brute-force oracle ``nearest_point`` (:mod:`~nonlocal_opt.testing.oracles`).
 """
 
-from nonlocal_opt.testing.device_path import check_device_path, host_reads_raise
+from nonlocal_opt.testing.device_path import HostReadError, NoHostReads, check_device_path
 from nonlocal_opt.testing.oracles import NearestPoint, nearest_point
 from nonlocal_opt.testing.projector_kit import DEFAULT_CASES, RUN_CASES, Case, check_projector, excess_distances, offset_drift
 from nonlocal_opt.testing.reports import Check, Report
@@ -16,13 +16,14 @@ __all__ = [
     "RUN_CASES",
     "Case",
     "Check",
+    "HostReadError",
     "NearestPoint",
+    "NoHostReads",
     "Report",
     "check_device_path",
     "check_projector",
     "check_rule",
     "excess_distances",
-    "host_reads_raise",
     "nearest_point",
     "offset_drift",
 ]

@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nonlocal_opt import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.optim.host_reads import as_if_on_device
 from nonlocal_opt.testing.compositions import Composition
 
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what would synchronise with a device
+
+class HostReadError(AssertionError):
+    """A value was read on the host inside a step on the device path."""
 
 
-@contextlib.contextmanager
-def host_reads_raise() -> Iterator[None]:
-    """Within this block reading a tensor's value on the host (``.item()``, ``bool()``, …) raises ``AssertionError``."""
+class NoHostReads(TorchDispatchMode):
+    """Within this mode an operator that copies a tensor's value to the host (``aten._local_scalar_dense``:
+    ``.item()``, ``bool()``, ``float()``, a Python ``if`` on a tensor) raises :class:`HostReadError`. On a
+    GPU each such read waits for the device. ``Tensor.tolist()`` does not dispatch on the CPU and is not seen."""
 
-    def forbidden(name: str) -> Callable:
-        def read(self, *args, **kwargs):
-            raise AssertionError(f"Tensor.{name}() read a value on the host: on a GPU this synchronises every call")
-
-        return read
-
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    try:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, forbidden(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise HostReadError(
+                "a tensor value was read on the host (.item(), bool(), float(), if tensor: ...): on a GPU this waits for the device"
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def check_device_path(
@@ -43,11 +38,13 @@ def check_device_path(
     hyperparameters: Mapping[str, Any] | None = None,
     steps: int = 5,
 ) -> float:
-    """Run ``steps`` steps on a small BatchNorm MLP (float64) twice: on the CPU path, and on the path a
-    GPU takes (:func:`nonlocal_opt.optim.host_reads.as_if_on_device`) with every host read raising.
-    Returns the largest difference of the parameters, relative to their change; raises
-    ``AssertionError`` on a host read. In float64 the two paths agree to rounding (the CPU path's
-    scalars are Python floats, so in float32 near-ties of accept/reject can go either way).
+    """Run ``steps`` steps on a small BatchNorm MLP (float64) twice: on the host path
+    (``device_path=False``), and on the device path a GPU takes (``device_path=True``) under
+    :class:`NoHostReads`. Returns the largest difference of the parameters, relative to their change;
+    raises :class:`HostReadError` (an ``AssertionError``) on a host read. The base is plain SGD, which
+    keeps no state (a base that creates state reads once, on its first step, to drop that state again
+    after a skipped step). In float64 the two paths agree to rounding (the host path's scalars are
+    Python floats, so in float32 near-ties of accept/reject can go either way).
 
     The rule and manifold are chosen as by :func:`~nonlocal_opt.testing.check_projector`. Early
     stopping is off in both runs (``tol``/``rtol`` set to ``None`` where declared): it needs host reads.
@@ -66,7 +63,7 @@ def _mlp_steps(composition: Composition, hp: Mapping[str, Any], steps: int, devi
     x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
-    opt = composition.compose(model.parameters(), lr=0.5, **composition.radius(0.5), **hp)
+    opt = composition.compose(model.parameters(), lr=0.5, device_path=device_path, **composition.radius(0.5), **hp)
 
     def closure():
         opt.zero_grad()
@@ -74,10 +71,7 @@ def _mlp_steps(composition: Composition, hp: Mapping[str, Any], steps: int, devi
         loss.backward()
         return loss
 
-    with contextlib.ExitStack() as guards:
-        if device_path:
-            guards.enter_context(as_if_on_device())
-            guards.enter_context(host_reads_raise())
+    with NoHostReads() if device_path else contextlib.nullcontext():
         for _ in range(steps):
             opt.step(closure)
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()

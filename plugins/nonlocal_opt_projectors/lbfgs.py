@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Hyperparameter
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import boolean, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
 from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, Iterate, SafeguardedFootpointProjector
@@ -17,8 +16,8 @@ class PairMemory:
     (or non-finite) is stored as zeros with ``ρ_i = 0``, so it drops out of the two-loop recursion.
     ``ρ_i`` and ``γ`` are scalars (Python floats on the CPU, 0-d tensors elsewhere: no host sync)."""
 
-    def __init__(self, size: int, like: torch.Tensor):
-        self.on_host = host_reads(like)
+    def __init__(self, size: int, like: torch.Tensor, on_host: bool):
+        self.on_host = on_host
         self.s = like.new_zeros((size, like.numel()))
         self.y = like.new_zeros((size, like.numel()))
         zero = 0.0 if self.on_host else like.new_zeros(())
@@ -64,7 +63,7 @@ class LBFGSProjector(SafeguardedFootpointProjector):
     }
 
     def new_memory(self, start, ctx):
-        return PairMemory(ctx.hp("history"), start.theta)
+        return PairMemory(ctx.hp("history"), start.theta, ctx.host_reads)
 
     def observe(self, memory, current, trial):
         memory.add(current, trial)

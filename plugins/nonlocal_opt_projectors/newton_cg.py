@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Hyperparameter
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import non_negative_int, positive_int
 from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
 from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector, choose
@@ -46,7 +45,7 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
         cg_iters = ctx.hp("cg_iters")
         if cg_iters == 0:
             return lm_step
-        on_host = host_reads(g)
+        on_host = ctx.host_reads
         x, r, z = torch.zeros_like(gradient), -gradient, lm_step
         p, rz = z, r.dot(z)
         negative = torch.zeros((), dtype=torch.bool, device=g.device)

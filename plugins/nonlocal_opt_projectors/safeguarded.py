@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 from nonlocal_opt_projectors.footpoint_math import gauss_newton_decrease, tolerance
 from nonlocal_opt_projectors.scalars import Scalar, at_least, read, sqrt, where
@@ -181,7 +180,7 @@ class SafeguardedFootpointProjector(Projector):
     def project(self, target, start, ctx):
         if start.grad is None:
             raise ValueError(f"projector {self.name!r} needs start.grad, the gradient at θ_t")
-        on_host = host_reads(start.theta)
+        on_host = ctx.host_reads
         max_iters = ctx.hp("max_iters")
         memory = self.new_memory(start, ctx)
         current = Iterate.measure(start, start.theta - target.theta, target, ctx, on_host)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, Hyperparameter, ProjectionResult, Projector, hookimpl
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 
@@ -131,7 +130,7 @@ class FootpointGradientDescent(Projector):
 
     def project(self, target, start, ctx):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
-        stop_early = tol is not None and host_reads(start.theta)
+        stop_early = tol is not None and ctx.host_reads
         # Iterates alternate between two preallocated (θ, g) rows and ∇φ has its own row: no new R^d
         # tensor per pass beyond ∇φ's s·g. The operations keep Algorithm 1's rounding (no fused multiply-adds).
         rows = start.theta.new_empty((5, start.theta.numel()))

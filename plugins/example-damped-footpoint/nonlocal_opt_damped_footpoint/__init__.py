@@ -8,7 +8,7 @@ is discarded and ``γ_{k+1} = γ_k / 2``. Accept/reject is decided with ``torch.
 manifold that declares it: here ``offset``, RBO's ``S(Γ, ρ)``.
 
 Like any third-party plugin it uses only nonlocal-opt's public API (``nonlocal_opt``,
-``nonlocal_opt.optim.hyperparameters``, ``nonlocal_opt.optim.host_reads``), not the internals of the
+``nonlocal_opt.optim.hyperparameters``), not the internals of the
 first-party plugins.
 """
 
@@ -18,7 +18,6 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import GraphPoint, Hyperparameter, ProjectionResult, Projector
-from nonlocal_opt.optim.host_reads import host_reads
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 
 ARMIJO_C = 1e-4
@@ -44,7 +43,7 @@ class DampedFootpoint(Projector):
         phi, phi_grad = ctx.manifold.phi, ctx.manifold.phi_grad
         point = start
         value, gradient = phi(start, target), phi_grad(start, target)
-        stop_early = tol is not None and host_reads(start.theta)  # a Python branch on a value: free on the CPU only
+        stop_early = tol is not None and ctx.host_reads  # a Python branch on a value: free on the host path only
         iteration = 0
         while iteration < max_iters and not (stop_early and bool(torch.linalg.vector_norm(gradient) <= tol)):
             trial = ctx.evaluate(point.theta - gamma * gradient)
