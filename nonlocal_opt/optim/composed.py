@@ -49,6 +49,19 @@ def base_keywords(base: BaseFactory) -> set[str] | None:
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_reads: bool) -> torch.Tensor:
+    """Whether every entry of ``tensors`` is finite. On the host path from their total 2-norm ``norm`` (one
+    fused sweep): a finite norm settles it, an infinite one may be an overflow of large finite entries, so
+    then the entries are checked. On the device path with ``aminmax`` (one sweep; it propagates NaN), no
+    host read."""
+    if host_reads:
+        if bool(torch.isfinite(norm)):
+            return torch.ones((), dtype=torch.bool)
+        return torch.tensor(all(bool(torch.isfinite(t).all()) for t in tensors))
+    extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
+    return torch.isfinite(extremes).all()
+
+
 def base_label(base: BaseFactory) -> str:
     return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}".lstrip(".")
 
@@ -96,6 +109,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         defaults = {key: spec.default for key, spec in self.hyperparameter_specs.items()}
         defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
+        self._scratch: dict[str, list[torch.Tensor]] = {}
         self.last_projection: ProjectionRecord | None = None
         self._components = components
         self._ready = False
@@ -162,6 +176,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.base.param_groups = self.param_groups
 
     # -- stepping ----------------------------------------------------------------------------------
+    def _buffers(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors like ``params`` kept under ``name``, made anew when the parameters changed shape."""
+        kept = self._scratch.get(name)
+        if kept is None or [t.shape for t in kept] != [p.shape for p in params] or kept[0].dtype != params[0].dtype:
+            kept = self._scratch[name] = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        return kept
+
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
         """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
@@ -197,10 +218,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if len(max_norms) != 1:
             raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
         max_norm = max_norms.pop()
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if host_reads or max_norm is not None else None
         if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        norms = torch._foreach_norm([p.grad for p in params], float("inf"))
-        finite = torch.isfinite(torch.stack(norms).sum()) & finite
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        finite = all_finite(grads, norm, host_reads) & finite
         if host_reads:
             taken = bool(finite)
             if taken:

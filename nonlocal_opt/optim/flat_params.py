@@ -43,9 +43,9 @@ class FlatParams:
         grads = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
         return torch.cat(grads, out=out) if out is not None else torch.cat(grads).to(self.dtype)
 
-    def write(self, flat: torch.Tensor) -> None:
-        """Copy the flat vector ``flat`` into the parameters, in place."""
-        torch._foreach_copy_(self.params, self._views(flat))
+    def write(self, theta: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Copy ``θ`` into the parameters, in place: a flat vector, or one tensor per parameter."""
+        torch._foreach_copy_(self.params, self._views(theta) if isinstance(theta, torch.Tensor) else list(theta))
 
     def write_grad(self, flat: torch.Tensor) -> None:
         """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""

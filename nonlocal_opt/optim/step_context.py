@@ -80,6 +80,16 @@ class StepContext:
         return self.flat.per_coordinate([group[name] for group in self._optimizer.param_groups])
 
     @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters, one tensor each, in the order of ``flat``."""
+        return self.flat.params
+
+    def buffers(self, name: str) -> list[torch.Tensor]:
+        """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
+        ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
+        return self._optimizer._buffers(name, self.flat.params)
+
+    @property
     def state(self) -> dict[str, Any]:
         """The rule's optimizer-wide state (kept in the first parameter's state, so ``state_dict`` saves it)."""
         return self._optimizer.state[self.flat.params[0]]
@@ -156,12 +166,16 @@ class StepContext:
 
     # -- the base optimizer's step ----------------------------------------------------------------
     def apply(
-        self, direction: torch.Tensor | None = None, *, theta: torch.Tensor | None = None, finite: torch.Tensor | bool = True
+        self,
+        direction: torch.Tensor | None = None,
+        *,
+        theta: torch.Tensor | list[torch.Tensor] | None = None,
+        finite: torch.Tensor | bool = True,
     ) -> torch.Tensor:
         """Let the base optimizer step from ``θ`` with ``direction`` as the gradient.
 
-        ``θ``: the parameters to step from (the step's start, after passes at other points); ``None``
-        keeps the current ones. ``direction``: a flat tensor written into ``p.grad``; ``None`` keeps
+        ``θ``: the parameters to step from (the step's start, after passes at other points), flat or one
+        tensor per parameter; ``None`` keeps the current ones. ``direction``: a flat tensor written into ``p.grad``; ``None`` keeps
         the gradients the closure left. ``max_grad_norm`` clips them. The base step is skipped —
         parameters and base state unchanged, ``stats['nonfinite'] = 1`` — unless ``finite`` (the
         rule's verdict on its passes) holds and every gradient is finite. Returns "step taken" as a

@@ -11,19 +11,31 @@ import torch
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 
+Tensors = list[torch.Tensor]
 
-def perturbation(w: torch.Tensor, g: torch.Tensor, rho: float, adaptive: bool) -> torch.Tensor:
-    """``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one global norm."""
-    tg = g * w.abs() if adaptive else g
-    t2g = tg * w.abs() if adaptive else g
-    return t2g * (rho / (torch.linalg.vector_norm(tg) + 1e-12))
+
+def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scratch: Tensors, rho: float, adaptive: bool) -> None:
+    """``w ← w + ε``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one global
+    norm over all tensors. ``saved`` holds ``w``; ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
+    if adaptive:
+        torch._foreach_copy_(scratch, saved)
+        torch._foreach_mul_(scratch, grads)  # w g: ‖w g‖ = ‖T g‖
+        norm = torch.nn.utils.get_total_norm(scratch, foreach=True)
+        torch._foreach_mul_(scratch, saved)  # w² g = T² g
+        direction = scratch
+    else:
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        direction = grads
+    torch._foreach_mul_(direction, rho / (norm + 1e-12))  # a 0-d tensor factor: no host read
+    torch._foreach_add_(params, direction)
 
 
 class SAMRule(DescentRule):
     """SAM (docs/math.md §7): ``g_ε = ∇f(w + ε)`` on the same batch; the base steps from ``w`` with ``g_ε``.
 
     Two passes per step: the first (at ``w``) alone updates BatchNorm running statistics by default.
-    ``rho = 0`` is the base optimizer exactly.
+    ``rho = 0`` is the base optimizer exactly. Per-tensor work: one copy of ``w`` (two for ASAM), kept
+    between steps.
     """
 
     name = "sam"
@@ -35,12 +47,17 @@ class SAMRule(DescentRule):
     presets = {"paper": {"lr": 0.01, "rho": 0.05}}
 
     def step(self, ctx):
-        start = ctx.evaluate(extra=False)
-        eps = perturbation(start.theta, start.grad, ctx.hp("rho"), ctx.hp("adaptive"))
-        perturbed = ctx.loss(theta=start.theta + eps)
-        finite = torch.isfinite(start.loss) & torch.isfinite(torch.as_tensor(perturbed))
-        ctx.apply(theta=start.theta, finite=finite)  # g_ε is in p.grad
-        return start.loss
+        loss = torch.as_tensor(ctx.loss(extra=False)).detach()
+        params = [p for p in ctx.params if p.grad is not None]
+        saved = ctx.buffers("w")
+        torch._foreach_copy_(saved, ctx.params)
+        kept = [w for p, w in zip(ctx.params, saved) if p.grad is not None]
+        grads = [p.grad for p in params]
+        adaptive = ctx.hp("adaptive")
+        perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive)
+        perturbed = torch.as_tensor(ctx.loss())
+        ctx.apply(theta=saved, finite=torch.isfinite(loss) & torch.isfinite(perturbed))  # g_ε is in p.grad
+        return loss
 
 
 @hookimpl
