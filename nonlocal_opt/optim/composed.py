@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from nonlocal_opt.optim.flat_params import global_norm
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
@@ -36,6 +37,7 @@ OPTIMIZER_HYPERPARAMETERS = {
 }
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
+TRUE, FALSE = torch.tensor(True), torch.tensor(False)  # the host path's verdicts (never written to)
 
 
 def base_keywords(base: BaseFactory) -> set[str] | None:
@@ -55,9 +57,7 @@ def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_read
     then the entries are checked. On the device path with ``aminmax`` (one sweep; it propagates NaN), no
     host read."""
     if host_reads:
-        if bool(torch.isfinite(norm)):
-            return torch.ones((), dtype=torch.bool)
-        return torch.tensor(all(bool(torch.isfinite(t).all()) for t in tensors))
+        return TRUE if bool(torch.isfinite(norm)) or all(bool(torch.isfinite(t).all()) for t in tensors) else FALSE
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
     return torch.isfinite(extremes).all()
 
@@ -213,13 +213,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
         params = [p for p in params if p.grad is not None]
         if not params:
             stats["nonfinite"] = 0.0
-            return torch.ones((), dtype=torch.bool)
+            return TRUE
         max_norms = {group["max_grad_norm"] for group in self.param_groups}
         if len(max_norms) != 1:
             raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
         max_norm = max_norms.pop()
         grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if host_reads or max_norm is not None else None
+        norm = global_norm(grads) if host_reads or max_norm is not None else None
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         finite = all_finite(grads, norm, host_reads) & finite
@@ -228,7 +228,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if taken:
                 self.base.step()
             stats["nonfinite"] = float(not taken)
-            return torch.tensor(taken)
+            return TRUE if taken else FALSE
         state = self.base.state
         keys = {p: set(state[p]) if p in state else set() for p in params}
         saved_params = [p.detach().clone() for p in params]

@@ -8,6 +8,11 @@ from typing import Any
 import torch
 
 
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``‖(t_1, …, t_n)‖₂`` over every entry of every tensor (one dtype and device), as a 0-d tensor."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
 class FlatParams:
     """Gathers parameters (and their gradients) into one flat vector and writes it back.
 

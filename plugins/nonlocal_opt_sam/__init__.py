@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
+from nonlocal_opt.optim.flat_params import global_norm
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 
 Tensors = list[torch.Tensor]
@@ -20,11 +21,11 @@ def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scratch: Tensors, 
     if adaptive:
         torch._foreach_copy_(scratch, saved)
         torch._foreach_mul_(scratch, grads)  # w g: ‖w g‖ = ‖T g‖
-        norm = torch.nn.utils.get_total_norm(scratch, foreach=True)
+        norm = global_norm(scratch)
         torch._foreach_mul_(scratch, saved)  # w² g = T² g
         direction = scratch
     else:
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = global_norm(grads)
         direction = grads
     torch._foreach_mul_(direction, rho / (norm + 1e-12))  # a 0-d tensor factor: no host read
     torch._foreach_add_(params, direction)
@@ -56,7 +57,7 @@ class SAMRule(DescentRule):
         adaptive = ctx.hp("adaptive")
         perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive)
         perturbed = torch.as_tensor(ctx.loss())
-        ctx.apply(theta=saved, finite=torch.isfinite(loss) & torch.isfinite(perturbed))  # g_ε is in p.grad
+        ctx.apply(theta=saved, finite=torch.isfinite(loss + perturbed))  # g_ε is in p.grad
         return loss
 
 
