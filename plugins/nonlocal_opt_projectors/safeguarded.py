@@ -59,11 +59,17 @@ class Iterate:
     @classmethod
     def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, ctx, on_host: bool, rows: TrialRows | None = None) -> Iterate:
         """The iterate at ``point``, ``a = θ − θ̃`` already formed: the manifold's ``∇φ`` (one sweep),
-        three dots, one host read on the CPU."""
+        the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (one 2×2 Gram product when ``g`` and ``∇φ`` are adjacent rows,
+        which reads each once), one host read on the CPU."""
         g = point.grad
         gap = point.loss - target.height
         grad_phi = ctx.manifold.phi_grad(point, target, out=None if rows is None else rows.grad_phi, offset=a)
-        vv, gv, gg, gap = read(torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g), gap]), on_host)
+        if rows is not None and g.data_ptr() == rows.grad.data_ptr():
+            gram = rows.pair @ rows.pair.T  # [[gᵀg, gᵀ∇φ], [∇φᵀg, ‖∇φ‖²]]
+            dots = [gram[1, 1], gram[0, 1], gram[0, 0]]
+        else:
+            dots = [grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g)]
+        vv, gv, gg, gap = read(torch.stack([*dots, gap]), on_host)
         return cls(point, a, gap, grad_phi, vv, gv, gg, rows)
 
     @property
@@ -99,7 +105,9 @@ class TrialRows:
     iteration: a new ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it."""
 
     def __init__(self, like: torch.Tensor):
-        self.theta, self.a, self.grad, self.grad_phi = like.new_empty((4, like.numel())).unbind()
+        block = like.new_empty((4, like.numel()))
+        self.theta, self.a, self.grad, self.grad_phi = block.unbind()
+        self.pair = block[2:]  # (g, ∇φ) as a 2 × d matrix
 
 
 class RowPool:

@@ -44,7 +44,10 @@ def sqrt(value: Scalar) -> Scalar:
 
 
 def combine(alpha: Scalar, x: torch.Tensor, beta: Scalar, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = α x + β y`` in two sweeps over ``R^d``, for float or 0-d tensor coefficients."""
+    """``out = α x + β y`` in two sweeps over ``R^d`` (one when ``α`` is the float 0), for float or 0-d
+    tensor coefficients."""
+    if not isinstance(alpha, torch.Tensor) and alpha == 0:
+        return torch.mul(y, representable(beta, out.dtype), out=out)
     return axpy_(torch.mul(x, alpha, out=out), beta, y)
 
 
@@ -56,6 +59,12 @@ def axpy_(x: torch.Tensor, alpha: Scalar, y: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(alpha, torch.Tensor):
         return x.addcmul_(y, alpha)
-    if abs(alpha) > torch.finfo(x.dtype).max:
-        alpha = math.copysign(math.inf, alpha)
-    return x.add_(y, alpha=alpha)
+    return x.add_(y, alpha=representable(alpha, x.dtype))
+
+
+def representable(alpha: Scalar, dtype: torch.dtype) -> Scalar:
+    """A Python float beyond the range of ``dtype`` as ±inf (what a 0-d tensor of that dtype would hold);
+    anything else unchanged."""
+    if not isinstance(alpha, torch.Tensor) and abs(alpha) > torch.finfo(dtype).max:
+        return math.copysign(math.inf, alpha)
+    return alpha
