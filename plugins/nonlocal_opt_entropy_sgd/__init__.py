@@ -72,16 +72,21 @@ class EntropySGDRule(DescentRule):
         gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
         rng = self._noise_generator(ctx) if noise > 0 else None
         finite = torch.isfinite(start.loss)
-        x_inner, mu, point = x.clone(), x.clone(), start
+        # x', μ, ∇f(x') and ξ in four rows allocated once per step, updated in place.
+        x_inner, mu, grad, xi = x.new_empty((4, x.numel())).unbind()
+        x_inner.copy_(x)
+        mu.copy_(x)
+        coupling = inner_lr * gamma  # η'γ_t, a 0-d tensor: no host read
+        point = start
         for inner in range(ctx.hp("inner_steps")):
             if inner > 0:
-                point = ctx.evaluate(x_inner, fresh_batch=fresh)
+                point = ctx.evaluate(x_inner, fresh_batch=fresh, grad_out=grad)
                 finite = finite & torch.isfinite(point.loss)
-            x_inner = x_inner - inner_lr * (point.grad - gamma * (x - x_inner))
+            # x' − η'[∇f(x') − γ(x − x')] = (1 − η'γ) x' + η'γ x − η' ∇f(x')
+            x_inner.mul_(1 - coupling).addcmul_(x, coupling).add_(point.grad, alpha=-inner_lr)
             if rng is not None:
-                xi = torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
-                x_inner = x_inner + math.sqrt(inner_lr) * noise * xi
-            mu = mu.lerp(x_inner, alpha)
+                x_inner.add_(xi.normal_(generator=rng), alpha=math.sqrt(inner_lr) * noise)
+            mu.lerp_(x_inner, alpha)
         outer = gamma * (x - mu) if ctx.hp("scale_outer_by_gamma") else x - mu
         accepted = ctx.apply(outer, theta=x, finite=finite)
         ctx.state["step"] = t + accepted.to(t.dtype)
