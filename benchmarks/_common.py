@@ -18,12 +18,15 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nonlocal_opt.analysis.figures import MissingPlotDependency
 from nonlocal_opt.cli.parsing import parse_value
@@ -264,3 +267,41 @@ def run_training(config: TrainConfig, cache: bool = True) -> RunSummary:
 def train_config(preset: Preset, **fields: Any) -> TrainConfig:
     """``TrainConfig`` for ``preset`` (its rule, projector and overrides) and the other ``fields``."""
     return TrainConfig(optimizer=preset.rule, projector=preset.projector, overrides=dict(preset.overrides), **fields)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages: those of ``tensors`` at entry plus every op's outputs, each
+    storage counted once and released when its last tracked tensor is garbage-collected."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage pointer → [tracked tensors alive, bytes]
+        self.current = self.peak = 0
+        for tensor in tensors:
+            self.track(tensor)
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        if key not in self.refs:
+            self.refs[key] = [0, storage.nbytes()]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.refs[key][0] += 1
+        weakref.finalize(tensor, self.release, key)
+
+    def release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
+                self.track(leaf)
+        return out

@@ -28,13 +28,14 @@ import shlex
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
+import step_cost
 import torch
 import torch.nn.functional as F
 from _common import (
     PRESETS,
+    PeakMemory,
     RunSummary,
     UserError,
     comma_list,
@@ -49,8 +50,6 @@ from _common import (
     train_config,
     write_csv,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.training.config import TrainConfig, optimizer_hyperparameters
@@ -61,44 +60,6 @@ JSON_KEYS = ("optimizer", "projector", "model", "step_time_s", "passes_per_step"
 MAX_REFUSED = 0.5
 FULL = {"epochs": [10], "eval_every": [50], "limit_val_batches": None}
 QUICK = {"epochs": [2, 1], "eval_every": [10, 3], "limit_val_batches": 5}
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages: those of ``tensors`` at entry plus every op's outputs, each
-    storage counted once and released when its last tracked tensor is garbage-collected."""
-
-    def __init__(self, tensors):
-        super().__init__()
-        self.refs: dict[int, list[int]] = {}  # storage pointer → [tracked tensors alive, bytes]
-        self.current = self.peak = 0
-        for tensor in tensors:
-            self.track(tensor)
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0:
-            return
-        if key not in self.refs:
-            self.refs[key] = [0, storage.nbytes()]
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-        self.refs[key][0] += 1
-        weakref.finalize(tensor, self.release, key)
-
-    def release(self, key: int) -> None:
-        entry = self.refs[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.refs[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
-                self.track(leaf)
-        return out
 
 
 def peak_step_memory_mb(config: TrainConfig, batch, device: torch.device) -> float:
@@ -166,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--no-cache", action="store_true", help="remeasure runs that already have a summary")
     parser.add_argument("--json", type=Path, default=None, help="also write the cost rows to this JSON file")
+    parser.add_argument("--no-peers", action="store_true", help="skip the side-by-side step cost against peer SAM implementations")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -212,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "best_val_acc": max((e["val/acc"] for e in run.epochs), default=math.nan),
                                 "time_to_target_s": times[label], "steps": len(run.step_times),
                                 "refused_frac": run.refused_fraction})
+    peers = "" if args.no_peers else step_cost.report("mlp-0.27M", 128, "sgd", rounds=5 if args.quick else 15, steps=3)
     wall = time.perf_counter() - start
     cost = markdown_table(
         ("model", "optimizer", "projector", "median step", "passes / step", "peak memory", "× SGD step", "steps refused"),
@@ -226,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     report = (f"<!-- produced by `{command}` in {wall:.0f} s on {machine()} -->\n\n"
               f"Batch {args.batch_size}, seed 0, {settings}; validation on {args.limit_val_batches or 'all'} batches.\n\n"
               f"{cost}\n\nTime to target:\n\n{ttt}\n")
+    if peers:
+        report += f"\nSide by side, one process (benchmarks/step_cost.py):\n\n{peers}\n"
     written = [write_csv(out / "speed.csv", rows), write_csv(out / "time_to_target.csv", target_rows)]
     (out / "speed.md").write_text(report)
     written.append(out / "speed.md")

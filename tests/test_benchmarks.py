@@ -165,3 +165,18 @@ def test_projector_benchmark_reference_is_below_every_budgeted_projection(tiny_d
         opt.step(problem.closure_for(opt, x, y))
         gap = reference.gap(torch.nn.utils.parameters_to_vector(problem.model.parameters()).detach())
         assert -1e-6 <= gap < start_gap, name
+
+
+def test_step_cost_compares_with_peer_sams_in_one_run():
+    done = run("step_cost.py", "--quick", "--rounds", "1", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"sgd", "sam", "asam", "two-pass SAM", "rbo gauss-newton K=10", "entropy-sgd L=10"} <= set(rows)
+    assert rows["sgd"].split("|")[4].strip() == "1.00"  # the unit of every ratio
+
+
+def test_gpu_script_skips_cleanly_without_a_gpu():
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    done = run("gpu_step.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device: skipped" in done.stdout

@@ -33,7 +33,7 @@ def run(capsys, *argv):
     [
         (["--optimizer", "adamw"], "unknown rule 'adamw'; available: entropy-sgd, local, rbo, sam"),
         (["--base", "lbfgs"], "unknown base 'lbfgs'; available: adadelta, adagrad, adam, adamax, adamw,"),
-        (["--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + footpoint; available: none, paper"),
+        (["--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + gauss-newton; available: none, paper"),
         (["--projector", "magic"], "unknown projector 'magic'; available:"),
         (["--model", "resnet50"], "unknown model 'resnet50'; available: mlp"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'; available: fashion-mnist"),

@@ -25,7 +25,7 @@ RUNS = {
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
     from accelerate.utils import set_seed
     from nonlocal_opt.training.models import build_model
     from nonlocal_opt.training import TrainConfig, train
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     for name, kwargs in runs.items():
         result = train(TrainConfig(dataset="fashion-mnist", model="mlp", optimizer=name, batch_size=32,
                                    limit_train_batches=3, limit_val_batches=1, epochs=1,
-                                   logdir=f"{out}/{name}", **kwargs))
+                                   logdir=f"{out}/{name}-world{os.environ.get('WORLD_SIZE', '1')}", **kwargs))
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         params = torch.nn.utils.parameters_to_vector(result.model.parameters()).detach()

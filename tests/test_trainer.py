@@ -72,7 +72,8 @@ def test_fp16_overflow_is_refused_and_backs_off_the_loss_scale():
 
 
 def test_paper_preset_is_filtered_by_what_the_composition_accepts():
-    rbo = optimizer_hyperparameters(TrainConfig(optimizer="rbo"))
+    assert optimizer_hyperparameters(TrainConfig(optimizer="rbo")) == {"lr": 6.0, "rho": 1.0}  # the trainer's gauss-newton
+    rbo = optimizer_hyperparameters(TrainConfig(optimizer="rbo", projector="footpoint"))
     assert rbo == nonlocal_opt.get("rule", "rbo").presets["paper"] | nonlocal_opt.get("projector", "footpoint").presets["paper"]
     assert rbo["lr"] == 6.0 and rbo["rho"] == 1.0
     assert rbo["max_iters"] == 20 and rbo["step_size"] == 0.1  # the paper's footpoint solver

@@ -50,7 +50,7 @@ def run_geometry(args: argparse.Namespace) -> int:
     def run(tracker) -> None:
         logdir = out / f"run{len(runs) + 1}"
         shutil.rmtree(logdir, ignore_errors=True)  # metrics.csv of an earlier invocation would be appended to
-        runs.append(train(attrs.evolve(config, logdir=str(logdir)), step=tracker.step))
+        runs.append(train(attrs.evolve(config, logdir=str(logdir), overwrite=True), step=tracker.step))
 
     result = measure_path_geometry(run, pass_index=args.gradient_pass)
     log = [row for row in read_metrics(out / "run2" / "metrics.csv") if row["scope"] == "step"]

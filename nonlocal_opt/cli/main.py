@@ -1,12 +1,17 @@
 """The ``nonlocal-opt`` command: ``train``, ``plugins``, ``landscape`` and ``geometry`` (see docs/trainer.md).
 
-Bad input exits with code 2 and one line on stderr; a diverged run exits with code 1.
+Exit codes: 0 success; 1 the run diverged (non-finite loss, most steps refused, or the loss exploded);
+2 bad input, one line on stderr; 130 interrupted (Ctrl-C / SIGINT; 143 for SIGTERM), after a checkpoint
+and with the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import tomllib
+from pathlib import Path
 
 import torch
 
@@ -22,27 +27,37 @@ from nonlocal_opt.cli.parsing import (
 from nonlocal_opt.training.config import MIXED_PRECISION
 
 PROG = "nonlocal-opt"
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line (no usage dump), exit code 2."""
+    """Argument errors as one line (no usage dump), exit code 2; help shows every flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{PROG}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Non-local optimizers (RBO, SAM, Entropy-SGD) for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    train = commands.add_parser("train", help="train a model with a composed optimizer (Accelerate)")
+    train = commands.add_parser("train", help="train a model with a composed optimizer (Accelerate)",
+                                description="Train a model with a composed optimizer. Exit codes: 0 ok, 1 diverged, "
+                                            "2 bad input, 130 interrupted (a checkpoint is saved; resume with --resume).")
     add_run_arguments(train)
     add_composition_arguments(train, rule="rbo")
-    train.add_argument("--logdir", default="runs/default", help="TensorBoard events, metrics.csv, checkpoints")
-    train.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
+    train.add_argument("--logdir", default="runs/default", help="TensorBoard events, metrics.csv, checkpoints (one run per dir)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --logdir (its metrics, checkpoints, events)")
+    train.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION, help="no, bf16 autocast, or fp16 with loss scaling")
     train.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise probability P")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                       help="continue from LOGDIR's latest checkpoint (or the given checkpoint directory)")
+                       help="continue the run in --logdir from its newest complete checkpoint (or the given checkpoint directory)")
+    train.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                       help="when stdout is not a terminal: a progress line at most every SECONDS (0: every step)")
     add_radius_schedule_arguments(train)
     train.set_defaults(handler=run_train)
 
@@ -50,16 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(handler=run_plugins)
 
     landscape = commands.add_parser("landscape", help="centre trajectories on an analytic 1-D landscape (PNG)")
-    landscape.add_argument("--landscape", default="riemann")
+    landscape.add_argument("--landscape", default="riemann", help="a 1-D analytic landscape (riemann, sine, ...)")
     landscape.add_argument("--optimizer", default="rbo", help="a registered rule")
     add_base_argument(landscape)
     landscape.add_argument("--projector", default=None, help="a registered projector (default: the rule's)")
     landscape.add_argument("--rho", type=parse_float_list, default=[0.1, 0.5, 1.0], help="comma-separated radii")
-    landscape.add_argument("--lr", type=float, default=0.005)
-    landscape.add_argument("--steps", type=int, default=60)
+    landscape.add_argument("--lr", type=float, default=0.005, help="learning rate of the base")
+    landscape.add_argument("--steps", type=int, default=60, help="optimizer steps per radius")
     landscape.add_argument("--start", type=float, default=1.0, help="initial θ")
     add_set_argument(landscape)
-    landscape.add_argument("--out", default="landscape.png")
+    landscape.add_argument("--out", default="landscape.png", help="the PNG to write")
     landscape.set_defaults(handler=run_landscape)
 
     geometry = commands.add_parser("geometry", help="RSI / error-bound / γ along a training path (CSV, PNG, TensorBoard)")
@@ -69,13 +84,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    """Train; the trainer prints a summary line. 1 when the run diverged (most steps refused, loss exploded)."""
     from nonlocal_opt.training import TrainConfig, train
 
-    config = TrainConfig.from_namespace(args)
-    result = train(config)
-    if result.epochs:
-        print(f"finished: {', '.join(f'{k} {v:.4g}' for k, v in result.epochs[-1].items())}; checkpoint {result.checkpoint}")
-    return 0
+    result = train(TrainConfig.from_namespace(args))
+    if result.diverged:
+        print(f"{PROG}: the run diverged: {result.diverged}; see the warnings above", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_OK
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes the run ``argv`` started: ``--overwrite`` and any ``--resume [DIR]``
+    dropped, ``--resume`` added (the newest checkpoint in its log dir)."""
+    kept, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--resume":
+            index += 2 if index + 1 < len(argv) and not argv[index + 1].startswith("-") else 1
+            continue
+        if token != "--overwrite" and not token.startswith("--resume="):
+            kept.append(token)
+        index += 1
+    return shlex.join([PROG, *kept, "--resume"])
+
+
+def load_config_file(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, path: str, argv: list[str]):
+    """Parse ``argv`` again with the TOML file ``path`` as the defaults of ``subparser`` (flags win)."""
+    try:
+        with Path(path).open("rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigFileError(f"cannot read --config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigFileError(f"--config {path} is not valid TOML: {error}") from None
+    destinations = {action.dest: action for action in subparser._actions if action.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = "overrides" if key == "set" else key.replace("-", "_")
+        if dest not in destinations:
+            flags = ", ".join(sorted(k.replace("_", "-") for k in destinations if k != "overrides"))
+            raise ConfigFileError(f"--config {path}: unknown key {key!r}; keys are the flag names ({flags}) and a [set] table")
+        if dest == "overrides":
+            if not isinstance(value, dict):
+                raise ConfigFileError(f"--config {path}: 'set' must be a table, e.g. [set] momentum = 0.9")
+            value = list(value.items())
+        action = destinations[dest]
+        if action.choices is not None and value not in action.choices:
+            raise ConfigFileError(f"--config {path}: {key} = {value!r} is not one of {', '.join(map(str, action.choices))}")
+        defaults[dest] = value
+    subparser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+class ConfigFileError(ValueError):
+    """A bad ``--config`` file."""
 
 
 def run_plugins(args) -> int:
@@ -158,13 +221,26 @@ def run_landscape(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from nonlocal_opt.analysis.figures import MissingPlotDependency
     from nonlocal_opt.training import ConfigError, TrainingDiverged
+    from nonlocal_opt.training.config import TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            args = load_config_file(parser, commands.choices[args.command], args.config, argv)
         return args.handler(args)
-    except (ConfigError, MissingPlotDependency) as error:
+    except (ConfigError, ConfigFileError, MissingPlotDependency) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except TrainingInterrupted as error:
+        print(f"{PROG}: {error}; resume with:\n  {resume_command(argv)}", file=sys.stderr)
+        return 128 + error.signum
+    except KeyboardInterrupt:
+        hint = f"; with a checkpoint in --logdir, resume with:\n  {resume_command(argv)}" if args.command == "train" else ""
+        print(f"\n{PROG}: interrupted without saving a checkpoint{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ValueError as error:
         if args.command == "train":
             raise
@@ -177,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDiverged as error:
         print(f"{PROG}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

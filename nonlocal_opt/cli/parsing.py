@@ -8,7 +8,7 @@ from typing import Any
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import DEFAULT_BASE
-from nonlocal_opt.training.config import DEFAULT_PRESET, NO_PRESET
+from nonlocal_opt.training.config import DEFAULT_PRESET, DEFAULT_PROJECTORS, DEVICES, NO_PRESET, RHO_FINAL_FRACTION
 from nonlocal_opt.training.data import DATASETS
 from nonlocal_opt.training.models import MODELS
 
@@ -53,17 +53,20 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
     """``--base NAME``: the base optimizer the rule's direction is handed to."""
-    parser.add_argument("--base", default=DEFAULT_BASE, help=f"a registered base optimizer: sgd, adamw, … (default {DEFAULT_BASE})")
+    parser.add_argument("--base", default=DEFAULT_BASE, help="a registered base optimizer: sgd, adamw, …")
 
 
 def add_composition_arguments(parser: argparse.ArgumentParser, rule: str) -> None:
     """``--optimizer RULE --base NAME --projector NAME --preset NAME --lr η --rho ρ --set KEY=VALUE``
     (``rule``: the default rule)."""
-    parser.add_argument("--optimizer", default=rule, help=f"a registered rule (`nonlocal-opt plugins`; default {rule})")
+    parser.add_argument("--optimizer", default=rule, help="a registered rule (`nonlocal-opt plugins` lists them)")
     add_base_argument(parser)
-    parser.add_argument("--projector", default=None, help="a registered projector, for rules that project (default: the rule's)")
+    defaults = ", ".join(f"{rule_name}: {projector}" for rule_name, projector in DEFAULT_PROJECTORS.items())
+    parser.add_argument("--projector", default=None,
+                        help=f"a registered projector, for rules that project (None: {defaults}; other rules: the rule's own; "
+                             "the RBO paper's solver is --projector footpoint)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"named settings of the rule and projector (default {DEFAULT_PRESET}); {NO_PRESET}: their own defaults")
+                        help=f"named settings of the rule and projector; {NO_PRESET}: their own defaults")
     parser.add_argument("--lr", type=float, default=None, help="learning rate η of the base (default: the preset's)")
     parser.add_argument("--rho", type=float, default=None, help="radius ρ for rules that have one (default: the preset's)")
     add_set_argument(parser)
@@ -73,20 +76,26 @@ def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``."""
     group = parser.add_argument_group("radius schedule")
     group.add_argument("--rho-schedule", choices=("none", *SCHEDULES), default="none",
-                       help="decay rho from its initial value to --rho-final over the run (default: none)")
-    group.add_argument("--rho-final", type=float, default=0.1, help="radius at the end of the schedule (default 0.1)")
+                       help="decay rho from its initial value to --rho-final over the run")
+    group.add_argument("--rho-final", type=float, default=None,
+                       help=f"radius at the end of the schedule, at most the initial rho (None: {RHO_FINAL_FRACTION:g} x the initial rho)")
     group.add_argument("--couple-lr", action="store_true", help="scale lr with the radius: lr_t = lr_0 rho_t/rho_0")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed."""
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="read flags from a TOML file (keys: flag names, e.g. epochs = 3, a [set] table); flags given override it")
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (default mlp)")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (None: mlp; a landscape is its own model)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to train (with --resume: the total, including those done)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order, an integer in [0, 2**32 - 1]")
     parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training samples only")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="steps per epoch at most")
     parser.add_argument("--limit-val-batches", type=int, default=None, help="validation batches per epoch at most")
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's forward (refused for BatchNorm models with multi-pass rules)")

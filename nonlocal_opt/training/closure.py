@@ -25,6 +25,7 @@ class LossScale:
         self.enabled, self.interval = enabled, interval
         self.scale = scale if enabled else 1.0
         self.good_steps = 0
+        self.restored_from_other = False
 
     def update(self, overflow: bool) -> None:
         if not self.enabled:
@@ -37,10 +38,15 @@ class LossScale:
                 self.scale, self.good_steps = self.scale * 2, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": self.scale, "good_steps": self.good_steps, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.good_steps = state["scale"], state["good_steps"]
+        """Restore the scale, but only into a scaler of the same kind: a run without fp16 keeps ``S = 1``
+        (a checkpoint's 65536 would divide every gradient), and an fp16 run resumed from a run without
+        loss scaling starts at its initial scale (``restored_from_other`` says so)."""
+        self.restored_from_other = state.get("enabled", state["scale"] != 1.0) != self.enabled
+        if not self.restored_from_other:
+            self.scale, self.good_steps = state["scale"], state["good_steps"]
 
 
 class BatchClosure:
@@ -62,10 +68,13 @@ class BatchClosure:
         count_correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         fresh_batches: Iterator[Any],
         loss_scale: LossScale,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.accelerator, self.model = accelerator, model
         self.per_sample_loss, self.count_correct = per_sample_loss, count_correct
         self.fresh_batches, self.loss_scale = fresh_batches, loss_scale
+        self.forward = forward or model  # e.g. the torch.compile'd model; ``model`` is the one DDP syncs
+        self.fresh_drawn = 0  # batches drawn from ``fresh_batches``
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed = accelerator.num_processes > 1
 
@@ -76,11 +85,12 @@ class BatchClosure:
     def __call__(self, fresh_batch: bool = False) -> torch.Tensor:
         if fresh_batch:
             self.batch = next(self.fresh_batches)
+            self.fresh_drawn += 1
         inputs, targets = self.batch
         for p in self.params:
             p.grad = None
         with torch.enable_grad(), self.accelerator.no_sync(self.model):
-            outputs = self.model(inputs)
+            outputs = self.forward(inputs)
             local_sum = self.per_sample_loss(outputs, targets).float().sum()
             (local_sum * self.loss_scale.scale if self.loss_scale.enabled else local_sum).backward()
         with torch.no_grad():

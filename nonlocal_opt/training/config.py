@@ -14,6 +14,12 @@ from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import DEFAULT_BASE, compose
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+# The trainer's projector when --projector is not given, by rule (other rules: the rule's own default).
+# RBO's own default is the paper's footpoint solver, which at the paper's η = 6 refuses nearly every step
+# on the default MLP; Gauss-Newton trains it (measured in docs/trainer.md, "Defaults").
+DEFAULT_PROJECTORS = {"rbo": "gauss-newton"}
+RHO_FINAL_FRACTION = 0.1  # --rho-final not given: ρ_final = 0.1 ρ_0
 DEFAULT_PRESET = "paper"  # the settings of the paper that defines each component
 NO_PRESET = "none"  # every hyperparameter at its component's (and base's) own default
 
@@ -33,6 +39,15 @@ def as_config_error(*errors: type[Exception]) -> Iterator[None]:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run at a step boundary after saving ``checkpoint`` (resume with
+    ``resume="latest"`` / ``--resume``); ``signum`` is the signal."""
+
+    def __init__(self, message: str, checkpoint, signum: int):
+        super().__init__(message)
+        self.checkpoint, self.signum = checkpoint, signum
 
 
 @attrs.frozen
@@ -61,8 +76,12 @@ class TrainConfig:
     label_noise: float = 0.0
     resume: str | None = None  # "latest" or a checkpoint directory
     rho_schedule: str = "none"  # "none" or a name in nonlocal_opt.optim.radius_schedules.SCHEDULES
-    rho_final: float = 0.1
+    rho_final: float | None = None  # None: RHO_FINAL_FRACTION × the initial ρ
     couple_lr: bool = False
+    overwrite: bool = False  # replace the run already in logdir
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    compile: bool = False  # torch.compile the model's forward
+    progress_every: float = 10.0  # seconds between progress lines when stdout is not a terminal (0: every step)
 
     @classmethod
     def from_namespace(cls, args: Any) -> TrainConfig:
@@ -81,8 +100,22 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.rho_schedule not in ("none", *SCHEDULES):
             raise ConfigError(f"--rho-schedule must be one of none, {', '.join(SCHEDULES)}; got {self.rho_schedule!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.rho_final is not None and not (isinstance(self.rho_final, (int, float)) and 0 <= self.rho_final < float("inf")):
+            raise ConfigError(f"--rho-final must be a finite number >= 0, got {self.rho_final!r}")
+        if not isinstance(self.progress_every, (int, float)) or self.progress_every < 0:
+            raise ConfigError(f"--progress-every must be a number of seconds >= 0, got {self.progress_every!r}")
         if not 0 <= self.label_noise <= 1:
             raise ConfigError(f"--label-noise must be a probability in [0, 1], got {self.label_noise}")
+
+    def resolved(self) -> TrainConfig:
+        """The config with the trainer's default projector filled in (``DEFAULT_PROJECTORS``)."""
+        if self.projector is None and self.optimizer in DEFAULT_PROJECTORS:
+            return attrs.evolve(self, projector=DEFAULT_PROJECTORS[self.optimizer])
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The config as flat scalars (``None`` as the string ``"None"``), for hparams and checkpoints."""
@@ -112,6 +145,7 @@ def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
     Unknown rule/base/projector/preset names and unknown or invalid hyperparameters raise ``ValueError``.
     """
+    config = config.resolved()
     slots = {"base": config.base, "projector": config.projector}
     probe = compose([torch.nn.Parameter(torch.zeros(1))], config.optimizer, **slots)
     values = preset_hyperparameters(probe, config.preset)

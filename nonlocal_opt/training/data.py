@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,27 @@ SPLITS = ("train", "test")
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the path looked at and the fix."""
+
+
+class DataFileError(ValueError):
+    """A dataset file is damaged or inconsistent; the message names the file and the fix."""
+
+
+def _fix(path: Path) -> str:
+    if Path(path).parent == FASHION_MNIST_DIR:
+        return "reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
+    return "replace it with an intact copy (or pass another --data-dir)"
+
+
+def check_labels(labels: torch.Tensor, count: int, num_classes: int, images_path, labels_path) -> None:
+    """Image and label counts agree and every label is a class index in ``[0, num_classes)``."""
+    if len(labels) != count:
+        raise DataFileError(f"{labels_path} has {len(labels)} labels for the {count} images of {images_path}; "
+                            f"the files do not belong together: {_fix(Path(labels_path))}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise DataFileError(f"{labels_path} has label {bad}, outside the {num_classes} classes 0..{num_classes - 1}: "
+                            f"{_fix(Path(labels_path))}")
 
 
 class ImageDataset(Dataset):
@@ -85,12 +107,20 @@ class LandscapeDataset(Dataset):
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format, optionally gzipped) as a uint8 array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataFileError(f"{path} is damaged ({' '.join(str(error).split()) or type(error).__name__}): {_fix(path)}") from None
+    if len(data) < 4:
+        raise DataFileError(f"{path} is empty or truncated ({len(data)} bytes): {_fix(path)}")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    if zero != 0 or dtype_code != 0x08 or ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise DataFileError(f"{path} is not an unsigned-byte IDX file: {_fix(path)}")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise DataFileError(f"{path} is truncated or padded: {len(data)} bytes, its header {tuple(shape)} needs {expected}: {_fix(path)}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -112,8 +142,15 @@ def _fashion_mnist(split: str, data_dir: str | os.PathLike | None) -> ImageDatas
             f"{directory}; install the Debian package dataset-fashion-mnist (apt-get install "
             "dataset-fashion-mnist) or pass --data-dir DIR holding these IDX files"
         )
-    pixels = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
-    return ImageDataset.from_uint8(pixels, torch.from_numpy(read_idx(labels).astype(np.int64)), "fashion-mnist")
+    pixel_array, label_array = read_idx(images), read_idx(labels)
+    if pixel_array.ndim != 3:
+        raise DataFileError(f"{images} holds an array of shape {pixel_array.shape}, not N×H×W images: {_fix(images)}")
+    if label_array.ndim != 1:
+        raise DataFileError(f"{labels} holds an array of shape {label_array.shape}, not N labels: {_fix(labels)}")
+    label_tensor = torch.from_numpy(label_array.astype(np.int64))
+    check_labels(label_tensor, len(pixel_array), NUM_CLASSES["fashion-mnist"], images, labels)
+    pixels = torch.from_numpy(pixel_array.copy()).unsqueeze(1)
+    return ImageDataset.from_uint8(pixels, label_tensor, "fashion-mnist")
 
 
 def _torchvision(name: str, split: str, data_dir, download: bool) -> ImageDataset:
@@ -130,7 +167,9 @@ def _torchvision(name: str, split: str, data_dir, download: bool) -> ImageDatase
         ) from error
     pixels = torch.as_tensor(raw.data)
     pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
-    return ImageDataset.from_uint8(pixels.contiguous(), raw.targets, name)
+    targets = torch.as_tensor(raw.targets, dtype=torch.int64)
+    check_labels(targets, len(pixels), NUM_CLASSES[name], root, root)
+    return ImageDataset.from_uint8(pixels.contiguous(), targets, name)
 
 
 def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir=None, download: bool = False) -> Dataset:
