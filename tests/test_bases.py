@@ -255,3 +255,51 @@ def test_no_host_reads_catches_every_way_of_reading_a_value():
     for read in (bool, float, int, torch.Tensor.item, lambda t: 1 if t > 0 else 0):
         with NoHostReads(), pytest.raises(HostReadError, match="read on the host"):
             read(value)
+
+
+@pytest.mark.parametrize(
+    ("rule", "extra", "raise_at"),
+    [("sam", {}, 2), ("rbo", dict(projector="gauss-newton", rho=0.5), 4), ("rbo", dict(projector="footpoint", rho=0.5), 7),
+     ("entropy-sgd", dict(inner_steps=4, seed=0), 3)],
+)
+def test_a_step_that_raises_leaves_parameters_and_state_as_they_were(rule, extra, raise_at):
+    """An exception in the middle of a step (here from the closure's ``raise_at``-th pass) leaves the model at
+    ``θ_t``, not at a trial point, and the optimizer state untouched; the next step is the step it would have been."""
+    model, loss_of = _problem()
+    twin = copy.deepcopy(model)
+    opt = nonlocal_opt.compose(model.parameters(), rule, base="adam", lr=1e-2, **extra)
+    twin_opt = nonlocal_opt.compose(twin.parameters(), rule, base="adam", lr=1e-2, **extra)
+    for _ in range(2):
+        opt.step(make_closure(opt, lambda: loss_of(model)))
+        twin_opt.step(make_closure(twin_opt, lambda: loss_of(twin)))
+    params, state = _flat(model), copy.deepcopy(opt.state_dict())
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == raise_at:
+            raise KeyboardInterrupt
+        return make_closure(opt, lambda: loss_of(model))()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing)
+    assert torch.equal(_flat(model), params)
+    after = opt.state_dict()
+    for part in ("state", "base_state"):
+        assert all(torch.equal(after[part][i][k], v) for i, s in state[part].items() for k, v in s.items() if isinstance(v, torch.Tensor))
+    opt.step(make_closure(opt, lambda: loss_of(model)))
+    twin_opt.step(make_closure(twin_opt, lambda: loss_of(twin)))
+    assert torch.equal(_flat(model), _flat(twin))
+
+
+def test_a_refused_tangent_step_does_not_poison_the_next_ones():
+    """A non-finite pass refuses the step and keeps the centre it started from: later steps train as before."""
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", projector="tangent", lr=0.05, rho=0.5)
+    losses = [opt.step(make_closure(opt, lambda: loss_of(model))).item() for _ in range(3)]
+    opt.step(make_closure(opt, lambda: loss_of(model) * torch.nan))
+    assert opt.stats["nonfinite"] == 1.0
+    centre = opt.state[next(model.parameters())]["centre_theta"]
+    assert torch.isfinite(centre).all()
+    losses += [opt.step(make_closure(opt, lambda: loss_of(model))).item() for _ in range(5)]
+    assert opt.stats["nonfinite"] == 0.0 and losses[-1] < losses[0]

@@ -188,6 +188,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
 
         Returns the loss at the start of the step (``None`` for closure-free rules called without one).
+        Exception-safe: when anything raises before the base optimizer steps, the parameters are put back
+        at ``θ_t`` and no state has changed (rules write their state after the base step).
         """
         if closure is None and self.rule.requires_closure:
             raise RuntimeError(
@@ -196,7 +198,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "and returns the loss"
             )
         ctx = StepContext(self, closure)
-        loss = self.rule.step(ctx)
+        try:
+            loss = self.rule.step(ctx)
+        except BaseException:  # KeyboardInterrupt, out of memory, an error in the closure: back to θ_t
+            ctx.restore_start()
+            raise
         self._last_stats = ctx.stats
         self.last_projection = ctx.projection
         return loss

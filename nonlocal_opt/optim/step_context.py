@@ -62,6 +62,8 @@ class StepContext:
         self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
         self.projection: ProjectionRecord | None = None
+        self._start: torch.Tensor | list[torch.Tensor] | None = None  # θ_t, to put back if the step raises
+        self._applied = False
         self.stats: dict[str, Any] = {"grad_evals": 0}
 
     # -- hyperparameters and state ------------------------------------------------------------------
@@ -83,6 +85,17 @@ class StepContext:
     def params(self) -> list[torch.Tensor]:
         """The parameters, one tensor each, in the order of ``flat``."""
         return self.flat.params
+
+    def keep_start(self, theta: torch.Tensor | list[torch.Tensor]) -> None:
+        """Tell the step where it started (``θ_t``, flat or one tensor per parameter) before moving the
+        parameters elsewhere; :meth:`evaluate` at the current parameters does it by itself."""
+        self._start = theta
+
+    def restore_start(self) -> None:
+        """Put ``θ_t`` back unless the base has stepped: what the optimizer does when the step raises."""
+        if self._start is not None and not self._applied:
+            with torch.no_grad():
+                self.flat.write(self._start)
 
     def buffers(self, name: str) -> list[torch.Tensor]:
         """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
@@ -118,6 +131,7 @@ class StepContext:
             self.flat.write(theta)
         else:
             theta = self.flat.gather()
+            self._start = theta if self._start is None else self._start
         loss = self.loss(extra=extra, fresh_batch=fresh_batch)
         loss = torch.as_tensor(loss).detach().to(device=self.flat.device, dtype=self.flat.dtype)
         return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad(grad_out))
@@ -185,5 +199,6 @@ class StepContext:
             self.flat.write(theta)
         if direction is not None:
             self.flat.write_grad(direction)
+        self._applied = True
         return self._optimizer._base_step(self.flat.params, finite, self.stats, self.host_reads)
 

@@ -52,6 +52,7 @@ class SAMRule(DescentRule):
         params = [p for p in ctx.params if p.grad is not None]
         saved = ctx.buffers("w")
         torch._foreach_copy_(saved, ctx.params)
+        ctx.keep_start(saved)
         kept = [w for p, w in zip(ctx.params, saved) if p.grad is not None]
         grads = [p.grad for p in params]
         adaptive = ctx.hp("adaptive")
