@@ -85,7 +85,7 @@ def test_broken_projectors_fail_the_kit_at_their_default_budget(broken, failing)
 @pytest.mark.parametrize("projector", PROJECTORS)
 def test_trainer_steps_the_projector_like_a_plain_loop(projector, tmp_path):
     """``train`` on ``landscape:sine`` (every sample's loss is f(θ)) = the same optimizer stepped by hand."""
-    config = TrainConfig(dataset="landscape:sine", projector=projector, lr=0.05, rho=0.2, batch_size=64,
+    config = TrainConfig(dataset="landscape:sine", optimizer="rbo", projector=projector, lr=0.05, rho=0.2, batch_size=64,
                          limit_train_batches=5, limit_val_batches=1, logdir=str(tmp_path))
     result = train(config)
     steps = [row for row in read_metrics(tmp_path / "metrics.csv") if row["scope"] == "step"]

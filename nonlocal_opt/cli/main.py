@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model with a composed optimizer. Exit codes: 0 ok, 1 diverged, "
                                             "2 bad input, 130 interrupted (a checkpoint is saved; resume with --resume).")
     add_run_arguments(train)
-    add_composition_arguments(train, rule="rbo")
+    add_composition_arguments(train, rule="entropy-sgd")
     train.add_argument("--logdir", default="runs/default", help="TensorBoard events, metrics.csv, checkpoints (one run per dir)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --logdir (its metrics, checkpoints, events)")
     train.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION, help="no, bf16 autocast, or fp16 with loss scaling")

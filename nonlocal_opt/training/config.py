@@ -56,7 +56,7 @@ class TrainConfig:
 
     dataset: str = "fashion-mnist"
     model: str | None = None  # None: "mlp" for images; a landscape dataset is its own model
-    optimizer: str = "rbo"
+    optimizer: str = "entropy-sgd"
     projector: str | None = None
     base: str = DEFAULT_BASE  # a registered base optimizer, stepping from θ_t with the rule's direction
     preset: str = DEFAULT_PRESET  # a name in the components' ``presets``, or NO_PRESET
