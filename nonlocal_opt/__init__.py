@@ -14,7 +14,7 @@ as ``nonlocal_opt.<alias>``.
 
 from typing import Any
 
-from nonlocal_opt.optim.composed import ComposedOptimizer
+from nonlocal_opt.optim.composed import ComposedOptimizer, stats, unwrap
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
 from nonlocal_opt.optim.step_context import StepContext
@@ -38,6 +38,8 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "registrations",
+    "stats",
+    "unwrap",
 ]
 
 __version__ = "0.1.0"

@@ -303,3 +303,19 @@ def test_a_refused_tangent_step_does_not_poison_the_next_ones():
     assert torch.isfinite(centre).all()
     losses += [opt.step(make_closure(opt, lambda: loss_of(model))).item() for _ in range(5)]
     assert opt.stats["nonfinite"] == 0.0 and losses[-1] < losses[0]
+
+
+def test_stats_and_the_loss_at_theta_t_reach_through_wrappers():
+    from accelerate import Accelerator
+
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "sam", lr=0.1)
+    wrapped = Accelerator(cpu=True).prepare_optimizer(opt)
+    closure = make_closure(wrapped, lambda: loss_of(model))
+    expected = loss_of(model).item()
+    wrapped.step(closure)
+    assert nonlocal_opt.unwrap(wrapped) is opt
+    assert nonlocal_opt.stats(wrapped)["grad_evals"] == 2.0
+    assert nonlocal_opt.stats(wrapped)["loss"] == pytest.approx(expected)
+    with pytest.raises(TypeError, match="SGD is not a nonlocal-opt optimizer and wraps none"):
+        nonlocal_opt.stats(torch.optim.SGD(model.parameters(), lr=0.1))

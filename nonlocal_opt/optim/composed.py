@@ -203,6 +203,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         except BaseException:  # KeyboardInterrupt, out of memory, an error in the closure: back to θ_t
             ctx.restore_start()
             raise
+        if loss is not None:
+            ctx.stats["loss"] = torch.as_tensor(loss).detach()
         self._last_stats = ctx.stats
         self.last_projection = ctx.projection
         return loss
@@ -255,8 +257,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Plain floats about the last step: ``grad_evals``, ``nonfinite`` (1.0 when the base step was
-        skipped), and for projecting rules ``proj_iters``, ``proj_residual``, ``offset_error``.
+        """Plain floats about the last step: ``loss`` (at ``θ_t``, when the step ran a closure),
+        ``grad_evals``, ``nonfinite`` (1.0 when the base step was skipped), and for projecting rules
+        ``proj_iters``, ``proj_residual``, ``offset_error``.
 
         Converted on access, so reading it is the only host synchronisation the step needs.
         """
@@ -264,3 +267,22 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"ComposedOptimizer({self._owner()[8:-1]}, base={base_label(self.base_factory)}, groups={len(self.param_groups)})"
+
+
+def unwrap(optimizer: Any) -> ComposedOptimizer:
+    """The ``ComposedOptimizer`` inside host wrappers that keep it as ``.optimizer`` (Accelerate's
+    ``AcceleratedOptimizer``) or ``._optimizer`` (Lightning's ``LightningOptimizer``), at any depth."""
+    seen = optimizer
+    for _ in range(16):
+        if isinstance(seen, ComposedOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if seen is None:
+            break
+    raise TypeError(f"{type(optimizer).__name__} is not a nonlocal-opt optimizer and wraps none (looked through .optimizer and ._optimizer)")
+
+
+def stats(optimizer: Any) -> dict[str, float]:
+    """``ComposedOptimizer.stats`` of ``optimizer`` or of the composed optimizer it wraps (see :func:`unwrap`)."""
+    return unwrap(optimizer).stats
+
