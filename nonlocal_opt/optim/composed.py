@@ -279,7 +279,9 @@ def unwrap(optimizer: Any) -> ComposedOptimizer:
         seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
         if seen is None:
             break
-    raise TypeError(f"{type(optimizer).__name__} is not a nonlocal-opt optimizer and wraps none (looked through .optimizer and ._optimizer)")
+    raise TypeError(
+        f"{type(optimizer).__name__} is not a nonlocal-opt optimizer and wraps none (looked through .optimizer and ._optimizer)"
+    )
 
 
 def stats(optimizer: Any) -> dict[str, float]:
