@@ -28,6 +28,13 @@ OPTIMIZER_HYPERPARAMETERS = {
         "(None: on when the parameters are not on the CPU)",
         optional(boolean),
     ),
+    "distributed": Hyperparameter(
+        None,
+        "—",
+        "average the loss a pass returns over the torch.distributed processes (replicated parameters, as with DDP), "
+        "one small all-reduce per pass (None: when torch.distributed is initialised with more than one process)",
+        optional(boolean),
+    ),
     "max_grad_norm": Hyperparameter(
         None,
         "c",

@@ -8,6 +8,15 @@ from typing import Any
 import torch
 
 
+def _dtensor_type() -> type | tuple[()]:
+    """``torch.distributed.tensor.DTensor`` where this torch build has it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return DTensor
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``‖(t_1, …, t_n)‖₂`` over every entry of every tensor (one dtype and device), as a 0-d tensor."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
@@ -25,6 +34,11 @@ class FlatParams:
         self.params = [p for group in self.groups for p in group]
         if not self.params:
             raise ValueError("the optimizer has no parameters with requires_grad=True")
+        if any(type(p).__name__ == "DTensor" or isinstance(getattr(p, "data", None), _dtensor_type()) for p in self.params):
+            raise NotImplementedError(
+                "parameters sharded with FSDP2 (DTensor) are not supported: the rules work on the whole parameter "
+                "vector; train with DDP (replicated parameters) or in one process"
+            )
         first = self.params[0]
         for p in self.params:
             if p.dtype != first.dtype or p.device != first.device:

@@ -15,6 +15,13 @@ from nonlocal_opt.optim.flat_params import FlatParams
 from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 
+def process_count() -> int:
+    """The number of ``torch.distributed`` processes (1 when it is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
     """Whether ``closure`` takes the keyword ``fresh_batch`` (see :meth:`StepContext.evaluate`)."""
     if closure is None:
@@ -58,6 +65,11 @@ class StepContext:
         """Whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python branch):
         the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
         ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``."""
+        distributed = self.hp("distributed")
+        self.world_size = process_count() if distributed is None or distributed else 1
+        """Processes the loss of a pass is averaged over: under DDP each closure returns its own process's
+        loss while the gradient is already averaged, so every scalar a rule computes from the loss would
+        differ between replicas."""
         self.grad_evals = 0
         self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
@@ -150,6 +162,10 @@ class StepContext:
             loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
+        if self.world_size > 1 and loss is not None:
+            loss = torch.as_tensor(loss, device=self.flat.device).detach().clone()
+            torch.distributed.all_reduce(loss)  # SUM: gloo has no AVG
+            loss /= self.world_size
         return loss
 
     def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:

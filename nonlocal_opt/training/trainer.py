@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
 import signal
 import sys
@@ -84,7 +85,7 @@ def writable_logdir(logdir: str) -> Path:
     path = Path(logdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # one per process: several processes probe at once
         probe.touch()
         probe.unlink()
     except OSError as error:
