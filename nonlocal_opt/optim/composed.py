@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from nonlocal_opt.optim.batchnorm import compiled_code_ran, layers_of
 from nonlocal_opt.optim.flat_params import global_norm
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
@@ -117,6 +118,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
         self._scratch: dict[str, list[torch.Tensor]] = {}
+        self._batchnorm: tuple[tuple[int, ...], list] = ((), [])
         self.last_projection: ProjectionRecord | None = None
         self._components = components
         self._ready = False
@@ -183,6 +185,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.base.param_groups = self.param_groups
 
     # -- stepping ----------------------------------------------------------------------------------
+    def _batchnorm_layers(self, params: list[torch.Tensor]) -> list:
+        """The BatchNorm layers of ``params`` (:func:`~nonlocal_opt.optim.batchnorm.layers_of`), looked up
+        again only when the parameters change."""
+        key = (*(id(p) for p in params), compiled_code_ran())  # looked up again once compiled code runs
+        if self._batchnorm[0] != key:
+            self._batchnorm = (key, layers_of(params))
+        return self._batchnorm[1]
+
     def _buffers(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tensors like ``params`` kept under ``name``, made anew when the parameters changed shape."""
         kept = self._scratch.get(name)

@@ -172,7 +172,7 @@ class StepContext:
         if not (extra and self.hp("freeze_bn_stats")):
             return contextlib.nullcontext()
         if self.batchnorm is None:
-            self.batchnorm = BatchNormFreezer()
+            self.batchnorm = BatchNormFreezer(self._optimizer._batchnorm_layers(self.flat.params))
         return self.batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------

@@ -217,10 +217,6 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` with the composed optimizer; see the module doc.
 
@@ -279,10 +275,6 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperpa
 
     set_seed(config.seed)
     train_set, val_set, model, per_sample_loss, count_correct = build_data_and_model(config)
-    if config.compile and config.optimizer != "local" and _has_batchnorm(model):
-        raise ConfigError(f"--compile with a BatchNorm model ({config.model}) and the multi-pass rule {config.optimizer!r} is not "
-                          "supported: freezing BatchNorm statistics inside a compiled model is not guaranteed; drop --compile, "
-                          "or use --optimizer local or a model without BatchNorm (mlp, logreg)")
     optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
