@@ -17,7 +17,7 @@ from typing import Any
 from nonlocal_opt.optim.composed import ComposedOptimizer, stats, unwrap
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
-from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.optim.step_context import HostGradientError, StepContext
 from nonlocal_opt.plugins.compose import compose, constructor
 from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
 from nonlocal_opt.plugins.registry import available, get, registrations
@@ -28,6 +28,7 @@ __all__ = [
     "ConstraintManifold",
     "DescentRule",
     "GraphPoint",
+    "HostGradientError",
     "Hyperparameter",
     "ProjectionResult",
     "Projector",

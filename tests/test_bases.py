@@ -319,3 +319,23 @@ def test_stats_and_the_loss_at_theta_t_reach_through_wrappers():
     assert nonlocal_opt.stats(wrapped)["loss"] == pytest.approx(expected)
     with pytest.raises(TypeError, match="SGD is not a nonlocal-opt optimizer and wraps none"):
         nonlocal_opt.stats(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_a_closure_that_adds_to_the_hosts_gradients_is_refused_by_multi_pass_rules():
+    """Gradient accumulation by the host: the first pass of a multi-pass step adds to a gradient left in
+    ``p.grad`` instead of zeroing it. Leftover gradients that the closure zeroes are fine."""
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), "sam", lr=0.1)
+    loss_of(model).backward()  # a micro-batch accumulated outside the step
+
+    def accumulating():
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    before = _flat(model)
+    with pytest.raises(nonlocal_opt.HostGradientError, match="gradient accumulation by the host"):
+        opt.step(accumulating)
+    assert torch.equal(_flat(model), before)
+    opt.step(make_closure(opt, lambda: loss_of(model)))  # zeroes first: the leftover gradient is not added
+    assert opt.stats["grad_evals"] == 2.0 and not torch.equal(_flat(model), before)

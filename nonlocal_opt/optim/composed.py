@@ -119,6 +119,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._last_stats: dict[str, Any] = {}
         self._scratch: dict[str, list[torch.Tensor]] = {}
         self._batchnorm: tuple[tuple[int, ...], list] = ((), [])
+        self._zero_grad_calls = 0  # how a step tells a closure that zeroes gradients from one that accumulates
         self.last_projection: ProjectionRecord | None = None
         self._components = components
         self._ready = False
@@ -159,6 +160,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _check_components(self, group: Mapping[str, Any]) -> None:
         for component in self._components:
             component.check_group(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, counted (see ``StepContext.loss``)."""
+        self._zero_grad_calls += 1
+        super().zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters (unknown or invalid ones raise ``ValueError``)."""

@@ -15,6 +15,10 @@ from nonlocal_opt.optim.flat_params import FlatParams
 from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 
+class HostGradientError(RuntimeError):
+    """The closure accumulated onto gradients the host left in ``p.grad`` (gradient accumulation)."""
+
+
 def process_count() -> int:
     """The number of ``torch.distributed`` processes (1 when it is not initialised)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -158,8 +162,19 @@ class StepContext:
                 f"rule {self.rule_name!r} needs a closure: call opt.step(closure) where closure() "
                 "zeroes grads, runs forward and backward, and returns the loss"
             )
+        # A multi-pass rule's first pass must start from zeroed gradients (a single-pass rule may
+        # accumulate: its one pass is the step's gradient, as with any torch optimizer).
+        held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._optimizer.rule.requires_closure else []
+        zeroed = self._optimizer._zero_grad_calls
         with torch.enable_grad(), self._batchnorm_paused(extra):
             loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
+        if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._optimizer._zero_grad_calls == zeroed:
+            raise HostGradientError(
+                "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
+                "(Lightning's accumulate_grad_batches, accelerator.accumulate()) is not supported by multi-pass rules; "
+                "accumulate inside the closure (sum the micro-batch losses, then one backward), and zero the gradients "
+                "in the closure with opt.zero_grad()"
+            )
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
         if self.world_size > 1 and loss is not None:
