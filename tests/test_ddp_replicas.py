@@ -1,4 +1,5 @@
-"""Under DDP (2 CPU processes, gloo) with the closure DDP users write — it returns the rank-local loss —
+"""Under DDP (2 CPU processes, gloo, launched by torchrun; the model wrapped by torch or by Accelerate) with
+the closure users write — it returns the rank-local loss —
 the replicas of every multi-pass rule stay identical: the optimizer averages the loss of each pass
 itself. With that switched off (``distributed=False``) RBO's replicas drift apart, so the test can fail."""
 
@@ -11,6 +12,44 @@ import textwrap
 
 import pytest
 import torch
+
+ACCELERATE = textwrap.dedent(
+    """
+    import os, sys, torch
+    from accelerate import Accelerator
+    import nonlocal_opt
+
+    accelerator = Accelerator(cpu=True)
+    rank, out = accelerator.process_index, sys.argv[1]
+    runs = {
+        "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
+        "entropy-sgd": dict(rule="entropy-sgd", lr=1.0, inner_steps=3, seed=0, scale_outer_by_gamma=False),
+        "rbo": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0),
+        "rbo-unreduced": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0, distributed=False),
+    }
+    for name, settings in runs.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+        settings = dict(settings)
+        opt = nonlocal_opt.compose(model.parameters(), settings.pop("rule"), **settings)
+        prepared, opt = accelerator.prepare(model, opt)
+        data = torch.Generator().manual_seed(1 + rank)
+        for _ in range(8):
+            x = torch.randn(16, 6, generator=data, dtype=torch.float64)
+            y = torch.randint(0, 3, (16,), generator=data)
+
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(prepared(x), y)
+                accelerator.backward(loss)
+                return loss
+
+            opt.step(closure)
+        torch.save(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), f"{out}/{name}-{rank}.pt")
+    accelerator.wait_for_everyone()
+    os._exit(0)
+    """
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -51,9 +90,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_ddp_replicas_stay_identical_with_rank_local_losses(tmp_path):
+@pytest.mark.parametrize("host", ["torch DDP", "Accelerate"])
+def test_ddp_replicas_stay_identical_with_rank_local_losses(tmp_path, host):
     script = tmp_path / "ddp_script.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT if host == "torch DDP" else ACCELERATE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("NONLOCAL_OPT_PLUGINS", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
