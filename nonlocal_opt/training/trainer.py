@@ -275,6 +275,10 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperpa
 
     set_seed(config.seed)
     train_set, val_set, model, per_sample_loss, count_correct = build_data_and_model(config)
+    if accelerator.num_processes > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        warn(f"BatchNorm statistics are computed per process ({accelerator.num_processes} processes, each with "
+             f"{config.batch_size // accelerator.num_processes} samples): results differ from one process on the same "
+             "global batches (SyncBatchNorm needs a GPU and is not wired in yet)")
     optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
