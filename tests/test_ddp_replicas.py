@@ -13,6 +13,13 @@ import textwrap
 import pytest
 import torch
 
+RUNS = """runs = {
+    "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
+    "entropy-sgd": dict(rule="entropy-sgd", lr=1.0, inner_steps=3, seed=0, scale_outer_by_gamma=False),
+    "rbo": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0),
+    "rbo-unreduced": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0, distributed=False),
+}"""
+
 ACCELERATE = textwrap.dedent(
     """
     import os, sys, torch
@@ -21,12 +28,7 @@ ACCELERATE = textwrap.dedent(
 
     accelerator = Accelerator(cpu=True)
     rank, out = accelerator.process_index, sys.argv[1]
-    runs = {
-        "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
-        "entropy-sgd": dict(rule="entropy-sgd", lr=1.0, inner_steps=3, seed=0, scale_outer_by_gamma=False),
-        "rbo": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0),
-        "rbo-unreduced": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0, distributed=False),
-    }
+    RUNS
     for name, settings in runs.items():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
@@ -58,12 +60,7 @@ SCRIPT = textwrap.dedent(
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), sys.argv[1]
-    runs = {
-        "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
-        "entropy-sgd": dict(rule="entropy-sgd", lr=1.0, inner_steps=3, seed=0, scale_outer_by_gamma=False),
-        "rbo": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0),
-        "rbo-unreduced": dict(rule="rbo", projector="gauss-newton", lr=2.0, rho=1.0, distributed=False),
-    }
+    RUNS
     for name, settings in runs.items():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
@@ -93,7 +90,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("host", ["torch DDP", "Accelerate"])
 def test_ddp_replicas_stay_identical_with_rank_local_losses(tmp_path, host):
     script = tmp_path / "ddp_script.py"
-    script.write_text(SCRIPT if host == "torch DDP" else ACCELERATE)
+    script.write_text((SCRIPT if host == "torch DDP" else ACCELERATE).replace("RUNS\n", RUNS + "\n", 1))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("NONLOCAL_OPT_PLUGINS", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
