@@ -81,8 +81,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     The base shares ``param_groups`` with the composed optimizer: its hyperparameters (``lr``,
     ``momentum``, ``betas``, ...) sit next to the rule's (``rho``, ...), so LR schedulers drive the
-    base. ``base_hyperparameters`` are passed to ``base(param_groups, **base_hyperparameters)``;
-    ``hyperparameters`` are the ones the optimizer, rule, projector and manifold declare.
+    base. Of ``hyperparameters``, those the optimizer, rule, projector and manifold declare stay here;
+    the others go to ``base(param_groups, **others)``, which validates them.
     ``state_dict()`` holds the rule's and the base's state. ``stats`` describes the last step.
     """
 
