@@ -39,8 +39,8 @@ class HalfStepRBO(RollingBall):
 
     name = "half-step-rbo"
 
-    def propose(self, centre, point, eta):
-        return super().propose(centre, point, eta / 2)
+    def propose(self, centre, point, eta, ctx):
+        return super().propose(centre, point, eta / 2, ctx)
 
 
 class RuntimePlugin:
@@ -97,7 +97,7 @@ class HangingOffset(ConstraintManifold):
         rho = ctx.hp("rho")
         return Centre(theta=point.theta + rho * point.grad / norm, height=point.loss - rho / norm)
 
-    def phi(self, point, target):
+    def phi(self, point, target, ctx):
         return 0.5 * ((point.theta - target.theta).square().sum() + (point.loss - target.height).square())
 
     def phi_grad(self, point, target, out=None):

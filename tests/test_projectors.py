@@ -242,7 +242,7 @@ def test_phi_never_increases_along_the_iterations(projector, mlp_problem):
         with torch.no_grad():
             start = ctx.evaluate(extra=False)
             centre = ctx.manifold.centre(start, ctx)
-            target = opt.rule.propose(centre, start, ctx.per_coordinate("lr"))
+            target = opt.rule.propose(centre, start, ctx.per_coordinate("lr"), ctx)
             result = ctx.project(target, start, centre=centre)
         values.append(float(0.5 * ((result.point.theta - target.theta).square().sum() + (result.point.loss - target.height) ** 2)))
     ulps = 8 * torch.finfo(torch.float32).eps

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from nonlocal_opt.optim.batchnorm import compiled_code_ran, layers_of
-from nonlocal_opt.optim.flat_params import global_norm
+from nonlocal_opt.optim.flat_params import FlatParams, global_norm, local, sharded_norm
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
+from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext, refuse_host_accumulation
 
 OPTIMIZER_HYPERPARAMETERS = {
     "freeze_bn_stats": Hyperparameter(
@@ -59,15 +59,19 @@ def base_keywords(base: BaseFactory) -> set[str] | None:
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_reads: bool) -> torch.Tensor:
-    """Whether every entry of ``tensors`` is finite. On the host path from their total 2-norm ``norm`` (one
-    fused sweep): a finite norm settles it, an infinite one may be an overflow of large finite entries, so
-    then the entries are checked. On the device path with ``aminmax`` (one sweep; it propagates NaN), no
-    host read."""
+def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_reads: bool, flat: FlatParams) -> torch.Tensor:
+    """Whether every entry of ``tensors`` is finite, in every process's shard. On the host path from their
+    total 2-norm ``norm`` (one fused sweep): a finite norm settles it, an infinite one may be an overflow of
+    large finite entries, so then the entries are checked. On the device path with ``aminmax`` (one sweep;
+    it propagates NaN), no host read."""
     if host_reads:
-        return TRUE if bool(torch.isfinite(norm)) or all(bool(torch.isfinite(t).all()) for t in tensors) else FALSE
+        if bool(torch.isfinite(norm)):
+            return TRUE
+        here = all(bool(torch.isfinite(t).all()) for t in tensors)
+        return TRUE if bool(flat.sum(torch.tensor(float(not here), device=flat.device)) == 0) else FALSE
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
-    return torch.isfinite(extremes).all()
+    here = torch.isfinite(extremes).all()
+    return here if flat.group is None else flat.sum((~here).to(flat.dtype)) == 0
 
 
 def base_label(base: BaseFactory) -> str:
@@ -120,6 +124,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._scratch: dict[str, list[torch.Tensor]] = {}
         self._batchnorm: tuple[tuple[int, ...], list] = ((), [])
         self._zero_grad_calls = 0  # how a step tells a closure that zeroes gradients from one that accumulates
+        self._closure_pass: int | None = None  # the pass whose closure call runs now (0: the first); see first_pass()
         self.last_projection: ProjectionRecord | None = None
         self._components = components
         self._ready = False
@@ -220,6 +225,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "opt.step(closure) with a closure that zeroes grads, runs forward and backward, "
                 "and returns the loss"
             )
+        if self.rule.requires_closure:
+            refuse_host_accumulation(self.rule.name)
         ctx = StepContext(self, closure)
         try:
             loss = self.rule.step(ctx)
@@ -232,28 +239,30 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.last_projection = ctx.projection
         return loss
 
-    def _base_step(self, params: list[torch.Tensor], finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool) -> torch.Tensor:
+    def _base_step(self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool) -> torch.Tensor:
         """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
         returns the 0-d bool tensor "step taken".
 
         On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the
         device path (no host synchronisation) the step runs and ``torch.where`` puts back the
         parameters and base state; only a step that creates base state (a first step) reads the
-        verdict, to drop that state again.
+        verdict, to drop that state again. Norms and verdicts cover every shard (``flat.sum``).
         """
-        params = [p for p in params if p.grad is not None]
-        if not params:
+        stepped = [(p, t, g) for p, t, g in zip(flat.params, flat.tensors, flat.grads()) if g is not None]
+        if not stepped:
             stats["nonfinite"] = 0.0
             return TRUE
         max_norms = {group["max_grad_norm"] for group in self.param_groups}
         if len(max_norms) != 1:
             raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
         max_norm = max_norms.pop()
-        grads = [p.grad for p in params]
-        norm = global_norm(grads) if host_reads or max_norm is not None else None
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        finite = all_finite(grads, norm, host_reads) & finite
+        params, tensors, grads = (list(column) for column in zip(*stepped))
+        norm = None
+        if host_reads or max_norm is not None:
+            norm = global_norm(grads) if flat.group is None else sharded_norm(grads, flat)
+        if max_norm is not None:  # torch.nn.utils.clip_grads_with_norm_, on this process's part of each gradient
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        finite = all_finite(grads, norm, host_reads, flat) & finite
         if host_reads:
             taken = bool(finite)
             if taken:
@@ -262,19 +271,20 @@ class ComposedOptimizer(torch.optim.Optimizer):
             return TRUE if taken else FALSE
         state = self.base.state
         keys = {p: set(state[p]) if p in state else set() for p in params}
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = {p: {k: v.clone() for k, v in state[p].items() if isinstance(v, torch.Tensor)} for p in params if p in state}
+        saved_params = [t.clone() for t in tensors]
+        saved_state = {p: {k: local(v).clone() for k, v in state[p].items() if isinstance(v, torch.Tensor)} for p in params if p in state}
         self.base.step()
         created = [p for p in params if p in state and set(state[p]) - keys[p]]
         if created and not bool(finite):
             for p in created:
                 for key in set(state[p]) - keys[p]:
                     del state[p][key]
-        for p, old in zip(params, saved_params):
-            p.copy_(torch.where(finite, p, old))
-        for p, tensors in saved_state.items():
-            for key, old in tensors.items():
-                state[p][key].copy_(torch.where(finite, state[p][key], old))
+        for t, old in zip(tensors, saved_params):
+            t.copy_(torch.where(finite, t, old))
+        for p, kept in saved_state.items():
+            for key, old in kept.items():
+                now = local(state[p][key])
+                now.copy_(torch.where(finite, now, old))
         stats["nonfinite"] = ~finite
         return finite
 
@@ -305,6 +315,14 @@ def unwrap(optimizer: Any) -> ComposedOptimizer:
     raise TypeError(
         f"{type(optimizer).__name__} is not a nonlocal-opt optimizer and wraps none (looked through .optimizer and ._optimizer)"
     )
+
+
+def first_pass(optimizer: Any) -> bool:
+    """Whether code running now runs once per step of ``optimizer`` (or of the composed optimizer it wraps,
+    see :func:`unwrap`): ``False`` only inside the second and later closure calls of a step. Guard the side
+    effects of a closure with it, e.g. ``self.log`` in a Lightning ``training_step`` under automatic
+    optimization, which runs once per pass; the first pass is at ``θ_t``."""
+    return unwrap(optimizer)._closure_pass in (None, 0)
 
 
 def stats(optimizer: Any) -> dict[str, float]:

@@ -1,13 +1,16 @@
-"""A flat view ``θ ∈ R^d`` over every trainable parameter of every parameter group."""
+"""A flat view ``θ ∈ R^d`` over every trainable parameter of every parameter group, or over this
+process's shard of it when the parameters are sharded (FSDP2 ``DTensor``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 
+@functools.cache
 def _dtensor_type() -> type | tuple[()]:
     """``torch.distributed.tensor.DTensor`` where this torch build has it."""
     try:
@@ -17,9 +20,48 @@ def _dtensor_type() -> type | tuple[()]:
     return DTensor
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this process holds: the local shard of a ``DTensor`` (a view that writes
+    through), ``tensor`` itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, _dtensor_type()) else tensor
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``‖(t_1, …, t_n)‖₂`` over every entry of every tensor (one dtype and device), as a 0-d tensor."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def sharded_norm(tensors: Sequence[torch.Tensor], flat: FlatParams) -> torch.Tensor:
+    """:func:`global_norm` over the whole of sharded tensors: the local sums of squares, all-reduced."""
+    return flat.sum(torch.stack(torch._foreach_norm(tensors)).square().sum()).sqrt()
+
+
+def shard_group(params: Sequence[torch.Tensor]) -> Any:
+    """The process group the parameters are sharded over, ``None`` for ordinary tensors.
+
+    Supported: every parameter a ``DTensor`` sharded (``Shard``) on one 1-D device mesh, as
+    ``fully_shard`` makes them. Anything else that mixes sharded and whole tensors is refused: a
+    reduction over ``R^d`` would count the whole tensors once per process.
+    """
+    dtensor = _dtensor_type()
+    sharded = [isinstance(p, dtensor) for p in params]
+    if not any(sharded):
+        return None
+    from torch.distributed.tensor import Shard
+
+    if not all(sharded):
+        raise ValueError(
+            "some parameters are sharded (DTensor) and others are not: apply fully_shard to the root module too, "
+            "so that every parameter is sharded over the same mesh"
+        )
+    meshes = {p.device_mesh for p in params}
+    mesh = meshes.pop()
+    if meshes or mesh.ndim != 1 or not all(len(p.placements) == 1 and isinstance(p.placements[0], Shard) for p in params):
+        raise ValueError(
+            "sharded parameters must all be Shard-placed on one 1-D device mesh (fully_shard over one process group); "
+            "hybrid or replicated DTensor layouts are not supported"
+        )
+    return mesh.get_group()
 
 
 class FlatParams:
@@ -27,59 +69,74 @@ class FlatParams:
 
     The order is the order of ``param_groups`` and of the parameters inside each group. All
     parameters must share one dtype and device: one ball in ``R^{d+1}``.
+
+    ``params`` are the parameters themselves; ``tensors`` are what this process holds of them (the
+    local shards under FSDP2, else the parameters), and every flat vector is built from ``tensors``.
+    A sum over ``R^d`` is then a sum of partial sums over the processes: :meth:`sum`. ``shards``:
+    accept sharded parameters (the caller reduces every such sum with :meth:`sum`).
     """
 
-    def __init__(self, param_groups: Sequence[dict[str, Any]]):
+    def __init__(self, param_groups: Sequence[dict[str, Any]], shards: bool = False):
         self.groups = [[p for p in group["params"] if p.requires_grad] for group in param_groups]
         self.params = [p for group in self.groups for p in group]
         if not self.params:
             raise ValueError("the optimizer has no parameters with requires_grad=True")
-        if any(type(p).__name__ == "DTensor" or isinstance(getattr(p, "data", None), _dtensor_type()) for p in self.params):
+        self.group = shard_group(self.params)
+        if self.group is not None and not shards:
             raise NotImplementedError(
-                "parameters sharded with FSDP2 (DTensor) are not supported: the rules work on the whole parameter "
+                "parameters sharded with FSDP2 (DTensor) are not supported here: this works on the whole parameter "
                 "vector; train with DDP (replicated parameters) or in one process"
             )
-        first = self.params[0]
-        for p in self.params:
+        self.shard_rank = torch.distributed.get_rank(self.group) if self.group is not None else 0
+        self.tensors = [local(p) for p in self.params]
+        first = self.tensors[0]
+        for p in self.tensors:
             if p.dtype != first.dtype or p.device != first.device:
                 raise ValueError(
                     "all parameters must share one dtype and device for a non-local optimizer; found "
                     f"{first.dtype}/{first.device} and {p.dtype}/{p.device}: cast the model first"
                 )
         self.dtype, self.device = first.dtype, first.device
-        self.numels = [p.numel() for p in self.params]
+        self.numels = [p.numel() for p in self.tensors]
         self.numel = sum(self.numels)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.params)]
+        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.tensors)]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """This process's part of each ``p.grad`` (``None`` where a parameter has no gradient)."""
+        if self.group is None:
+            return [p.grad for p in self.params]
+        return [None if p.grad is None else p.grad.to_local() for p in self.params]
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sums over ``R^d`` from this process's partial sums (a small tensor of them): all-reduced over the
+        shard group when the parameters are sharded, ``partial`` itself otherwise."""
+        if self.group is None:
+            return partial
+        total = partial.clone()
+        torch.distributed.all_reduce(total, group=self.group)
+        return total
 
     def gather(self) -> torch.Tensor:
         """``θ``: a new flat tensor holding the current parameter values."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return torch.cat([p.detach().reshape(-1) for p in self.tensors])
 
     def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """``g = ∇f(θ)`` as a flat tensor (written into ``out`` when given); a parameter without ``.grad`` contributes zeros."""
-        grads = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+        grads = [(g.detach() if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(self.tensors, self.grads())]
         return torch.cat(grads, out=out) if out is not None else torch.cat(grads).to(self.dtype)
 
     def write(self, theta: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Copy ``θ`` into the parameters, in place: a flat vector, or one tensor per parameter."""
-        torch._foreach_copy_(self.params, self._views(theta) if isinstance(theta, torch.Tensor) else list(theta))
+        torch._foreach_copy_(self.tensors, self._views(theta) if isinstance(theta, torch.Tensor) else list(theta))
 
     def write_grad(self, flat: torch.Tensor) -> None:
         """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-        torch._foreach_copy_([p.grad for p in self.params], self._views(flat))
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-parameter views of a flat vector (for per-parameter optimizer state)."""
-        return self._views(flat)
-
-    def join(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        """The inverse of :meth:`split`."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        torch._foreach_copy_(self.grads(), self._views(flat))
 
     def per_coordinate(self, values: Sequence[float]) -> float | torch.Tensor:
         """Spread one value per parameter group over the coordinates of that group.
@@ -88,5 +145,5 @@ class FlatParams:
         """
         if len(set(values)) == 1:
             return float(values[0])
-        sizes = [sum(p.numel() for p in group) for group in self.groups]
+        sizes = [sum(local(p).numel() for p in group) for group in self.groups]
         return torch.cat([torch.full((n,), float(v), dtype=self.dtype, device=self.device) for n, v in zip(sizes, values)])

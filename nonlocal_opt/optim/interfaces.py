@@ -3,6 +3,7 @@
 Notation (docs/math.md §1): loss ``f``, flat parameters ``θ ∈ R^d``, graph ``Γ = {(θ, f(θ))}``,
 gradient ``g = ∇f(θ)``, contact point ``p = (θ, f(θ))``, ball centre ``c = (θ_c, y_c) ∈ R^{d+1}``.
 Every vector here is a *flat* tensor over all parameters of all groups: one ball, never one per tensor.
+Under FSDP2 it is this process's shard of that vector; sums over ``R^d`` then go through ``ctx.sum``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class _Component(ABC):
     name: ClassVar[str]
     hyperparameters: ClassVar[Mapping[str, Hyperparameter]] = {}
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    shardable: ClassVar[bool] = False
+    """Whether the component works on sharded parameters (FSDP2): every sum over ``R^d`` it forms
+    (dot products, norms) goes through ``ctx.dot`` / ``ctx.sum``, which add up the processes' shards.
+    Optimizers with a component that does not declare it refuse sharded parameters."""
 
     def check_group(self, group: Mapping[str, object]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Reject combinations of hyperparameters (one parameter group, the base's and every
@@ -53,7 +58,7 @@ class ConstraintManifold(_Component):
         """``c(p)``: the state attached to the contact point ``p`` (needs ``point.grad``)."""
 
     @abstractmethod
-    def phi(self, point: GraphPoint, target: Centre) -> torch.Tensor:
+    def phi(self, point: GraphPoint, target: Centre, ctx: StepContext) -> torch.Tensor:
         """``φ(θ)`` at ``point`` for the proposed centre ``target``, as a 0-d tensor."""
 
     @abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,12 +12,29 @@ import attrs
 import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
-from nonlocal_opt.optim.flat_params import FlatParams
+from nonlocal_opt.optim.flat_params import FlatParams, global_norm, sharded_norm
 from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 
 class HostGradientError(RuntimeError):
     """The closure accumulated onto gradients the host left in ``p.grad`` (gradient accumulation)."""
+
+
+def refuse_host_accumulation(rule: str) -> None:
+    """Raise :class:`HostGradientError` when Accelerate's gradient accumulation is on in this process: its
+    ``GradientState`` (one per process, set by ``Accelerator(gradient_accumulation_steps=k)``) is what
+    ``accelerator.accumulate()`` and the wrapped optimizer's ``step`` read to skip steps."""
+    state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
+    steps = state().num_steps if state is not None and state._shared_state else 1
+    if steps > 1:
+        raise HostGradientError(
+            f"gradient accumulation by the host is on (Accelerate's gradient_accumulation_steps={steps}): "
+            f"accelerator.accumulate() skips opt.step, and with it the closure, on {steps - 1} of every {steps} batches, "
+            f"and accelerator.backward divides the loss by {steps}; rule {rule!r} runs the closure several times per step "
+            "and needs each step's whole gradient from it. Create the Accelerator without gradient_accumulation_steps and "
+            "accumulate inside the closure (opt.zero_grad(), then accelerator.backward(loss_i / k) for each of the k "
+            "micro-batches, and return the mean loss)"
+        )
 
 
 def process_count() -> int:
@@ -63,7 +81,14 @@ class StepContext:
         self.rule_name: str = optimizer.rule.name
         self.manifold = optimizer.manifold
         self.projector = optimizer.projector
-        self.flat = FlatParams(optimizer.param_groups)
+        self.flat = FlatParams(optimizer.param_groups, shards=True)
+        if self.flat.group is not None:
+            refusing = [f"{type(c).__name__} ({c.name!r})" for c in optimizer._components if not c.shardable]
+            if refusing:
+                raise NotImplementedError(
+                    f"parameters sharded with FSDP2 (DTensor) need components that sum over the shards; {', '.join(refusing)} "
+                    "does not declare shardable = True: train it with DDP (replicated parameters) or in one process"
+                )
         device_path = self.hp("device_path")
         self.host_reads: bool = self.flat.device.type == "cpu" if device_path is None else not device_path
         """Whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python branch):
@@ -99,8 +124,30 @@ class StepContext:
 
     @property
     def params(self) -> list[torch.Tensor]:
-        """The parameters, one tensor each, in the order of ``flat``."""
-        return self.flat.params
+        """The parameters, one tensor each, in the order of ``flat``: what this process holds of them
+        (the local shards under FSDP2). Their gradients are :meth:`grads`."""
+        return self.flat.tensors
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """The gradients of :attr:`params` (``None`` where a parameter has none)."""
+        return self.flat.grads()
+
+    # -- sums over R^d ------------------------------------------------------------------------------
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sums over ``R^d`` from this process's partial sums (a 0-d or small 1-d tensor): one all-reduce over
+        the shards under FSDP2, ``partial`` itself otherwise. Every dot product or norm a plugin forms
+        over flat vectors goes through it (or :meth:`dot` / :meth:`norm`)."""
+        return self.flat.sum(partial)
+
+    def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``xᵀy`` over ``R^d``, as a 0-d tensor."""
+        return self.flat.sum(x.dot(y))
+
+    def norm(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``‖x‖₂`` over ``R^d`` of a flat vector or of one tensor per parameter, as a 0-d tensor."""
+        if self.flat.group is None:
+            return torch.linalg.vector_norm(x) if isinstance(x, torch.Tensor) else global_norm(x)
+        return sharded_norm(x if isinstance(x, list) else [x], self.flat)
 
     def keep_start(self, theta: torch.Tensor | list[torch.Tensor]) -> None:
         """Tell the step where it started (``θ_t``, flat or one tensor per parameter) before moving the
@@ -116,7 +163,7 @@ class StepContext:
     def buffers(self, name: str) -> list[torch.Tensor]:
         """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
         ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
-        return self._optimizer._buffers(name, self.flat.params)
+        return self._optimizer._buffers(name, self.flat.tensors)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -166,8 +213,12 @@ class StepContext:
         # accumulate: its one pass is the step's gradient, as with any torch optimizer).
         held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._optimizer.rule.requires_closure else []
         zeroed = self._optimizer._zero_grad_calls
-        with torch.enable_grad(), self._batchnorm_paused(extra):
-            loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
+        self._optimizer._closure_pass = self.grad_evals
+        try:
+            with torch.enable_grad(), self._batchnorm_paused(extra):
+                loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
+        finally:
+            self._optimizer._closure_pass = None
         if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._optimizer._zero_grad_calls == zeroed:
             raise HostGradientError(
                 "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
@@ -231,5 +282,5 @@ class StepContext:
         if direction is not None:
             self.flat.write_grad(direction)
         self._applied = True
-        return self._optimizer._base_step(self.flat.params, finite, self.stats, self.host_reads)
+        return self._optimizer._base_step(self.flat, finite, self.stats, self.host_reads)
 

@@ -34,6 +34,7 @@ class EntropySGDRule(DescentRule):
 
     name = "entropy-sgd"
     alias = "EntropySGD"
+    shardable = True
     hyperparameters = {
         "inner_steps": Hyperparameter(20, "L", "Langevin steps per outer step", positive_int),
         "inner_lr": Hyperparameter(0.1, "η'", "step size of the Langevin steps", positive),
@@ -103,13 +104,16 @@ class EntropySGDRule(DescentRule):
 
     def _noise_generator(self, ctx) -> torch.Generator:
         """The generator of ``ξ ~ N(0, I)``, restored from ``state['noise_rng']`` (so ``state_dict``
-        round-trips it) or seeded from ``seed`` on the first step."""
+        round-trips it) or seeded from ``seed`` on the first step. Under FSDP2 the shard of process
+        ``r > 0`` draws from the seed ``hash((seed, r))``: independent noise on every shard."""
         rng = torch.Generator(device=ctx.flat.device)
         if "noise_rng" in ctx.state:
             rng.set_state(self._saved_rng_state(ctx))
         else:
             seed = ctx.hp("seed")
-            rng.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+            seed = int(torch.randint(2**62, ())) if seed is None else seed
+            rank = ctx.flat.shard_rank
+            rng.manual_seed(seed if rank == 0 else hash((seed, rank)) % 2**63)
             ctx.state["noise_rng"] = rng.get_state()
         return rng
 

@@ -17,6 +17,7 @@ class LocalRule(DescentRule):
 
     name = "local"
     requires_closure = False
+    shardable = True
     presets = {"paper": {"lr": 0.01}}
 
     def step(self, ctx):

@@ -1,7 +1,8 @@
 """O(d) algebra of the footpoint problem ``min_θ φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²`` (docs/math.md §3).
 
 With ``a = θ − θ̃`` and ``s = f(θ) − ỹ``: ``∇φ = a + s g`` and the Gauss–Newton matrix is
-``G = I + g gᵀ``. Everything here is a handful of dot products and axpys on flat tensors.
+``G = I + g gᵀ``. Everything here is a handful of dot products (over every shard: ``ctx.dot``) and
+axpys on flat tensors.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import math
 import torch
 
 
-def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, damping: torch.Tensor | float = 0.0, scale: float = 1.0) -> torch.Tensor:
+def damped_gn_solve(grad: torch.Tensor, v: torch.Tensor, ctx, damping: torch.Tensor | float = 0.0, scale: float = 1.0) -> torch.Tensor:
     """``c ((1 + μ) I + g gᵀ)⁻¹ v = c [v − g (gᵀv)/(1 + μ + ‖g‖²)] / (1 + μ)`` (Sherman–Morrison), ``c = scale``."""
     shift = 1 + damping
-    return torch.addcmul(v, grad, grad.dot(v) / (shift + grad.dot(grad)), value=-1) * (scale / shift)
+    gv, gg = ctx.sum(torch.stack([grad.dot(v), grad.dot(grad)])).unbind()
+    return torch.addcmul(v, grad, gv / (shift + gg), value=-1) * (scale / shift)
 
 
-def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def gauss_newton_decrease(grad: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor, ctx) -> torch.Tensor:
     """``L(0) − L(Δ) = −∇φᵀΔ − ½(‖Δ‖² + (gᵀΔ)²)``: the decrease of the Gauss–Newton model of ``φ``."""
-    return -(gradient.dot(step) + 0.5 * (step.dot(step) + grad.dot(step).square()))
+    vd, dd, gd = ctx.sum(torch.stack([gradient.dot(step), step.dot(step), grad.dot(step)])).unbind()
+    return -(vd + 0.5 * (dd + gd.square()))
 
 
 def tolerance(hp, move_sq: float) -> float | None:

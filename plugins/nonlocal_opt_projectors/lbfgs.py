@@ -29,12 +29,12 @@ class PairMemory:
         size = len(self.rho)
         return [(self.count - 1 - k) % size for k in range(min(self.count, size))]
 
-    def add(self, current: Iterate, trial: Iterate) -> None:
+    def add(self, current: Iterate, trial: Iterate, ctx) -> None:
         """Store ``s = θ_trial − θ``, ``y = ∇φ(θ_trial) − ∇φ(θ)`` in the next slot."""
         slot = self.count % len(self.rho)
         s = torch.sub(trial.a, current.a, out=self.s[slot])
         y = torch.sub(trial.grad_phi, current.grad_phi, out=self.y[slot])
-        sy, ss, yy = read(torch.stack([s.dot(y), s.dot(s), y.dot(y)]), self.on_host)
+        sy, ss, yy = read(ctx.sum(torch.stack([s.dot(y), s.dot(s), y.dot(y)])), self.on_host)
         curved = sy > 1e-10 * sqrt(ss * yy)  # False for NaN and inf as well
         if not self.on_host:
             s.copy_(torch.where(curved, s, 0))
@@ -65,22 +65,22 @@ class LBFGSProjector(SafeguardedFootpointProjector):
     def new_memory(self, start, ctx):
         return PairMemory(ctx.hp("history"), start.theta, ctx.host_reads)
 
-    def observe(self, memory, current, trial):
-        memory.add(current, trial)
+    def observe(self, memory, current, trial, ctx):
+        memory.add(current, trial, ctx)
 
     def step(self, current, damping, memory, ctx):
         on_host, alphas = memory.on_host, []
         q = current.grad_phi.clone()
         for i in memory.newest_first():
-            alpha = memory.rho[i] * scalar(memory.s[i].dot(q), on_host)
+            alpha = memory.rho[i] * scalar(ctx.dot(memory.s[i], q), on_host)
             axpy_(q, -alpha, memory.y[i])
             alphas.append(alpha)
-        r = damped_gn_solve(current.g, q) if ctx.hp("gn_h0") else q.mul_(memory.gamma)
+        r = damped_gn_solve(current.g, q, ctx) if ctx.hp("gn_h0") else q.mul_(memory.gamma)
         for i, alpha in zip(reversed(memory.newest_first()), reversed(alphas)):
-            beta = memory.rho[i] * scalar(memory.y[i].dot(r), on_host)
+            beta = memory.rho[i] * scalar(ctx.dot(memory.y[i], r), on_host)
             axpy_(r, alpha - beta, memory.s[i])
         return r.mul_(-1 / (1 + damping))
 
-    def predicted_decrease(self, current, step, damping):
+    def predicted_decrease(self, current, step, damping, ctx):
         """Under the model ``∇φᵀΔ + ½ΔᵀH⁻¹Δ`` with ``Δ = −H∇φ/(1 + μ)``: ``−∇φᵀΔ (1 − 1/(2(1 + μ)))``."""
-        return -current.grad_phi.dot(step) * (1 - 0.5 / (1 + damping))
+        return -ctx.dot(current.grad_phi, step) * (1 - 0.5 / (1 + damping))

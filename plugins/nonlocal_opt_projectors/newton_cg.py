@@ -18,8 +18,8 @@ from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, Safegu
 
 def finite_difference_hvp(point, vector: torch.Tensor, ctx) -> torch.Tensor:
     """``∇²f(θ) v ≈ (∇f(θ + εv) − ∇f(θ))/ε`` with ``ε = √eps · (1 + ‖θ‖)/‖v‖`` (one pass)."""
-    scale = torch.finfo(vector.dtype).eps ** 0.5 * (1 + torch.linalg.vector_norm(point.theta))
-    eps = scale / torch.clamp(torch.linalg.vector_norm(vector), min=torch.finfo(vector.dtype).tiny)
+    scale = torch.finfo(vector.dtype).eps ** 0.5 * (1 + ctx.norm(point.theta))
+    eps = scale / torch.clamp(ctx.norm(vector), min=torch.finfo(vector.dtype).tiny)
     shifted = ctx.evaluate(torch.addcmul(point.theta, eps, vector))
     return (shifted.grad - point.grad).div_(eps)
 
@@ -41,23 +41,23 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
 
     def step(self, current, damping, memory, ctx):
         point, g, s, gradient = current.point, current.g, current.gap, current.grad_phi
-        lm_step = damped_gn_solve(g, gradient, damping, scale=-1.0)
+        lm_step = damped_gn_solve(g, gradient, ctx, damping, scale=-1.0)
         cg_iters = ctx.hp("cg_iters")
         if cg_iters == 0:
             return lm_step
         on_host = ctx.host_reads
         x, r, z = torch.zeros_like(gradient), -gradient, lm_step
-        p, rz = z, r.dot(z)
+        p, rz = z, ctx.dot(r, z)
         negative = torch.zeros((), dtype=torch.bool, device=g.device)
         for _ in range(cg_iters):
-            ap = torch.addcmul((1 + damping) * p, g, g.dot(p)).add_(s * finite_difference_hvp(point, p, ctx))
-            pap = p.dot(ap)
-            negative = negative | ((pap <= 0) & (p.dot(p) > 0))
+            ap = torch.addcmul((1 + damping) * p, g, ctx.dot(g, p)).add_(s * finite_difference_hvp(point, p, ctx))
+            pap, pp = ctx.sum(torch.stack([p.dot(ap), p.dot(p)])).unbind()
+            negative = negative | ((pap <= 0) & (pp > 0))
             alpha = rz / torch.where(pap > 0, pap, 1)
             (x,) = choose(negative, (x,), (torch.addcmul(x, alpha, p),), on_host)
             r = torch.addcmul(r, alpha, ap, value=-1)
-            z = damped_gn_solve(g, r, damping)
-            rz_next = r.dot(z)
+            z = damped_gn_solve(g, r, ctx, damping)
+            rz_next = ctx.dot(r, z)
             p = torch.addcmul(z, rz_next / torch.where(rz > 0, rz, 1), p)
             rz = rz_next
         return choose(negative, (lm_step,), (x,), on_host)[0]

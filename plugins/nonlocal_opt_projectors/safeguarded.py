@@ -66,10 +66,10 @@ class Iterate:
         grad_phi = ctx.manifold.phi_grad(point, target, out=None if rows is None else rows.grad_phi, offset=a)
         if rows is not None and g.data_ptr() == rows.grad.data_ptr():
             gram = rows.pair @ rows.pair.T  # [[gᵀg, gᵀ∇φ], [∇φᵀg, ‖∇φ‖²]]
-            dots = [gram[1, 1], gram[0, 1], gram[0, 0]]
+            dots = torch.stack([gram[1, 1], gram[0, 1], gram[0, 0]])
         else:
-            dots = [grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g)]
-        vv, gv, gg, gap = read(torch.stack([*dots, gap]), on_host)
+            dots = torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g)])
+        vv, gv, gg, gap = read(torch.cat([ctx.sum(dots), gap.reshape(1)]), on_host)
         return cls(point, a, gap, grad_phi, vv, gv, gg, rows)
 
     @property
@@ -158,6 +158,7 @@ class SafeguardedFootpointProjector(Projector):
 
     hyperparameters = STOPPING_HYPERPARAMETERS
     manifolds = ("offset",)  # the step formulas use φ's structure ∇φ = a + s g, G = I + g gᵀ
+    shardable = True
     safeguarded = True  # φ never increases: nonlocal_opt.testing also checks these on the Riemann function
 
     def new_memory(self, start: GraphPoint, ctx) -> Any:
@@ -168,9 +169,9 @@ class SafeguardedFootpointProjector(Projector):
         """The trial step ``Δ`` at ``current`` with LM damping ``μ``."""
         raise NotImplementedError
 
-    def predicted_decrease(self, current: Iterate, step: torch.Tensor, damping: Scalar) -> Scalar:
+    def predicted_decrease(self, current: Iterate, step: torch.Tensor, damping: Scalar, ctx) -> Scalar:
         """The decrease of ``φ`` the step's model predicts; by default the Gauss–Newton model's."""
-        return gauss_newton_decrease(current.g, current.grad_phi, step)
+        return gauss_newton_decrease(current.g, current.grad_phi, step, ctx)
 
     def trial_offset(self, current: Iterate, damping: Scalar, memory: Any, ctx, out: torch.Tensor) -> Scalar:
         """Write the trial's offset ``a + Δ = θ + Δ − θ̃`` into ``out``; return the decrease the model predicts.
@@ -180,9 +181,9 @@ class SafeguardedFootpointProjector(Projector):
         """
         delta = self.step(current, damping, memory, ctx)
         torch.add(current.a, delta, out=out)
-        return self.predicted_decrease(current, delta, damping)
+        return self.predicted_decrease(current, delta, damping, ctx)
 
-    def observe(self, memory: Any, current: Iterate, trial: Iterate) -> None:
+    def observe(self, memory: Any, current: Iterate, trial: Iterate, ctx) -> None:
         """Record a trial (accepted or not) against the current point; called when ``memory`` is not ``None``."""
 
     def project(self, target, start, ctx):
@@ -203,7 +204,7 @@ class SafeguardedFootpointProjector(Projector):
             point = ctx.evaluate(torch.add(target.theta, rows.a, out=rows.theta), grad_out=rows.grad)
             trial = Iterate.measure(point, rows.a, target, ctx, on_host, rows)
             if memory is not None:
-                self.observe(memory, current, trial)
+                self.observe(memory, current, trial, ctx)
             accept = acceptable(trial, current)
             damping, factor = gain_ratio_damping(accept, current.value - trial.value, predicted, damping, factor)
             if on_host:

@@ -21,6 +21,7 @@ class TangentProjector(Projector):
 
     name = "tangent"
     manifolds = ("offset",)
+    shardable = True
 
     def project(self, target, start, ctx):
         centre = ctx.centre
@@ -31,8 +32,9 @@ class TangentProjector(Projector):
             )
         move_theta, move_height = target.theta - centre.theta, target.height - centre.height
         u_theta, u_height = centre.theta - start.theta, centre.height - start.loss
-        along = (u_theta.dot(move_theta) + u_height * move_height) / (u_theta.dot(u_theta) + u_height.square())
+        u_move, u_u = ctx.sum(torch.stack([u_theta.dot(move_theta), u_theta.dot(u_theta)])).unbind()
+        along = (u_move + u_height * move_height) / (u_u + u_height.square())
         moved = Centre(theta=centre.theta + move_theta - along * u_theta, height=centre.height + move_height - along * u_height)
         point = ctx.evaluate(start.theta + (moved.theta - centre.theta))
-        residual = torch.linalg.vector_norm(ctx.manifold.phi_grad(point, moved))
+        residual = ctx.norm(ctx.manifold.phi_grad(point, moved))
         return ProjectionResult(point=point, centre=moved, iterations=1, residual=residual)

@@ -18,22 +18,23 @@ class OffsetManifold(ConstraintManifold):
     ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``, ``∇φ = a + s g`` with ``a = θ − θ̃``, ``s = f(θ) − ỹ``."""
 
     name = "offset"
+    shardable = True
     hyperparameters = {"rho": Hyperparameter(1.0, "ρ", "radius of the ball", positive)}
 
     @staticmethod
-    def normal(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def normal(grad: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """Upward unit normal ``ν = (−g, 1)/N`` as its (θ-part, height-part)."""
-        inv_n = torch.rsqrt(1 + grad.dot(grad))
+        inv_n = torch.rsqrt(1 + ctx.dot(grad, grad))
         return -grad * inv_n, inv_n
 
     def centre(self, point, ctx):
-        nu_theta, nu_height = self.normal(point.grad)
+        nu_theta, nu_height = self.normal(point.grad, ctx)
         rho = ctx.hp("rho")
         return Centre(theta=point.theta + rho * nu_theta, height=point.loss + rho * nu_height)
 
-    def phi(self, point, target):
+    def phi(self, point, target, ctx):
         gap = point.loss - target.height
-        return 0.5 * ((point.theta - target.theta).square().sum() + gap * gap)
+        return 0.5 * (ctx.sum((point.theta - target.theta).square().sum()) + gap * gap)
 
     def phi_grad(self, point, target, out=None, offset=None):
         """``∇φ = (θ − θ̃) + s g``; ``offset``: ``a = θ − θ̃`` when the caller has it already (one sweep less)."""
@@ -45,7 +46,7 @@ class OffsetManifold(ConstraintManifold):
     def offset_error(self, centre, point, ctx):
         """``|‖c − p‖ − ρ| / ρ``: 0 when the carried centre sits at distance ρ from its contact point."""
         rho = ctx.hp("rho")
-        gap = torch.sqrt((centre.theta - point.theta).square().sum() + (centre.height - point.loss).square())
+        gap = torch.sqrt(ctx.sum((centre.theta - point.theta).square().sum()) + (centre.height - point.loss).square())
         return (gap - rho).abs() / rho
 
 
@@ -64,6 +65,7 @@ class RollingBallRule(DescentRule):
 
     name = "rbo"
     alias = "RBO"
+    shardable = True
     default_manifold = "offset"
     default_projector = "footpoint"
     manifolds = ("offset",)
@@ -75,15 +77,15 @@ class RollingBallRule(DescentRule):
             raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0, got lr={lr!r}")
 
     @staticmethod
-    def propose(centre: Centre, point, eta) -> Centre:
+    def propose(centre: Centre, point, eta, ctx) -> Centre:
         step = eta * point.grad
-        return Centre(theta=centre.theta - step, height=centre.height - step.dot(point.grad))
+        return Centre(theta=centre.theta - step, height=centre.height - ctx.dot(step, point.grad))
 
     def step(self, ctx):
         start = ctx.evaluate(extra=False)
         eta = ctx.per_coordinate("lr")
         centre = self._carried_centre(ctx) or ctx.manifold.centre(start, ctx)
-        result = ctx.project(self.propose(centre, start, eta), start, centre=centre)
+        result = ctx.project(self.propose(centre, start, eta, ctx), start, centre=centre)
         finite = torch.isfinite(start.loss) & torch.isfinite(result.point.loss)
         taken = ctx.apply((start.theta - result.point.theta) / eta, theta=start.theta, finite=finite)
         carried = result.centre
@@ -121,6 +123,7 @@ class FootpointGradientDescent(Projector):
 
     name = "footpoint"
     manifolds = ("offset",)
+    shardable = True
     presets = {"paper": {"max_iters": 20, "step_size": 0.1}}
     hyperparameters = {
         "max_iters": Hyperparameter(20, "K", "inner gradient-descent iterations", positive_int),
@@ -138,7 +141,7 @@ class FootpointGradientDescent(Projector):
         point, iteration = start, 0
         while True:
             ctx.manifold.phi_grad(point, target, out=grad_phi)
-            residual = torch.linalg.vector_norm(grad_phi)
+            residual = ctx.norm(grad_phi)
             if iteration == max_iters or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
             theta_out, grad_out = slots[iteration % 2]

@@ -9,23 +9,22 @@ from __future__ import annotations
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
-from nonlocal_opt.optim.flat_params import global_norm
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 
 Tensors = list[torch.Tensor]
 
 
-def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scratch: Tensors, rho: float, adaptive: bool) -> None:
+def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scratch: Tensors, rho: float, adaptive: bool, ctx) -> None:
     """``w ← w + ε``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one global
-    norm over all tensors. ``saved`` holds ``w``; ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
+    norm over all tensors (``ctx.norm``). ``saved`` holds ``w``; ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
     if adaptive:
         torch._foreach_copy_(scratch, saved)
         torch._foreach_mul_(scratch, grads)  # w g: ‖w g‖ = ‖T g‖
-        norm = global_norm(scratch)
+        norm = ctx.norm(scratch)
         torch._foreach_mul_(scratch, saved)  # w² g = T² g
         direction = scratch
     else:
-        norm = global_norm(grads)
+        norm = ctx.norm(grads)
         direction = grads
     torch._foreach_mul_(direction, rho / (norm + 1e-12))  # a 0-d tensor factor: no host read
     torch._foreach_add_(params, direction)
@@ -41,6 +40,7 @@ class SAMRule(DescentRule):
 
     name = "sam"
     alias = "SAM"
+    shardable = True
     hyperparameters = {
         "rho": Hyperparameter(0.05, "ρ", "radius of the neighbourhood where the loss is maximised", non_negative),
         "adaptive": Hyperparameter(False, "T", "ASAM: T = diag(abs(w)) scales the neighbourhood per coordinate (False: T = I)", boolean),
@@ -49,14 +49,15 @@ class SAMRule(DescentRule):
 
     def step(self, ctx):
         loss = torch.as_tensor(ctx.loss(extra=False)).detach()
-        params = [p for p in ctx.params if p.grad is not None]
+        present = [g is not None for g in ctx.grads()]
+        params = [p for p, has in zip(ctx.params, present) if has]
         saved = ctx.buffers("w")
         torch._foreach_copy_(saved, ctx.params)
         ctx.keep_start(saved)
-        kept = [w for p, w in zip(ctx.params, saved) if p.grad is not None]
-        grads = [p.grad for p in params]
+        kept = [w for w, has in zip(saved, present) if has]
+        grads = [g for g in ctx.grads() if g is not None]
         adaptive = ctx.hp("adaptive")
-        perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive)
+        perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive, ctx)
         perturbed = torch.as_tensor(ctx.loss())
         ctx.apply(theta=saved, finite=torch.isfinite(loss + perturbed))  # g_ε is in p.grad
         return loss
