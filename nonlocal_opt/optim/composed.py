@@ -227,6 +227,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             )
         if self.rule.requires_closure:
             refuse_host_accumulation(self.rule.name)
+        self.last_projection = None  # the previous step's vectors are not held through this step's peak
         ctx = StepContext(self, closure)
         try:
             loss = self.rule.step(ctx)

@@ -131,6 +131,11 @@ class FlatParams:
         """Copy ``θ`` into the parameters, in place: a flat vector, or one tensor per parameter."""
         torch._foreach_copy_(self.tensors, self._views(theta) if isinstance(theta, torch.Tensor) else list(theta))
 
+    def write_sum(self, theta: torch.Tensor, offset: torch.Tensor) -> None:
+        """Write ``θ + offset`` (two flat vectors) into the parameters without forming it."""
+        torch._foreach_copy_(self.tensors, self._views(theta))
+        torch._foreach_add_(self.tensors, self._views(offset))
+
     def write_grad(self, flat: torch.Tensor) -> None:
         """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""
         for p in self.params:

@@ -65,8 +65,9 @@ class ConstraintManifold(_Component):
     def phi_grad(
         self, point: GraphPoint, target: Centre, out: torch.Tensor | None = None, offset: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given. ``offset``:
-        ``θ − θ̃`` when the caller has formed it already (a solver may pass it to save a sweep)."""
+        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given (``out`` may be
+        ``offset``). ``offset``: ``θ − θ̃`` when the caller has formed it already (a solver may pass it to
+        save a sweep); ``point.theta`` is then not read, and may be ``None``."""
 
     @abstractmethod
     def offset_error(self, centre: Centre, point: GraphPoint, ctx: StepContext) -> torch.Tensor:

@@ -17,7 +17,8 @@ from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
 
 
 class HostGradientError(RuntimeError):
-    """The closure accumulated onto gradients the host left in ``p.grad`` (gradient accumulation)."""
+    """Gradient accumulation by the host, which a multi-pass step cannot take part in: the closure added to
+    gradients the host left in ``p.grad``, or Accelerate's gradient accumulation is on."""
 
 
 def refuse_host_accumulation(rule: str) -> None:
@@ -181,16 +182,27 @@ class StepContext:
         return accepts_fresh_batch(self._closure)
 
     def evaluate(
-        self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False, grad_out: torch.Tensor | None = None
+        self,
+        theta: torch.Tensor | None = None,
+        *,
+        offset: torch.Tensor | None = None,
+        extra: bool = True,
+        fresh_batch: bool = False,
+        grad_out: torch.Tensor | None = None,
     ) -> GraphPoint:
         """Run the closure at ``θ`` (the current parameters when ``None``) and return ``(θ, f(θ), ∇f(θ))``.
 
-        ``grad_out``: a preallocated flat tensor to gather ``∇f(θ)`` into (saves an allocation per pass).
+        ``offset``: evaluate at ``θ + offset``, written into the parameters without forming it; the
+        returned point's ``theta`` is then ``None``. ``grad_out``: a preallocated flat tensor to gather
+        ``∇f(θ)`` into (saves an allocation per pass).
 
         ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
         left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
         """
-        if theta is not None:
+        if offset is not None:
+            self.flat.write_sum(theta, offset)
+            theta = None
+        elif theta is not None:
             self.flat.write(theta)
         else:
             theta = self.flat.gather()

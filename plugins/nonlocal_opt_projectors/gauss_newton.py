@@ -14,11 +14,12 @@ class GaussNewtonProjector(SafeguardedFootpointProjector):
     name = "gauss-newton"
 
     def trial_offset(self, current, damping, memory, ctx, out):
-        """``Δ = −k (∇φ − β g)`` with ``k = 1/(1 + μ)``, ``β = gᵀ∇φ/(1 + μ + gᵀg)``, i.e. ``a + Δ = (1 − k) a − k (s − β) g``;
-        predicted decrease ``½ Δᵀ(μΔ − ∇φ)`` (the LM model, Madsen–Nielsen–Tingleff), all from the iterate's dots."""
+        """``Δ = −k (∇φ − β g)`` with ``k = 1/(1 + μ)``, ``β = gᵀ∇φ/(1 + μ + gᵀg)``, i.e. ``a + Δ = (1 − k) a − k (s − β) g
+        = (1 − k) ∇φ − (s − kβ) g``; predicted decrease ``½ Δᵀ(μΔ − ∇φ)`` (the LM model, Madsen–Nielsen–Tingleff),
+        all from the iterate's dots."""
         k = 1 / (1 + damping)
         beta = current.gv / (1 + damping + current.gg)
-        combine(1 - k, current.a, -k * (current.gap - beta), current.g, out=out)
+        combine(1 - k, current.grad_phi, -(current.gap - k * beta), current.g, out=out)
         step_sq = k * k * (current.vv - beta * (2 * current.gv - beta * current.gg))
         grad_phi_step = -k * (current.vv - beta * current.gv)
         return 0.5 * (damping * step_sq - grad_phi_step)

@@ -30,10 +30,10 @@ class PairMemory:
         return [(self.count - 1 - k) % size for k in range(min(self.count, size))]
 
     def add(self, current: Iterate, trial: Iterate, ctx) -> None:
-        """Store ``s = θ_trial − θ``, ``y = ∇φ(θ_trial) − ∇φ(θ)`` in the next slot."""
+        """Store ``s = θ_trial − θ = y − s_trial g_trial + s g``, ``y = ∇φ(θ_trial) − ∇φ(θ)`` in the next slot."""
         slot = self.count % len(self.rho)
-        s = torch.sub(trial.a, current.a, out=self.s[slot])
         y = torch.sub(trial.grad_phi, current.grad_phi, out=self.y[slot])
+        s = axpy_(axpy_(self.s[slot].copy_(y), -trial.gap, trial.g), current.gap, current.g)
         sy, ss, yy = read(ctx.sum(torch.stack([s.dot(y), s.dot(s), y.dot(y)])), self.on_host)
         curved = sy > 1e-10 * sqrt(ss * yy)  # False for NaN and inf as well
         if not self.on_host:

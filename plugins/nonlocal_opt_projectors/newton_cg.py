@@ -40,11 +40,12 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
     }
 
     def step(self, current, damping, memory, ctx):
-        point, g, s, gradient = current.point, current.g, current.gap, current.grad_phi
+        g, s, gradient = current.g, current.gap, current.grad_phi
         lm_step = damped_gn_solve(g, gradient, ctx, damping, scale=-1.0)
         cg_iters = ctx.hp("cg_iters")
         if cg_iters == 0:
             return lm_step
+        point = current.point()
         on_host = ctx.host_reads
         x, r, z = torch.zeros_like(gradient), -gradient, lm_step
         p, rz = z, ctx.dot(r, z)

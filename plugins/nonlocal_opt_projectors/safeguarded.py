@@ -6,13 +6,16 @@ so ``φ`` never increases. An accepted trial's pass already gives ``f`` and ``�
 no pass is spent twice. The Levenberg–Marquardt damping ``μ`` follows the gain ratio
 (:func:`gain_ratio_damping`).
 
-An iterate is kept as ``a = θ − θ̃``, ``g = ∇f(θ)``, ``s = f(θ) − ỹ``, ``∇φ = a + s g`` and the dots
-``‖∇φ‖², gᵀ∇φ, gᵀg`` (:class:`Iterate`): ``φ = ½(aᵀa + s²)`` with ``aᵀa = ‖∇φ − s g‖²`` expanded, and
-the Gauss–Newton step, its predicted decrease and the safeguard are scalar formulas in them. An
+An iterate is kept as ``g = ∇f(θ)``, ``s = f(θ) − ỹ``, ``∇φ = a + s g`` and the dots ``‖∇φ‖², gᵀ∇φ, gᵀg``
+(:class:`Iterate`), where ``a = θ − θ̃``. ``a`` and ``θ`` are not stored: a trial's offset ``a`` is formed in
+the row that then becomes its ``∇φ`` (in place), the parameters are written as ``θ̃ + a`` directly, and
+``a = ∇φ − s g`` where a formula needs it. ``φ = ½(aᵀa + s²)`` with ``aᵀa = ‖∇φ − s g‖²`` expanded, and
+the Gauss–Newton step, its predicted decrease and the safeguard are scalar formulas in the dots. An
 iteration costs a few sweeps over ``R^d`` (the trial offset, ``θ̃ + a`` written into the parameters,
-``∇f`` gathered, ``∇φ``, three dots). On the CPU the scalars are Python floats and accept/reject is a
-Python branch; on other devices they are 0-d tensors and the choice is ``torch.where`` (no host
-synchronisation).
+``∇f`` gathered, ``∇φ`` in place, one Gram product). On the CPU the scalars are Python floats and
+accept/reject is a Python branch; on other devices they are 0-d tensors and the choice is
+``torch.where`` (no host synchronisation). Live vectors: the current iterate's and the trial's
+``(∇φ, g)`` rows, nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from nonlocal_opt import Centre, GraphPoint, Hyperparameter, ProjectionResult, Projector
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 from nonlocal_opt_projectors.footpoint_math import gauss_newton_decrease, tolerance
-from nonlocal_opt_projectors.scalars import Scalar, at_least, read, sqrt, where
+from nonlocal_opt_projectors.scalars import Scalar, at_least, axpy_, read, sqrt, where
 
 STOPPING_HYPERPARAMETERS = {
     "max_iters": Hyperparameter(20, "K", "outer iterations; each evaluates one trial point (one pass)", positive_int),
@@ -47,34 +50,40 @@ def choose(flag: torch.Tensor, new: tuple, old: tuple, on_host: bool) -> tuple:
 
 
 class Iterate:
-    """A point of the loop: ``p = (θ, f(θ), ∇f(θ))``, ``a = θ − θ̃``, the gap ``s = f(θ) − ỹ``,
-    ``∇φ = a + s g`` and the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (scalars, see :mod:`scalars`)."""
+    """A point of the loop: ``f(θ)``, ``g = ∇f(θ)``, the gap ``s = f(θ) − ỹ``, ``∇φ = a + s g`` and the dots
+    ``‖∇φ‖², gᵀ∇φ, gᵀg`` (scalars, see :mod:`scalars`); ``θ = θ̃ + ∇φ − s g`` is formed only on request."""
 
-    __slots__ = ("a", "gap", "gg", "grad_phi", "gv", "point", "rows", "vv")
+    __slots__ = ("g", "gap", "gg", "grad_phi", "gv", "loss", "rows", "target", "vv")
 
-    def __init__(self, point, a, gap, grad_phi, vv, gv, gg, rows=None):
-        self.point, self.a, self.gap, self.grad_phi, self.vv, self.gv, self.gg = point, a, gap, grad_phi, vv, gv, gg
+    def __init__(self, target, loss, g, gap, grad_phi, vv, gv, gg, rows=None):
+        self.target, self.loss, self.g, self.gap, self.grad_phi, self.vv, self.gv, self.gg = target, loss, g, gap, grad_phi, vv, gv, gg
         self.rows = rows  # the TrialRows its vectors live in, if any
 
     @classmethod
     def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, ctx, on_host: bool, rows: TrialRows | None = None) -> Iterate:
-        """The iterate at ``point``, ``a = θ − θ̃`` already formed: the manifold's ``∇φ`` (one sweep),
-        the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (one 2×2 Gram product when ``g`` and ``∇φ`` are adjacent rows,
-        which reads each once), one host read on the CPU."""
+        """The iterate at ``point`` (its ``θ`` is not read), ``a = θ − θ̃`` already formed: the manifold's ``∇φ``
+        written over ``a`` (one sweep), the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (one 2×2 Gram product when ``g`` and
+        ``∇φ`` are the rows of ``rows``, which reads each once), one host read on the CPU."""
         g = point.grad
         gap = point.loss - target.height
-        grad_phi = ctx.manifold.phi_grad(point, target, out=None if rows is None else rows.grad_phi, offset=a)
-        if rows is not None and g.data_ptr() == rows.grad.data_ptr():
-            gram = rows.pair @ rows.pair.T  # [[gᵀg, gᵀ∇φ], [∇φᵀg, ‖∇φ‖²]]
-            dots = torch.stack([gram[1, 1], gram[0, 1], gram[0, 0]])
+        grad_phi = ctx.manifold.phi_grad(point, target, out=a, offset=a)
+        if rows is not None:
+            gram = rows.pair @ rows.pair.T  # [[‖∇φ‖², ∇φᵀg], [gᵀ∇φ, gᵀg]]
+            dots = torch.stack([gram[0, 0], gram[0, 1], gram[1, 1]])
         else:
             dots = torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g)])
         vv, gv, gg, gap = read(torch.cat([ctx.sum(dots), gap.reshape(1)]), on_host)
-        return cls(point, a, gap, grad_phi, vv, gv, gg, rows)
+        return cls(target, point.loss, g, gap, grad_phi, vv, gv, gg, rows)
 
-    @property
-    def g(self) -> torch.Tensor:
-        return self.point.grad
+    def offset_into(self, out: torch.Tensor) -> torch.Tensor:
+        """``a = θ − θ̃ = ∇φ − s g``, written into ``out``."""
+        out.copy_(self.grad_phi)
+        return axpy_(out, -self.gap, self.g)
+
+    def point(self, out: torch.Tensor | None = None) -> GraphPoint:
+        """``(θ, f(θ), g)`` with ``θ = θ̃ + a`` formed (into ``out`` when given)."""
+        theta = self.offset_into(torch.empty_like(self.g) if out is None else out).add_(self.target.theta)
+        return GraphPoint(theta=theta, loss=self.loss, grad=self.g)
 
     @property
     def offset_sq(self) -> Scalar:
@@ -94,20 +103,18 @@ class Iterate:
 
     def select(self, flag: torch.Tensor, other: Iterate) -> Iterate:
         """``self`` where the 0-d tensor ``flag`` is true, else ``other``, by ``torch.where`` (device path)."""
-        mine, theirs = (self.point.theta, self.point.loss, self.g), (other.point.theta, other.point.loss, other.g)
-        point = GraphPoint(*choose(flag, mine, theirs, on_host=False))
-        fields = ("a", "gap", "grad_phi", "vv", "gv", "gg")
-        return Iterate(point, *choose(flag, [getattr(self, f) for f in fields], [getattr(other, f) for f in fields], on_host=False))
+        fields = ("loss", "g", "gap", "grad_phi", "vv", "gv", "gg")
+        return Iterate(self.target, *choose(flag, [getattr(self, f) for f in fields], [getattr(other, f) for f in fields], on_host=False))
 
 
 class TrialRows:
-    """Preallocated storage ``(θ, a, g, ∇φ)`` of one trial, so the loop allocates nothing per
-    iteration: a new ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it."""
+    """Preallocated storage ``(a → ∇φ, g)`` of one trial, so the loop allocates nothing per iteration: a new
+    ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it. The first row holds the
+    trial's offset ``a`` until :meth:`Iterate.measure` turns it into ``∇φ``."""
 
     def __init__(self, like: torch.Tensor):
-        block = like.new_empty((4, like.numel()))
-        self.theta, self.a, self.grad, self.grad_phi = block.unbind()
-        self.pair = block[2:]  # (g, ∇φ) as a 2 × d matrix
+        self.pair = like.new_empty((2, like.numel()))  # (∇φ, g) as a 2 × d matrix
+        self.grad_phi, self.grad = self.pair.unbind()
 
 
 class RowPool:
@@ -124,12 +131,16 @@ class RowPool:
         if iterate.rows is not None:
             self.free.append(iterate.rows)
 
+    def spare_row(self) -> torch.Tensor | None:
+        """A row no iterate uses, if a free :class:`TrialRows` is at hand (``None`` otherwise)."""
+        return self.free[-1].grad_phi if self.free else None
+
 
 def acceptable(trial: Iterate, current: Iterate) -> bool | torch.Tensor:
     """Take the trial iff ``φ`` decreases, or stays equal up to rounding while ``‖∇φ‖`` decreases
     (near the solution float ``φ`` cannot resolve the decrease). False for a non-finite trial."""
     value = current.value
-    rounding = 8 * torch.finfo(current.a.dtype).eps * abs(value)
+    rounding = 8 * torch.finfo(current.g.dtype).eps * abs(value)
     flat = (trial.value <= value + rounding) & (trial.residual < current.residual)
     return (trial.value < value) | flat
 
@@ -177,10 +188,11 @@ class SafeguardedFootpointProjector(Projector):
         """Write the trial's offset ``a + Δ = θ + Δ − θ̃`` into ``out``; return the decrease the model predicts.
 
         By default from :meth:`step` and :meth:`predicted_decrease`; a step with a closed form in
-        ``a`` and ``g`` (Gauss–Newton) overrides this to skip forming ``Δ``.
+        ``∇φ`` and ``g`` (Gauss–Newton) overrides this to skip forming ``Δ``.
         """
         delta = self.step(current, damping, memory, ctx)
-        torch.add(current.a, delta, out=out)
+        torch.add(current.grad_phi, delta, out=out)
+        axpy_(out, -current.gap, current.g)  # a + Δ = ∇φ − s g + Δ
         return self.predicted_decrease(current, delta, damping, ctx)
 
     def observe(self, memory: Any, current: Iterate, trial: Iterate, ctx) -> None:
@@ -196,13 +208,14 @@ class SafeguardedFootpointProjector(Projector):
         threshold = tolerance(ctx.hp, current.offset_sq) if on_host else None  # ‖θ_t − θ̃‖² from the dots
         damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
         pool = RowPool(start.theta)
+        moved = False
         for iteration in range(max_iters + 1):
             if iteration == max_iters or (threshold is not None and current.residual <= threshold):
                 break
             rows = pool.take()
-            predicted = self.trial_offset(current, damping, memory, ctx, out=rows.a)
-            point = ctx.evaluate(torch.add(target.theta, rows.a, out=rows.theta), grad_out=rows.grad)
-            trial = Iterate.measure(point, rows.a, target, ctx, on_host, rows)
+            predicted = self.trial_offset(current, damping, memory, ctx, out=rows.grad_phi)
+            point = ctx.evaluate(target.theta, offset=rows.grad_phi, grad_out=rows.grad)
+            trial = Iterate.measure(point, rows.grad_phi, target, ctx, on_host, rows)
             if memory is not None:
                 self.observe(memory, current, trial, ctx)
             accept = acceptable(trial, current)
@@ -211,8 +224,11 @@ class SafeguardedFootpointProjector(Projector):
                 kept, dropped = (trial, current) if accept else (current, trial)
                 pool.give(dropped)
                 current = kept
+                moved = moved or bool(accept)
             else:
                 pool.give(trial)
                 current = trial.select(accept, current)
+                moved = True
         residual = torch.as_tensor(current.residual, dtype=start.theta.dtype, device=start.theta.device)
-        return ProjectionResult(point=current.point, centre=None, iterations=iteration, residual=residual)
+        point = current.point(out=pool.spare_row()) if moved else start
+        return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)

@@ -87,7 +87,7 @@ class RollingBallRule(DescentRule):
         centre = self._carried_centre(ctx) or ctx.manifold.centre(start, ctx)
         result = ctx.project(self.propose(centre, start, eta, ctx), start, centre=centre)
         finite = torch.isfinite(start.loss) & torch.isfinite(result.point.loss)
-        taken = ctx.apply((start.theta - result.point.theta) / eta, theta=start.theta, finite=finite)
+        taken = ctx.apply(torch.sub(start.theta, result.point.theta).div_(eta), theta=start.theta, finite=finite)
         carried = result.centre
         if carried is not None:
             landed = ctx.flat.gather()
