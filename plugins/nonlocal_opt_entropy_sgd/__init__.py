@@ -67,14 +67,16 @@ class EntropySGDRule(DescentRule):
                 "def closure(fresh_batch=False): ...; or set fresh_batches=False to reuse the step's batch"
             )
         inner_lr, alpha, noise = ctx.hp("inner_lr"), ctx.hp("alpha"), ctx.hp("noise")
-        start = ctx.evaluate(extra=False)
+        # x', μ, ∇f(x') and ξ (with noise on) in rows allocated once per step, updated in place.
+        rows = torch.empty((4 if noise > 0 else 3, ctx.flat.numel), dtype=ctx.flat.dtype, device=ctx.flat.device)
+        x_inner, mu, grad = rows[:3].unbind()
+        start = ctx.evaluate(extra=False, grad_out=grad)
         x = start.theta
         t = ctx.state.get("step", torch.zeros((), dtype=torch.int64, device=x.device))
         gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
         rng = self._noise_generator(ctx) if noise > 0 else None
+        xi = rows[3] if rng is not None else None
         finite = torch.isfinite(start.loss)
-        # x', μ, ∇f(x') and ξ in four rows allocated once per step, updated in place.
-        x_inner, mu, grad, xi = x.new_empty((4, x.numel())).unbind()
         x_inner.copy_(x)
         mu.copy_(x)
         coupling = inner_lr * gamma  # η'γ_t, a 0-d tensor: no host read
@@ -85,10 +87,12 @@ class EntropySGDRule(DescentRule):
                 finite = finite & torch.isfinite(point.loss)
             # x' − η'[∇f(x') − γ(x − x')] = (1 − η'γ) x' + η'γ x − η' ∇f(x')
             x_inner.mul_(1 - coupling).addcmul_(x, coupling).add_(point.grad, alpha=-inner_lr)
-            if rng is not None:
+            if xi is not None:
                 x_inner.add_(xi.normal_(generator=rng), alpha=math.sqrt(inner_lr) * noise)
             mu.lerp_(x_inner, alpha)
-        outer = gamma * (x - mu) if ctx.hp("scale_outer_by_gamma") else x - mu
+        outer = torch.sub(x, mu, out=mu)  # x − μ, over μ (no longer needed)
+        if ctx.hp("scale_outer_by_gamma"):
+            outer.mul_(gamma)
         accepted = ctx.apply(outer, theta=x, finite=finite)
         ctx.state["step"] = t + accepted.to(t.dtype)
         if rng is not None:
