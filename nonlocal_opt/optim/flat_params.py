@@ -99,9 +99,18 @@ class FlatParams:
         self.dtype, self.device = first.dtype, first.device
         self.numels = [p.numel() for p in self.tensors]
         self.numel = sum(self.numels)
+        # Flat views of the parameters, when they all have one (contiguous tensors): writes then take
+        # the pieces of a flat vector as they come, without a view per piece.
+        self._flat_tensors = [p.view(-1) for p in self.tensors] if all(p.is_contiguous() for p in self.tensors) else None
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.tensors)]
+
+    def _pieces(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | tuple[torch.Tensor, ...]]:
+        """(parameters, the matching pieces of ``flat``), shaped alike."""
+        if self._flat_tensors is not None:
+            return self._flat_tensors, flat.split(self.numels)
+        return self.tensors, self._views(flat)
 
     def grads(self) -> list[torch.Tensor | None]:
         """This process's part of each ``p.grad`` (``None`` where a parameter has no gradient)."""
@@ -129,12 +138,16 @@ class FlatParams:
 
     def write(self, theta: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Copy ``θ`` into the parameters, in place: a flat vector, or one tensor per parameter."""
-        torch._foreach_copy_(self.tensors, self._views(theta) if isinstance(theta, torch.Tensor) else list(theta))
+        if isinstance(theta, torch.Tensor):
+            torch._foreach_copy_(*self._pieces(theta))
+        else:
+            torch._foreach_copy_(self.tensors, list(theta))
 
     def write_sum(self, theta: torch.Tensor, offset: torch.Tensor) -> None:
         """Write ``θ + offset`` (two flat vectors) into the parameters without forming it."""
-        torch._foreach_copy_(self.tensors, self._views(theta))
-        torch._foreach_add_(self.tensors, self._views(offset))
+        params, pieces = self._pieces(theta)
+        torch._foreach_copy_(params, pieces)
+        torch._foreach_add_(params, self._pieces(offset)[1])
 
     def write_grad(self, flat: torch.Tensor) -> None:
         """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""

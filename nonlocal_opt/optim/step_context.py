@@ -79,6 +79,7 @@ class StepContext:
         """``optimizer``: the ``ComposedOptimizer`` taking the step (kept private)."""
         self._optimizer = optimizer
         self._closure = closure
+        self._hp: dict[str, Any] = {}  # hyperparameters read this step (they do not change within a step)
         self.rule_name: str = optimizer.rule.name
         self.manifold = optimizer.manifold
         self.projector = optimizer.projector
@@ -111,13 +112,16 @@ class StepContext:
     # -- hyperparameters and state ------------------------------------------------------------------
     def hp(self, name: str) -> Any:
         """A hyperparameter shared by the whole ball: it must be equal in every parameter group."""
+        if name in self._hp:
+            return self._hp[name]
         values = {group[name] for group in self._optimizer.param_groups}
         if len(values) != 1:
             raise ValueError(
                 f"hyperparameter {name!r} must be the same in every parameter group for "
                 f"{self.rule_name!r} (one ball for all parameters); got {sorted(values)}"
             )
-        return values.pop()
+        self._hp[name] = values.pop()
+        return self._hp[name]
 
     def per_coordinate(self, name: str) -> float | torch.Tensor:
         """A hyperparameter that may differ between groups, spread over the flat coordinates."""
@@ -251,6 +255,8 @@ class StepContext:
             return contextlib.nullcontext()
         if self.batchnorm is None:
             self.batchnorm = BatchNormFreezer(self._optimizer._batchnorm_layers(self.flat.params))
+        elif self.batchnorm.layers == []:  # the first paused pass found none
+            return contextlib.nullcontext()
         return self.batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------
