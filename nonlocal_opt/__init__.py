@@ -14,7 +14,7 @@ as ``nonlocal_opt.<alias>``.
 
 from typing import Any
 
-from nonlocal_opt.optim.composed import ComposedOptimizer, stats, unwrap
+from nonlocal_opt.optim.composed import ComposedOptimizer, first_pass, stats, unwrap
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
 from nonlocal_opt.optim.step_context import HostGradientError, StepContext
@@ -35,6 +35,7 @@ __all__ = [
     "StepContext",
     "available",
     "compose",
+    "first_pass",
     "get",
     "hookimpl",
     "hookspec",

@@ -1,9 +1,13 @@
-"""Real Lightning (automatic optimization, one CPU process): a multi-pass rule steps like a plain loop,
-and gradient accumulation by Lightning is refused with an error that names it."""
+"""Real Lightning (one CPU process). Automatic optimization: a multi-pass rule steps like a plain loop,
+gradient accumulation by Lightning is refused with an error that names it, and the logging helpers record
+the loss at θ_t once per step. Manual optimization steps like a plain loop with the same closures, and a run
+resumed from a Lightning checkpoint ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
 import copy
+import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,19 @@ import nonlocal_opt
 from nonlocal_opt.optim.step_context import HostGradientError
 
 lightning = pytest.importorskip("lightning")
+from nonlocal_opt.integrations.lightning import StepLossLogger  # noqa: E402  (needs lightning)
+
+RULES = {
+    "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
+    "entropy-sgd": dict(rule="entropy-sgd", lr=1.0, inner_steps=3, seed=0, scale_outer_by_gamma=False, momentum=0.9),
+    "rbo": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=0.5, momentum=0.9),
+}
+CARRYING = {"rbo-tangent": dict(rule="rbo", projector="tangent", lr=0.5, rho=0.5, momentum=0.9)}  # carries its centre
+
+
+def _compose(name):
+    settings = {**RULES, **CARRYING}[name]
+    return lambda params: nonlocal_opt.compose(params, **settings)
 
 
 class Module(lightning.LightningModule):
@@ -27,6 +44,47 @@ class Module(lightning.LightningModule):
         return self.make_optimizer(self.model.parameters())
 
 
+def batch_closure(opt, model, batch, backward):
+    """The closure both the Lightning module (``backward=self.manual_backward``) and the plain loop use."""
+    x, y = batch
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        backward(loss)
+        return loss
+
+    return closure
+
+
+class ManualModule(Module):
+    def __init__(self, model, make_optimizer):
+        super().__init__(model, make_optimizer)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.step(closure=batch_closure(opt, self.model, batch, self.manual_backward))
+
+
+class CountingModule(Module):
+    """Logs the loss and counts calls of ``training_step``, guarded by ``first_pass`` and unguarded."""
+
+    def __init__(self, model, make_optimizer):
+        super().__init__(model, make_optimizer)
+        self.calls = self.guarded_calls = 0
+        self.logged: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.calls += 1
+        if nonlocal_opt.first_pass(self.optimizers()):
+            self.guarded_calls += 1
+            self.logged.append(loss.item())
+            self.log("first_pass_loss", loss)
+        return loss
+
+
 def _data():
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=generator), torch.randint(0, 3, (64,), generator=generator)
@@ -34,13 +92,20 @@ def _data():
 
 
 def _trainer(**kwargs):
-    return lightning.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    settings = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return lightning.Trainer(**{**settings, **kwargs})
 
 
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _assert_same_parameters(a, b, atol=1e-6):
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol)
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), _model().parameters())), "did not train"
 
 
 def test_sam_with_rho_zero_under_lightning_is_sgd():
@@ -51,9 +116,39 @@ def test_sam_with_rho_zero_under_lightning_is_sgd():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(twin(x), y).backward()
         opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), _model().parameters()))
+    _assert_same_parameters(model, twin)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_manual_optimization_steps_like_a_plain_loop(rule):
+    model, twin = _model(), _model()
+    _trainer().fit(ManualModule(model, _compose(rule)), _data())
+    opt = _compose(rule)(twin.parameters())
+    for batch in _data():
+        opt.step(batch_closure(opt, twin, batch, torch.Tensor.backward))
+    _assert_same_parameters(model, twin)
+
+
+@pytest.mark.parametrize("rule", [*RULES, *CARRYING])
+@pytest.mark.parametrize("module", [Module, ManualModule], ids=["automatic", "manual"])
+def test_resume_from_a_lightning_checkpoint_continues_the_run(tmp_path, rule, module):
+    whole = _trainer(max_epochs=2)
+    whole.fit(module(_model(), _compose(rule)), _data())
+    first = _trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    first.fit(module(_model(), _compose(rule)), _data())
+    checkpoint = first.checkpoint_callback.best_model_path
+    assert checkpoint.endswith("epoch=0-step=4.ckpt")
+    resumed = _trainer(max_epochs=2)
+    resumed.fit(module(_model(), _compose(rule)), _data(), ckpt_path=checkpoint)
+
+    assert resumed.global_step == whole.global_step == 8
+    for p, q in zip(resumed.lightning_module.parameters(), whole.lightning_module.parameters()):
+        assert torch.equal(p, q)
+    expected, got = whole.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
+    assert expected["base_state"] and all("momentum_buffer" in s for s in expected["base_state"].values())
+    assert rule != "rbo-tangent" or "centre_theta" in expected["state"][0]  # RBO's carried centre
+    assert rule != "entropy-sgd" or "noise_rng" in expected["state"][0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rule", ["sam", "rbo", "entropy-sgd"])
@@ -68,5 +163,47 @@ def test_lightning_gradient_accumulation_with_the_local_rule_is_plain_accumulati
     model, twin = _model(), copy.deepcopy(_model())
     _trainer(accumulate_grad_batches=2).fit(Module(model, lambda p: nonlocal_opt.compose(p, "local", lr=0.1)), _data())
     _trainer(accumulate_grad_batches=2).fit(Module(twin, lambda p: torch.optim.SGD(p, lr=0.1)), _data())
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _assert_same_parameters(model, twin)
+
+
+def _logged(tmp_path, module, helper=None, **kwargs) -> list[dict[str, str]]:
+    """Fit ``module`` with the callback ``helper`` (default: ``StepLossLogger("train_loss")``) and return the rows
+    Lightning's ``CSVLogger`` wrote."""
+    logger = lightning.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    callbacks = [helper or StepLossLogger("train_loss")]
+    _trainer(logger=logger, log_every_n_steps=1, callbacks=callbacks, **kwargs).fit(module, _data())
+    with open(Path(logger.log_dir) / "metrics.csv") as rows:
+        return list(csv.DictReader(rows))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_logged_loss_is_the_loss_at_theta_t_and_guarded_side_effects_run_once_per_step(tmp_path, rule):
+    module = CountingModule(_model(), _compose(rule))
+    rows = _logged(tmp_path, module)
+
+    twin = _model()
+    opt, expected = _compose(rule)(twin.parameters()), []  # the loss at θ_t of every step, from a plain loop
+    for batch in _data():
+        expected.append(float(opt.step(batch_closure(opt, twin, batch, torch.Tensor.backward))))
+    assert module.guarded_calls == 4 and module.calls >= 4 * 2  # one guarded call per step; the others once per pass
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3]
+    assert [float(row["train_loss"]) for row in rows] == pytest.approx(expected, abs=1e-6)
+    assert [float(row["first_pass_loss"]) for row in rows] == pytest.approx(expected, abs=1e-6)
+    assert module.logged == pytest.approx(expected, abs=1e-6)
+    assert expected[0] != pytest.approx(expected[-1], abs=1e-3), "the loss should change from step to step"
+
+
+def test_step_loss_logger_logs_nothing_on_batches_without_a_step(tmp_path):
+    module = Module(_model(), lambda p: nonlocal_opt.compose(p, "local", lr=0.1))
+    rows = _logged(tmp_path, module, StepLossLogger("train_loss", on_epoch=True), accumulate_grad_batches=2)
+    steps = [float(row["train_loss_step"]) for row in rows if row["train_loss_step"]]
+    (epoch,) = [float(row["train_loss_epoch"]) for row in rows if row["train_loss_epoch"]]
+    assert len(steps) == 2 and steps[0] != pytest.approx(steps[1])
+    assert epoch == pytest.approx(sum(steps) / 2, abs=1e-6)  # a stale loss logged on a batch without a step would count
+
+
+def test_first_pass_is_true_outside_a_step_and_names_a_foreign_optimizer():
+    opt = nonlocal_opt.SAM(_model().parameters(), lr=0.1)
+    assert nonlocal_opt.first_pass(opt)
+    with pytest.raises(TypeError, match="not a nonlocal-opt optimizer"):
+        nonlocal_opt.first_pass(torch.optim.SGD(_model().parameters(), lr=0.1))

@@ -98,4 +98,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model's forward (refused for BatchNorm models with multi-pass rules)")
+                        help="torch.compile the model's forward (BatchNorm running statistics stay frozen in extra passes)")
+    parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="BatchNorm batch statistics over all processes, so results do not depend on the process count "
+                             "(None: on in multi-process runs)")

@@ -81,6 +81,7 @@ class TrainConfig:
     overwrite: bool = False  # replace the run already in logdir
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     compile: bool = False  # torch.compile the model's forward
+    sync_bn: bool | None = None  # BatchNorm statistics over all processes (None: on in multi-process runs)
     progress_every: float = 10.0  # seconds between progress lines when stdout is not a terminal (0: every step)
 
     @classmethod

@@ -54,6 +54,7 @@ from nonlocal_opt.training.config import (
 from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
 from nonlocal_opt.training.metrics import MetricsLogger, truncate_metrics
 from nonlocal_opt.training.models import LandscapeModel, build_model
+from nonlocal_opt.training.sync_batchnorm import sync_batchnorm
 
 FRESH_SEED_OFFSET = 1_000_003  # keeps the fresh-batch stream's shuffles apart from the epoch's
 REFUSED_FRACTION = 0.5  # more than this fraction of steps refused: a warning, and the run counts as diverged
@@ -276,9 +277,12 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperpa
     set_seed(config.seed)
     train_set, val_set, model, per_sample_loss, count_correct = build_data_and_model(config)
     if accelerator.num_processes > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        warn(f"BatchNorm statistics are computed per process ({accelerator.num_processes} processes, each with "
-             f"{config.batch_size // accelerator.num_processes} samples): results differ from one process on the same "
-             "global batches (SyncBatchNorm needs a GPU and is not wired in yet)")
+        if config.sync_bn is False:
+            warn(f"BatchNorm statistics are computed per process ({accelerator.num_processes} processes, each with "
+                 f"{config.batch_size // accelerator.num_processes} samples) with --no-sync-bn: results differ from one "
+                 "process on the same global batches; drop --no-sync-bn to synchronise them")
+        else:
+            model = sync_batchnorm(model, accelerator.device)
     optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
