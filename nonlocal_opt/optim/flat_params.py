@@ -99,16 +99,18 @@ class FlatParams:
         self.dtype, self.device = first.dtype, first.device
         self.numels = [p.numel() for p in self.tensors]
         self.numel = sum(self.numels)
-        # Flat views of the parameters, when they all have one (contiguous tensors): writes then take
-        # the pieces of a flat vector as they come, without a view per piece.
-        self._flat_tensors = [p.view(-1) for p in self.tensors] if all(p.is_contiguous() for p in self.tensors) else None
+        self._flat_tensors: list[torch.Tensor] | None = None  # made by the first write (see _pieces)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.tensors)]
 
     def _pieces(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | tuple[torch.Tensor, ...]]:
-        """(parameters, the matching pieces of ``flat``), shaped alike."""
-        if self._flat_tensors is not None:
+        """(parameters, the matching pieces of ``flat``), shaped alike. When every parameter is contiguous its
+        flat view takes the pieces as they come, without a view per piece."""
+        if self._flat_tensors is None:
+            contiguous = all(p.is_contiguous() for p in self.tensors)
+            self._flat_tensors = [p.view(-1) for p in self.tensors] if contiguous else []
+        if self._flat_tensors:
             return self._flat_tensors, flat.split(self.numels)
         return self.tensors, self._views(flat)
 
