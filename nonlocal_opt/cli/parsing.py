@@ -8,7 +8,7 @@ from typing import Any
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import DEFAULT_BASE
-from nonlocal_opt.training.config import DEFAULT_PRESET, DEFAULT_PROJECTORS, DEVICES, NO_PRESET, RHO_FINAL_FRACTION
+from nonlocal_opt.training.config import DEFAULT_PRESET, DEVICES, NO_PRESET, RHO_FINAL_FRACTION
 from nonlocal_opt.training.data import DATASETS
 from nonlocal_opt.training.models import MODELS
 
@@ -61,10 +61,9 @@ def add_composition_arguments(parser: argparse.ArgumentParser, rule: str) -> Non
     (``rule``: the default rule)."""
     parser.add_argument("--optimizer", default=rule, help="a registered rule (`nonlocal-opt plugins` lists them)")
     add_base_argument(parser)
-    defaults = ", ".join(f"{rule_name}: {projector}" for rule_name, projector in DEFAULT_PROJECTORS.items())
     parser.add_argument("--projector", default=None,
-                        help=f"a registered projector, for rules that project (None: {defaults}; other rules: the rule's own; "
-                             "the RBO paper's solver is --projector footpoint)")
+                        help="a registered projector, for rules that project (None: the rule's training_projector, else its "
+                             "default_projector; `nonlocal-opt plugins` lists both)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"named settings of the rule and projector; {NO_PRESET}: their own defaults")
     parser.add_argument("--lr", type=float, default=None, help="learning rate η of the base (default: the preset's)")

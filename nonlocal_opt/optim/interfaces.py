@@ -107,6 +107,9 @@ class DescentRule(_Component):
     manifolds: ClassVar[tuple[str, ...]] = ()
     default_manifold: ClassVar[str | None] = None
     default_projector: ClassVar[str | None] = None
+    training_projector: ClassVar[str | None] = None
+    """The projector ``nonlocal-opt train`` uses when none is given (``None``: ``default_projector``):
+    a rule may keep its paper's solver as the library default and still train with a sturdier one."""
     alias: ClassVar[str | None] = None
     requires_closure: ClassVar[bool] = True
 

@@ -12,13 +12,10 @@ import torch
 from nonlocal_opt.optim.composed import ComposedOptimizer, base_keywords
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import DEFAULT_BASE, compose
+from nonlocal_opt.plugins.registry import available, get
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-# The trainer's projector when --projector is not given, by rule (other rules: the rule's own default).
-# RBO's own default is the paper's footpoint solver, which at the paper's η = 6 refuses nearly every step
-# on the default MLP; Gauss-Newton trains it (measured in docs/trainer.md, "Defaults").
-DEFAULT_PROJECTORS = {"rbo": "gauss-newton"}
 RHO_FINAL_FRACTION = 0.1  # --rho-final not given: ρ_final = 0.1 ρ_0
 DEFAULT_PRESET = "paper"  # the settings of the paper that defines each component
 NO_PRESET = "none"  # every hyperparameter at its component's (and base's) own default
@@ -113,9 +110,11 @@ class TrainConfig:
             raise ConfigError(f"--label-noise must be a probability in [0, 1], got {self.label_noise}")
 
     def resolved(self) -> TrainConfig:
-        """The config with the trainer's default projector filled in (``DEFAULT_PROJECTORS``)."""
-        if self.projector is None and self.optimizer in DEFAULT_PROJECTORS:
-            return attrs.evolve(self, projector=DEFAULT_PROJECTORS[self.optimizer])
+        """The config with the trainer's default projector filled in: the rule's ``training_projector``."""
+        if self.projector is None and self.optimizer in available("rule"):
+            projector = get("rule", self.optimizer).training_projector
+            if projector is not None:
+                return attrs.evolve(self, projector=projector)
         return self
 
     def flat(self) -> dict[str, Any]:
