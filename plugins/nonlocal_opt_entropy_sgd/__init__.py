@@ -96,7 +96,10 @@ class EntropySGDRule(DescentRule):
         accepted = ctx.apply(outer, theta=x, finite=finite)
         ctx.state["step"] = t + accepted.to(t.dtype)
         if rng is not None:
-            ctx.state["noise_rng"] = torch.where(accepted.cpu(), rng.get_state(), self._saved_rng_state(ctx))
+            # A refused step gives its noise back on the host path; on the device path it keeps it drawn:
+            # choosing the generator state would read the verdict on the host (a synchronisation).
+            keep = ctx.host_reads and not bool(accepted)
+            ctx.state["noise_rng"] = self._saved_rng_state(ctx) if keep else rng.get_state()
         ctx.stats["gamma"] = gamma
         return start.loss
 
