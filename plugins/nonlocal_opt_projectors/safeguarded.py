@@ -76,8 +76,9 @@ class Iterate:
         return cls(target, point.loss, g, gap, grad_phi, vv, gv, gg, rows)
 
     def offset_into(self, out: torch.Tensor) -> torch.Tensor:
-        """``a = θ − θ̃ = ∇φ − s g``, written into ``out``."""
-        out.copy_(self.grad_phi)
+        """``a = θ − θ̃ = ∇φ − s g``, written into ``out`` (which may be ``∇φ``'s own row: the iterate is then spent)."""
+        if out is not self.grad_phi:
+            out.copy_(self.grad_phi)
         return axpy_(out, -self.gap, self.g)
 
     def point(self, out: torch.Tensor | None = None) -> GraphPoint:
@@ -130,10 +131,6 @@ class RowPool:
     def give(self, iterate: Iterate) -> None:
         if iterate.rows is not None:
             self.free.append(iterate.rows)
-
-    def spare_row(self) -> torch.Tensor | None:
-        """A row no iterate uses, if a free :class:`TrialRows` is at hand (``None`` otherwise)."""
-        return self.free[-1].grad_phi if self.free else None
 
 
 def acceptable(trial: Iterate, current: Iterate) -> bool | torch.Tensor:
@@ -221,14 +218,13 @@ class SafeguardedFootpointProjector(Projector):
             accept = acceptable(trial, current)
             damping, factor = gain_ratio_damping(accept, current.value - trial.value, predicted, damping, factor)
             if on_host:
-                kept, dropped = (trial, current) if accept else (current, trial)
-                pool.give(dropped)
-                current = kept
+                pool.give(current if accept else trial)
+                current = trial if accept else current
                 moved = moved or bool(accept)
             else:
                 pool.give(trial)
                 current = trial.select(accept, current)
                 moved = True
         residual = torch.as_tensor(current.residual, dtype=start.theta.dtype, device=start.theta.device)
-        point = current.point(out=pool.spare_row()) if moved else start
+        point = current.point(out=current.grad_phi) if moved else start  # θ over ∇φ, no longer needed
         return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
