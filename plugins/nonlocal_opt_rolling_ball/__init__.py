@@ -137,18 +137,19 @@ class FootpointGradientDescent(Projector):
     def project(self, target, start, ctx):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
         stop_early = tol is not None and ctx.host_reads
-        # Iterates alternate between two preallocated (θ, g) rows and ∇φ has its own row: no new R^d
-        # tensor per pass beyond ∇φ's s·g. The operations keep Algorithm 1's rounding (no fused multiply-adds).
-        rows = start.theta.new_empty((5, start.theta.numel()))
-        grad_phi, slots = rows[4], (rows[0:2], rows[2:4])
+        # Iterates alternate between two preallocated (θ, g) rows; ∇φ is formed in the θ row of the next
+        # iterate, then turned into it: no new R^d tensor per pass beyond ∇φ's s·g. The operations keep
+        # Algorithm 1's rounding (no fused multiply-adds).
+        rows = start.theta.new_empty((4, start.theta.numel()))
+        slots = (rows[0:2], rows[2:4])
         point, iteration = start, 0
         while True:
-            ctx.manifold.phi_grad(point, target, out=grad_phi)
+            theta_out, grad_out = slots[iteration % 2]
+            grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out)
             residual = ctx.norm(grad_phi)
             if iteration == max_iters or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
-            theta_out, grad_out = slots[iteration % 2]
-            torch.sub(point.theta, torch.mul(grad_phi, gamma, out=theta_out), out=theta_out)  # θ − γ ∇φ
+            torch.sub(point.theta, grad_phi.mul_(gamma), out=theta_out)  # θ − γ ∇φ
             point = ctx.evaluate(theta_out, grad_out=grad_out)
             iteration += 1
 
