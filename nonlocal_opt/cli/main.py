@@ -1,4 +1,4 @@
-"""The ``nonlocal-opt`` command: ``train``, ``plugins``, ``landscape`` and ``geometry`` (see docs/trainer.md).
+"""The ``nonlocal-opt`` command: ``train``, ``plugins``, ``landscape``, ``geometry`` and ``compare`` (see docs/trainer.md).
 
 Exit codes: 0 success; 1 the run diverged (non-finite loss, most steps refused, or the loss exploded);
 2 bad input, one line on stderr; 130 interrupted (Ctrl-C / SIGINT; 143 for SIGTERM), after a checkpoint
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nonlocal_opt.cli.compare import add_compare_arguments, run_compare
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.parsing import (
     add_base_argument,
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     geometry = commands.add_parser("geometry", help="RSI / error-bound / γ along a training path (CSV, PNG, TensorBoard)")
     add_geometry_arguments(geometry)
     geometry.set_defaults(handler=run_geometry)
+
+    compare = commands.add_parser("compare", help="compare optimizers at an equal budget of forward+backward passes (JSON, PNG)")
+    add_compare_arguments(compare)
+    compare.set_defaults(handler=run_compare)
     return parser
 
 
@@ -164,6 +169,10 @@ def run_plugins(args) -> int:
             if kind == "base":
                 describe_base(entry.cls)
                 continue
+            if kind == "rule" and entry.cls.manifolds:
+                rule = entry.cls
+                print(f"    manifold {rule.default_manifold}, projector {rule.default_projector} "
+                      f"(nonlocal-opt train: {rule.training_projector or rule.default_projector})")
             describe(entry.cls.hyperparameters)
             for preset, values in entry.cls.presets.items():
                 print(f"    preset {preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
@@ -239,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + error.signum
     except KeyboardInterrupt:
         hint = f"; with a checkpoint in --logdir, resume with:\n  {resume_command(argv)}" if args.command == "train" else ""
+        if args.command == "compare":
+            hint = "; finished runs are kept in --out and the same command resumes the rest"
         print(f"\n{PROG}: interrupted without saving a checkpoint{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ValueError as error:
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if args.command != "landscape":
+        if args.command not in ("landscape", "compare"):
             raise
         print(f"{PROG}: error: cannot write {args.out}: {error.strerror}", file=sys.stderr)
         return 2

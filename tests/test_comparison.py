@@ -1,0 +1,367 @@
+"""The equal-compute comparison harness (``nonlocal_opt.comparison``, ``nonlocal-opt compare``): pass
+accounting from the optimizer's own stats, seeds, splits, early stopping, resume, divergence, the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nonlocal_opt
+from nonlocal_opt import DescentRule
+from nonlocal_opt.cli.main import main
+from nonlocal_opt.comparison import (
+    ComparisonConfig,
+    ResultStore,
+    RunSpec,
+    SpecError,
+    StorageError,
+    load_specs,
+    pareto_front,
+    run_comparison,
+    summarize,
+    train_run,
+)
+from nonlocal_opt.comparison import runner as runner_module
+from nonlocal_opt.comparison import sweep as sweep_module
+from nonlocal_opt.comparison.curves import at_index, index_at
+from nonlocal_opt.comparison.data import BatchStream, load_splits, synthetic_dataset
+from nonlocal_opt.plugins.manager import get_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="synthetic", train_subset=512, test_subset=256, val_size=128, batch_size=32, evals=4)
+SGDM = {"name": "sgd-m", "rule": "local", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.01, 0.1]}}
+SAM = {"name": "sam", "rule": "sam", "base": "sgd", "fixed": {"lr": 0.05, "rho": 0.05}}
+
+
+def config(**changes) -> ComparisonConfig:
+    return ComparisonConfig(**{"budget": 40, "final_seeds": (1, 2), **TINY, **changes})
+
+
+def one_run(spec: dict, budget: int = 40, seed: int = 1, noise: float = 0.0, phase: str = "final", **changes):
+    cfg = config(budget=budget, **changes)
+    (parsed,) = load_specs([spec])
+    return train_run(cfg, RunSpec(parsed, parsed.points()[0], seed, noise, phase), load_splits(cfg, noise))
+
+
+def without_timings(value):
+    """The JSON with every wall-clock field removed (they differ between two identical runs)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "train_seconds", "wall_seconds")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+# --- pass accounting -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "per_step"), [
+    ({"name": "sgd", "rule": "local", "fixed": {"lr": 0.05}}, 1),
+    (SAM, 2),
+    ({"name": "rbo-gn1", "rule": "rbo", "projector": "gauss-newton", "fixed": {"lr": 0.05, "rho": 1.0, "max_iters": 1}}, 2),
+])
+def test_passes_are_charged_from_the_rules_own_count(spec, per_step):
+    record = one_run(spec, budget=40)
+    assert record["steps"] == 40 / per_step
+    assert record["passes"] == 40
+    assert record["batches"] == record["steps"]  # one batch per update
+    curve = record["curve"]
+    assert curve["passes"][-1] == 40 and curve["steps"][-1] == 40 / per_step
+    assert all(p == per_step * s for p, s in zip(curve["passes"], curve["steps"]))
+
+
+def test_fresh_batches_count_as_batches_read_not_updates_and_the_last_step_may_overshoot():
+    spec = {"name": "esgd", "rule": "entropy-sgd",
+            "fixed": {"lr": 1.0, "inner_steps": 3, "fresh_batches": True, "scale_outer_by_gamma": False, "seed": 0}}
+    record = one_run(spec, budget=10)
+    assert (record["steps"], record["passes"], record["batches"]) == (4, 12, 12)  # 3 passes and 3 batches per update
+
+
+class ThreePassRule(DescentRule):
+    """A third-party rule: the gradient at θ, computed three times (3 passes per step)."""
+
+    name = "three-pass-test"
+
+    def step(self, ctx):
+        for _ in range(2):
+            ctx.loss(extra=True)
+        loss = ctx.loss(extra=False)
+        ctx.apply(finite=torch.isfinite(torch.as_tensor(loss)))
+        return loss
+
+
+class ThreePassPlugin:
+    @nonlocal_opt.hookimpl
+    def nonlocal_opt_register_descent_rules(self, register):
+        register(ThreePassRule)
+
+
+@contextlib.contextmanager
+def registered(plugin, name):
+    manager = get_plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        yield
+    finally:
+        manager.unregister(plugin)
+
+
+def test_a_third_party_rule_is_compared_by_its_registered_name_and_charged_its_passes():
+    with registered(ThreePassPlugin(), "three-pass-plugin"):
+        record = one_run({"name": "mine", "rule": "three-pass-test", "base": "adamw", "fixed": {"lr": 1e-3}}, budget=30)
+    assert (record["steps"], record["passes"]) == (10, 30)
+
+
+# --- settings, seeds, splits ------------------------------------------------------------------------
+
+
+def test_overlapping_tuning_and_final_seeds_are_refused():
+    with pytest.raises(SpecError, match=r"disjoint.*both contain 1"):
+        config(tuning_seeds=(0, 1), final_seeds=(1, 2))
+
+
+def test_tuning_runs_never_see_the_test_set_and_final_runs_use_only_the_final_seeds(tmp_path):
+    store = run_comparison(config(tuning_seeds=(0,), final_seeds=(3, 4)), load_specs([SGDM]), tmp_path / "r.json", progress=False)
+    tune = [r for r in store.runs.values() if r["phase"] == "tune"]
+    final = [r for r in store.runs.values() if r["phase"] == "final"]
+    assert {r["seed"] for r in tune} == {0} and len(tune) == 2
+    assert {r["seed"] for r in final} == {3, 4}
+    assert all("test_acc" not in r["curve"] for r in tune) and all("test_acc" in r["curve"] for r in final)
+
+
+def test_validation_split_is_held_out_of_the_noisy_training_set_and_disjoint_from_test():
+    cfg = config(train_subset=1000, val_size=200)
+    clean = synthetic_dataset("train", 1000)
+    test = synthetic_dataset("test", 256)
+    splits = load_splits(cfg, 0.4)
+    assert set(splits.train_index.tolist()).isdisjoint(splits.val_index.tolist())
+    assert sorted(splits.train_index.tolist() + splits.val_index.tolist()) == list(range(1000))
+    torch.testing.assert_close(splits.val_x, clean.images[splits.val_index])  # training images, not test images
+    flipped = (splits.val_y != clean.labels[splits.val_index]).float().mean().item()
+    assert 0.3 < flipped < 0.5  # validation labels are the noisy ones a user has
+    assert torch.equal(splits.test_y, test.labels)  # test labels are clean
+    test_rows = {tuple(row.flatten().tolist()) for row in splits.test_x}
+    assert not any(tuple(row.flatten().tolist()) in test_rows for row in splits.val_x)
+    # same settings → same split and noise
+    again = load_splits(cfg, 0.4)
+    assert torch.equal(again.val_index, splits.val_index) and torch.equal(again.val_y, splits.val_y)
+
+
+def test_batch_stream_is_a_seeded_permutation_per_epoch():
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    stream = BatchStream(x, y, 3, torch.Generator().manual_seed(0))
+    epoch = torch.cat([stream.next()[1] for _ in range(3)])
+    assert len(set(epoch.tolist())) == 9 and stream.read == 3  # the incomplete last batch is dropped
+    other = BatchStream(x, y, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([other.next()[1] for _ in range(3)]), epoch)
+
+
+def test_same_config_and_seed_give_identical_curves():
+    first, second = one_run(SAM, budget=30, seed=5), one_run(SAM, budget=30, seed=5)
+    assert without_timings(first) == without_timings(second)
+    assert without_timings(one_run(SAM, budget=30, seed=6)) != without_timings(first)
+
+
+# --- early stopping, budget fractions, Pareto ---------------------------------------------------------
+
+
+def test_early_stopped_pick_is_test_accuracy_where_validation_peaked():
+    curve = {"passes": [0, 10, 20, 30], "steps": [0, 10, 20, 30], "batches": [0, 10, 20, 30], "seconds": [0, 1, 2, 3],
+             "val_acc": [0.1, 0.8, 0.7, 0.75], "test_acc": [0.1, 0.6, 0.9, 0.5]}
+    full = at_index(curve, 3)
+    assert (full["final"], full["best"], full["early_stopped"], full["early_stopped_at"]) == (0.5, 0.9, 0.6, 10)
+    half = at_index(curve, index_at(curve, "passes", 15))  # the evaluation taken when 15 passes were crossed
+    assert (half["final"], half["best"], half["early_stopped"], half["passes"]) == (0.9, 0.9, 0.6, 20)
+
+
+def test_summary_reports_fractions_and_matched_updates(tmp_path):
+    store = run_comparison(config(budget=40, fractions=(0.5, 1.0)), load_specs([SGDM, SAM]), tmp_path / "r.json", progress=False)
+    summary = summarize(store.to_json())["0.0"]
+    assert summary["matched_updates"] == 20  # SAM reaches 20 updates in 40 passes, SGD 40
+    sam, sgd = summary["optimizers"]["sam"], summary["optimizers"]["sgd-m"]
+    assert sam["fractions"]["0.5"]["passes"]["mean"] == 20 and sam["fractions"]["0.5"]["steps"]["mean"] == 10
+    assert sgd["fractions"]["1.0"]["steps"]["mean"] == 40
+    assert sgd["matched_updates"]["final"]["n"] == 2
+
+
+def test_pareto_front():
+    points = {"cheap": [(1, 0.5), (2, 0.6)], "slow": [(2, 0.55), (3, 0.7)], "bad": [(3, 0.65)]}
+    assert pareto_front(points) == {"cheap": [(1, 0.5), (2, 0.6)], "slow": [(3, 0.7)]}
+
+
+# --- divergence ----------------------------------------------------------------------------------------
+
+
+def test_divergence_ends_the_run_and_is_recorded_and_never_picked(tmp_path):
+    record = one_run({"name": "blowup", "rule": "local", "fixed": {"lr": 1e12}}, budget=200)
+    assert record["diverged"] is not None and "non-finite" in record["diverged"]["reason"]
+    assert record["passes"] < 200
+    spec = {"name": "sgd", "rule": "local", "sweep": {"lr": [1e12, 0.05]}}
+    store = run_comparison(config(budget=60), load_specs([spec]), tmp_path / "r.json", progress=False)
+    assert store.picks["0.0"]["sgd"]["hp"] == {"lr": 0.05}
+    assert [row["diverged"] for row in store.picks["0.0"]["sgd"]["tuning"]] == [1, 0]
+
+
+# --- storage: resume and refusal ---------------------------------------------------------------------------
+
+
+def test_resume_after_a_kill_gives_the_same_json_as_an_uninterrupted_sweep(tmp_path, monkeypatch):
+    cfg, specs = config(budget=30, label_noise=(0.0, 0.2)), load_specs([SGDM, SAM])
+    straight = run_comparison(cfg, specs, tmp_path / "straight.json", progress=False)
+
+    real, calls = runner_module.train_run, []
+
+    def killed_at_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed mid-run
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "train_run", killed_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(cfg, specs, tmp_path / "resumed.json", progress=False)
+    partial = json.loads((tmp_path / "resumed.json").read_text())
+    assert len(partial["runs"]) == 4  # every finished run was written, the killed one was not
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    calls.clear()
+    monkeypatch.setattr(sweep_module, "train_run", lambda *args: calls.append(1) or real(*args))
+    resumed = run_comparison(cfg, specs, tmp_path / "resumed.json", progress=False)
+    assert len(calls) == len(straight.runs) - 4  # only the missing runs were trained
+    on_disk = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("straight", "resumed")]
+    assert without_timings(on_disk[0]) == without_timings(on_disk[1])
+    assert resumed.runs.keys() == straight.runs.keys()
+
+
+def test_a_results_file_of_different_settings_is_refused(tmp_path):
+    specs = load_specs([SAM])
+    run_comparison(config(budget=20), specs, tmp_path / "r.json", progress=False)
+    with pytest.raises(StorageError, match=r"different comparison \(budget: file 20, now 30\)"):
+        ResultStore(tmp_path / "r.json", config(budget=30), specs)
+    (tmp_path / "other.json").write_text('{"something": 1}')
+    with pytest.raises(StorageError, match="not a comparison results file"):
+        ResultStore(tmp_path / "other.json", config(budget=20), specs)
+
+
+def test_a_results_file_is_extended_by_more_seeds_without_retraining(tmp_path, monkeypatch):
+    specs = load_specs([SAM])
+    first = run_comparison(config(budget=20, final_seeds=(1, 2)), specs, tmp_path / "r.json", progress=False)
+    real, calls = runner_module.train_run, []
+    monkeypatch.setattr(sweep_module, "train_run", lambda *args: calls.append(args[1].seed) or real(*args))
+    more = run_comparison(config(budget=20, final_seeds=(1, 2, 3)), specs, tmp_path / "r.json", progress=False)
+    assert calls == [3] and first.runs.items() <= more.runs.items()
+    assert summarize(more.to_json())["0.0"]["optimizers"]["sam"]["seeds"] == [1, 2, 3]
+
+
+def test_run_keys_change_with_anything_the_run_depends_on():
+    (spec,) = load_specs([SAM])
+    key = RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config())
+    assert RunSpec(spec, spec.points()[0], 2, 0.0, "final").key(config()) != key
+    assert RunSpec(spec, {**spec.points()[0], "rho": 0.1}, 1, 0.0, "final").key(config()) != key
+    assert RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config(budget=41)) != key
+    assert RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config(final_seeds=(1, 7))) == key  # choice, not content
+
+
+# --- specs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"name": "x", "rule": "no-such-rule"}, "unknown"),
+    ({"name": "x", "rule": "sam", "fixed": {"rhoo": 1}}, "rhoo"),
+    ({"name": "x", "rule": "sam", "sweep": {"rho": []}}, "non-empty list"),
+    ({"name": "x", "rule": "sam", "colour": "red"}, "unknown key"),
+    ({"name": "x", "rule": "local", "schedule": {"name": "cosine", "rho_final": 0.1}}, "rho"),
+])
+def test_bad_specs_are_refused_with_the_field_named(spec, message):
+    with pytest.raises(SpecError, match=message):
+        load_specs([spec])
+
+
+def test_the_core_names_no_plugin():
+    names = set(nonlocal_opt.available("rule")) | set(nonlocal_opt.available("projector")) | set(nonlocal_opt.available("manifold"))
+    for path in (ROOT / "nonlocal_opt" / "comparison").glob("*.py"):
+        text = path.read_text()
+        for name in names:
+            assert not re.search(rf"[\"']{re.escape(name)}[\"']", text), f"{path.name} names the plugin {name!r}"
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def cli(tmp_path, *extra, specs=None):
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(specs if specs is not None else [SAM]))
+    args = ["compare", "--specs", str(path), "--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256",
+            "--val-size", "128", "--batch-size", "32", "--budget", "20", "--evals", "2", "--final-seeds", "1",
+            "--no-progress", "--out", str(tmp_path / "out.json"), *extra]
+    return main(args)
+
+
+@pytest.mark.parametrize(("extra", "specs", "message"), [
+    (("--tuning-seeds", "1"), None, "disjoint"),
+    ((), [{"name": "x", "rule": "no-such-rule"}], "unknown"),
+    ((), {"not": "a list"}, "expected a list"),
+    (("--label-noise", "1.5"), None, "label_noise"),
+    (("--budget", "0"), None, "budget must be an integer >= 1"),
+    (("--model", "nope"), None, "unknown model"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, specs, message):
+    assert cli(tmp_path, *extra, specs=specs) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nonlocal-opt: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_results_file_from_other_settings(tmp_path, capsys):
+    assert cli(tmp_path) == 0
+    capsys.readouterr()
+    assert cli(tmp_path, "--budget", "30") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different comparison" in err
+
+
+def test_cli_runs_writes_json_and_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli(tmp_path, "--plots", str(tmp_path / "fig"), specs=[SAM, SGDM]) == 0
+    out = capsys.readouterr().out
+    assert "| sam |" in out and "Pareto front" in out
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert len([r for r in data["runs"].values() if r["phase"] == "final"]) == 2
+    assert all(math.isfinite(r["passes"]) for r in data["runs"].values())
+    for axis in ("passes", "seconds", "updates"):
+        assert (tmp_path / f"fig_{axis}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the study script ----------------------------------------------------------------------------------------
+
+
+def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, str(ROOT / "benchmarks" / "equal_compute.py"), "--quick", "--dataset", "synthetic",
+               "--out", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    data = json.loads((tmp_path / "equal_compute.json").read_text())
+    assert set(data["parts"]) == {"mlp", "long_noise0", "long_noise0.4"}
+    for part in data["parts"].values():
+        budget = part["settings"]["budget"]
+        finals = [r for r in part["runs"].values() if r["phase"] == "final"]
+        assert finals and all(r["diverged"] or r["passes"] >= budget for r in finals)
+        for figure in part["figures"]:
+            assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the long part froze each noise level's own pick from the mlp part
+    mlp = data["parts"]["mlp"]["picks"]
+    for noise in ("0.0", "0.4"):
+        long_hp = {r["name"]: r["hp"] for r in data["parts"][f"long_noise{float(noise):g}"]["runs"].values()}
+        assert long_hp and all(hp == mlp[noise][name]["hp"] for name, hp in long_hp.items())
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # everything cached
+    assert again.returncode == 0 and json.loads((tmp_path / "equal_compute.json").read_text())["parts"].keys() == data["parts"].keys()
