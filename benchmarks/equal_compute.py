@@ -5,8 +5,8 @@ Parts (each its own resumable results file under ``--out``; run in this order):
 
 - ``mlp``: Fashion-MNIST MLP 784-256-256-10, B = 4 690 passes (10 epochs of SGD at batch 128), label
   noise 0 and 0.4, every family swept at each level (tuning seed 0) and rerun on final seeds 1, 2, 3;
-- ``mlp_noise0.2``: the same at label noise 0.2, every family at its 0.4 pick (no sweep), seed 1;
-- ``long``: B = 23 450 (5×), noise 0 and 0.4, five families at the ``mlp`` part's picks, seeds 1, 2;
+- ``mlp_noise0.2``: the same at label noise 0.2, every family at its 0.4 pick (no sweep), seeds 1, 2, 3;
+- ``long``: B = 23 450 (5×), noise 0 and 0.4, five families at the ``mlp`` part's picks, seeds 1, 2, 3;
 - ``resnet6``: ResNet-6, a tiny budget, four families at the ``mlp`` picks (noise 0), seed 1.
 
 ``--publish`` writes docs/results/equal_compute.json and docs/img/results/equal_compute_*.png;
@@ -85,8 +85,8 @@ def parts(args) -> dict[str, tuple[ComparisonConfig, callable]]:
         return {"mlp": (mlp, lambda: [f for f in FAMILIES if f["name"] in QUICK]),
                 "long": (ComparisonConfig(budget=900, label_noise=(0.0, 0.4), final_seeds=(1,), **small), None)}
     mlp = ComparisonConfig(budget=4690, label_noise=(0.0, 0.4), final_seeds=(1, 2, 3), **data)
-    mid = ComparisonConfig(budget=4690, label_noise=(0.2,), final_seeds=(1,), **data)
-    long = ComparisonConfig(budget=5 * 4690, label_noise=(0.0, 0.4), final_seeds=(1, 2), fractions=(0.2, 0.5, 1.0), **data)
+    mid = ComparisonConfig(budget=4690, label_noise=(0.2,), final_seeds=(1, 2, 3), **data)
+    long = ComparisonConfig(budget=5 * 4690, label_noise=(0.0, 0.4), final_seeds=(1, 2, 3), fractions=(0.2, 0.5, 1.0), **data)
     conv = ComparisonConfig(budget=args.conv_budget, model="resnet6", final_seeds=(1,), val_size=2000, test_subset=2000,
                             evals=4, **data)
     everything = tuple(f["name"] for f in FAMILIES)
