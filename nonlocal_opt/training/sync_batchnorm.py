@@ -50,6 +50,8 @@ class CPUSyncBatchNorm(_BatchNorm):
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         totals = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.size(1)])]))
         count = totals[-1]
+        if count < 2:  # as BatchNorm: no variance from one value (the unbiased running variance would be inf)
+            raise ValueError(f"expected more than 1 value per channel over all processes when training, got input size {list(input.shape)}")
         mean = totals[:-1] / count
         centred = x - mean.view(shape)
         var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
