@@ -45,6 +45,18 @@ def test_schedule_writes_the_formula_into_param_groups(cls, formula):
         sched.step()
 
 
+@pytest.mark.parametrize(("cls", "formula"), [(CosineRadius, cosine), (StepRadius, three_drops)])
+def test_step_by_several_units_follows_the_formula(cls, formula):
+    """A budget counted in passes advances by a step's passes: ``step(n)`` lands on the formula at ``t + n``."""
+    _, opt = rbo()
+    sched = cls(opt, total_steps=T, rho_final=RHO_F)
+    t = 0
+    for n in (3, 1, 4, 5):
+        sched.step(n)
+        t += n
+        assert opt.param_groups[0]["rho"] == pytest.approx(formula(t), rel=1e-12)
+
+
 def test_rbo_run_uses_the_scheduled_rho_each_step_and_couples_lr():
     w, opt = rbo(lr=0.5)
     sched = CosineRadius(opt, total_steps=T, rho_final=RHO_F, couple_lr=True)

@@ -131,8 +131,8 @@ def train_run(config: ComparisonConfig, run: RunSpec, splits: Splits) -> dict[st
         passes += step_stats["grad_evals"]
         refused += step_stats.get("nonfinite", 0.0)
         steps += 1
-        if schedule is not None:
-            schedule.load_state_dict({**schedule.state_dict(), "last_step": min(int(passes), config.budget)})
+        if schedule is not None:  # T = the budget in passes; ρ stops at ρ_f once it is spent (s = min(t/T, 1))
+            schedule.step(int(step_stats["grad_evals"]))
         seconds += time.perf_counter() - start
         if not math.isfinite(loss):
             diverged = {"passes": passes, "steps": steps, "reason": f"non-finite training loss {loss}"}

@@ -72,9 +72,10 @@ class RadiusScheduler:
             if self.couple_lr:
                 group["lr"] = self.base_lrs[index] * group["rho"] / rho0
 
-    def step(self) -> None:
-        """Advance one optimizer step and write ``ρ_{t+1}`` (call after ``optimizer.step()``)."""
-        self.last_step += 1
+    def step(self, steps: int = 1) -> None:
+        """Advance ``steps`` units of ``T`` (one optimizer step by default; a budget counted in passes advances
+        by a step's passes) and write the new ``ρ`` (call after ``optimizer.step()``)."""
+        self.last_step += steps
         self._apply()
 
     def get_last_rho(self) -> list[float]:
