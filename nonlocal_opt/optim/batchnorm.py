@@ -51,13 +51,16 @@ class BatchNormFreezer:
         self.known = list(known)
         self.layers: list[_BatchNorm] | None = None  # None until the first paused pass has run
 
+    def paused(self) -> contextlib.AbstractContextManager:
+        """Within this block the layers leave their running statistics alone (nothing to do once the first
+        paused pass found none)."""
+        if self.layers is None:
+            return self._searching()
+        return _tracking_off(self.layers) if self.layers else contextlib.nullcontext()
+
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Within this block the layers leave their running statistics alone."""
-        if self.layers is not None:
-            with _tracking_off(self.layers):
-                yield
-            return
+    def _searching(self) -> Iterator[None]:
+        """The first paused pass: pause the known layers and find the others with a global pre-hook."""
         found: list[_BatchNorm] = []
 
         def pause_tracking(module: torch.nn.Module, args: object) -> None:

@@ -255,8 +255,6 @@ class StepContext:
             return contextlib.nullcontext()
         if self.batchnorm is None:
             self.batchnorm = BatchNormFreezer(self._optimizer._batchnorm_layers(self.flat.params))
-        elif self.batchnorm.layers == []:  # the first paused pass found none
-            return contextlib.nullcontext()
         return self.batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------
