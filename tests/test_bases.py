@@ -239,7 +239,8 @@ def test_max_grad_norm_must_agree_across_groups():
 def test_tangent_centre_moves_with_the_contact_point_over_a_momentum_base():
     """The carried centre follows the parameters the base lands on: ``c − θ`` keeps the projector's offset."""
     model, loss_of = _problem()
-    opt = nonlocal_opt.compose(model.parameters(), "rbo", base="sgd", projector="tangent", lr=0.05, momentum=0.9, rho=0.5)
+    opt = nonlocal_opt.compose(model.parameters(), "rbo", base="sgd", projector="tangent", lr=0.05, momentum=0.9, rho=0.5,
+                               record_projection=True)
     for _ in range(4):
         opt.step(make_closure(opt, lambda: loss_of(model)))
         record = opt.last_projection

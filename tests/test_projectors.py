@@ -137,7 +137,7 @@ def test_tangent_moves_the_centre_by_the_projected_update():
     """Two RBO steps with ``tangent`` against eqs. (10)–(12) written here: ``u = c_t − p_t``."""
     landscape = Sine([0.9, -0.4], dim=2).double()
     eta, rho = 0.2, 0.5
-    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="tangent", lr=eta, rho=rho)
+    opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="tangent", lr=eta, rho=rho, record_projection=True)
     closure = make_closure(opt, landscape)
     theta = landscape.theta.detach().clone()
     f, g = value_and_grad(landscape, [landscape.theta])

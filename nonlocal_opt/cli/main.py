@@ -196,7 +196,8 @@ def run_landscape(args) -> int:
             raise ValueError(f"landscape {args.landscape!r} is {surface.dim}-D; this command plots 1-D landscapes")
         surface.theta.data.fill_(args.start)
         hyperparameters = {"lr": args.lr, "rho": rho, **dict(args.overrides)}
-        opt = compose(surface.parameters(), args.optimizer, base=args.base, projector=args.projector, **hyperparameters)
+        opt = compose(surface.parameters(), args.optimizer, base=args.base, projector=args.projector,
+                      **{**hyperparameters, "record_projection": True})
 
         def closure(opt=opt, surface=surface):
             opt.zero_grad()

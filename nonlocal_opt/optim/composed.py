@@ -4,6 +4,7 @@ and a manifold (docs/composing.md)."""
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,6 +37,13 @@ OPTIMIZER_HYPERPARAMETERS = {
         "one small all-reduce per pass (None: when torch.distributed is initialised with more than one process)",
         optional(boolean),
     ),
+    "record_projection": Hyperparameter(
+        False,
+        "—",
+        "keep copies of each step's projection (c_t, c̃ and the projector's result) in opt.last_projection "
+        "(False: last_projection is None, and the step's vectors stay in buffers the next step reuses)",
+        boolean,
+    ),
     "max_grad_norm": Hyperparameter(
         None,
         "c",
@@ -65,7 +73,7 @@ def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_read
     large finite entries, so then the entries are checked. On the device path with ``aminmax`` (one sweep;
     it propagates NaN), no host read."""
     if host_reads:
-        if bool(torch.isfinite(norm)):
+        if math.isfinite(norm.item()):
             return TRUE
         here = all(bool(torch.isfinite(t).all()) for t in tensors)
         return TRUE if bool(flat.sum(torch.tensor(float(not here), device=flat.device)) == 0) else FALSE
@@ -167,9 +175,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
             component.check_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``, counted (see ``StepContext.loss``)."""
+        """``torch.optim.Optimizer.zero_grad``, counted (see ``StepContext.loss``). A closure calls it once per
+        pass, so ``set_to_none=True`` skips torch's profiler record around it."""
         self._zero_grad_calls += 1
-        super().zero_grad(set_to_none)
+        if not set_to_none:
+            super().zero_grad(set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters (unknown or invalid ones raise ``ValueError``)."""
@@ -211,6 +225,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
             kept = self._scratch[name] = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         return kept
 
+    def _flat_buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """One tensor of ``shape`` (dtype and device of ``like``) kept under ``name``, made anew when they change."""
+        kept = self._scratch.get(name)
+        if kept is None or kept[0].shape != shape or kept[0].dtype != like.dtype or kept[0].device != like.device:
+            kept = self._scratch[name] = [like.new_empty(shape)]
+        return kept[0]
+
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
         """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
@@ -227,7 +248,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             )
         if self.rule.requires_closure:
             refuse_host_accumulation(self.rule.name)
-        self.last_projection = None  # the previous step's vectors are not held through this step's peak
+        self.last_projection = None
         ctx = StepContext(self, closure)
         try:
             loss = self.rule.step(ctx)
@@ -263,13 +284,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
             norm = global_norm(grads) if flat.group is None else sharded_norm(grads, flat)
         if max_norm is not None:  # torch.nn.utils.clip_grads_with_norm_, on this process's part of each gradient
             torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        finite = all_finite(grads, norm, host_reads, flat) & finite
         if host_reads:
-            taken = bool(finite)
+            taken = bool(all_finite(grads, norm, host_reads, flat)) and bool(finite)  # every shard takes part in the test
             if taken:
                 self.base.step()
             stats["nonfinite"] = float(not taken)
             return TRUE if taken else FALSE
+        finite = all_finite(grads, norm, host_reads, flat) & finite
         state = self.base.state
         keys = {p: set(state[p]) if p in state else set() for p in params}
         saved_params = [t.clone() for t in tensors]

@@ -129,9 +129,9 @@ class FlatParams:
         torch.distributed.all_reduce(total, group=self.group)
         return total
 
-    def gather(self) -> torch.Tensor:
-        """``θ``: a new flat tensor holding the current parameter values."""
-        return torch.cat([p.detach().reshape(-1) for p in self.tensors])
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``θ``: a flat tensor holding the current parameter values (written into ``out`` when given)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.tensors], out=out)
 
     def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """``g = ∇f(θ)`` as a flat tensor (written into ``out`` when given); a parameter without ``.grad`` contributes zeros."""

@@ -83,11 +83,19 @@ class Projector(_Component):
     """
 
     manifolds: ClassVar[tuple[str, ...]] = ()
+    uses_centre: ClassVar[bool] = True
+    """Whether it reads ``ctx.centre`` (``c_t``) or returns a centre to carry. ``False`` lets the rule form
+    ``c̃`` over ``c_t`` (one vector less); returning a centre then raises."""
 
     @abstractmethod
     def project(self, target: Centre, start: GraphPoint, ctx: StepContext) -> ProjectionResult:
         """Return ``p_{t+1}`` (and optionally ``c_{t+1}``) for the proposed centre ``c̃ = target``,
         starting from the current contact point ``start = p_t``."""
+
+    def start_grad_out(self, ctx: StepContext) -> torch.Tensor | None:
+        """Where the rule should gather ``∇f(θ_t)`` (``start.grad``): a flat tensor of the projector's own
+        storage, which it may then overwrite once its iterates have left ``θ_t``; ``None``: anywhere."""
+        return None
 
 
 class DescentRule(_Component):

@@ -38,3 +38,12 @@ class ProjectionResult:
     centre: Centre | None
     iterations: int
     residual: torch.Tensor
+
+
+def copied(value):
+    """``value`` with every tensor it holds cloned: a tensor, or a point class of this module (recursively)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if attrs.has(type(value)):
+        return attrs.evolve(value, **{field.name: copied(getattr(value, field.name)) for field in attrs.fields(type(value))})
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
 from nonlocal_opt.optim.flat_params import FlatParams, global_norm, sharded_norm
-from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult
+from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult, copied
 
 
 class HostGradientError(RuntimeError):
@@ -154,6 +155,13 @@ class StepContext:
             return torch.linalg.vector_norm(x) if isinstance(x, torch.Tensor) else global_norm(x)
         return sharded_norm(x if isinstance(x, list) else [x], self.flat)
 
+    def finite(self, *losses: Any) -> bool | torch.Tensor:
+        """Whether every one of ``losses`` (0-d tensors or numbers) is finite: a ``bool`` on the host path, a
+        0-d bool tensor on the device path (no host read)."""
+        if self.host_reads:
+            return all(math.isfinite(float(loss)) for loss in losses)
+        return torch.isfinite(torch.stack([torch.as_tensor(loss, device=self.flat.device) for loss in losses])).all()
+
     def keep_start(self, theta: torch.Tensor | list[torch.Tensor]) -> None:
         """Tell the step where it started (``θ_t``, flat or one tensor per parameter) before moving the
         parameters elsewhere; :meth:`evaluate` at the current parameters does it by itself."""
@@ -169,6 +177,27 @@ class StepContext:
         """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
         ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
         return self._optimizer._buffers(name, self.flat.tensors)
+
+    def scratch(self, name: str, rows: int | None = None) -> torch.Tensor:
+        """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
+        kept by the optimizer from step to step under ``name`` (not in ``state_dict``; names are shared by
+        the rule, projector and manifold, so prefix them with the component's name). A fresh ``R^d`` tensor
+        per step costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not
+        outlive the step: the next step overwrites them."""
+        shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
+        return self._optimizer._flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
+
+    def start_grad_out(self) -> torch.Tensor:
+        """Where a projecting rule gathers ``∇f(θ_t)``: the projector's own storage when it offers some
+        (:meth:`Projector.start_grad_out`), else a scratch vector."""
+        out = None if self.projector is None else self.projector.start_grad_out(self)
+        return self.scratch("start.grad") if out is None else out
+
+    @property
+    def recording(self) -> bool:
+        """Whether the step keeps copies of its projection (``record_projection``): a rule then keeps
+        ``c_t`` intact for the record."""
+        return self.hp("record_projection")
 
     @property
     def state(self) -> dict[str, Any]:
@@ -193,12 +222,13 @@ class StepContext:
         extra: bool = True,
         fresh_batch: bool = False,
         grad_out: torch.Tensor | None = None,
+        theta_out: torch.Tensor | None = None,
     ) -> GraphPoint:
         """Run the closure at ``θ`` (the current parameters when ``None``) and return ``(θ, f(θ), ∇f(θ))``.
 
         ``offset``: evaluate at ``θ + offset``, written into the parameters without forming it; the
         returned point's ``theta`` is then ``None``. ``grad_out``: a preallocated flat tensor to gather
-        ``∇f(θ)`` into (saves an allocation per pass).
+        ``∇f(θ)`` into; ``theta_out``: one to gather the current parameters into (each saves an allocation).
 
         ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
         left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
@@ -209,7 +239,7 @@ class StepContext:
         elif theta is not None:
             self.flat.write(theta)
         else:
-            theta = self.flat.gather()
+            theta = self.flat.gather(theta_out)
             self._start = theta if self._start is None else self._start
         loss = self.loss(extra=extra, fresh_batch=fresh_batch)
         loss = torch.as_tensor(loss).detach().to(device=self.flat.device, dtype=self.flat.dtype)
@@ -268,7 +298,13 @@ class StepContext:
             raise RuntimeError(f"rule {self.rule_name!r} projects, but was composed without a projector")
         self.centre = centre
         result = self.projector.project(target, start, self)
-        self.projection = ProjectionRecord(centre=centre, target=target, result=result)
+        if result.centre is not None and not self.projector.uses_centre:
+            raise RuntimeError(
+                f"projector {self.projector.name!r} returned a centre to carry but declares uses_centre = False, "
+                "which lets the rule overwrite c_t; declare uses_centre = True"
+            )
+        if self.recording:
+            self.projection = ProjectionRecord(centre=copied(centre), target=copied(target), result=copied(result))
         self.stats["proj_iters"] = result.iterations
         self.stats["proj_residual"] = result.residual
         carried = result.centre

@@ -190,7 +190,7 @@ def _project_from(composition: Composition, case: Case, start: Sequence[float], 
 def _records(composition: Composition, case: Case, hyperparameters: Mapping[str, Any], steps: int
              ) -> Iterator[tuple[Landscape, torch.Tensor, ProjectionRecord]]:
     """``steps`` steps of the rule from the case's first start; per step the landscape, ``θ_t`` and the step's projection."""
-    run = _Run(composition, case, case.starts[0], hyperparameters)
+    run = _Run(composition, case, case.starts[0], {**hyperparameters, "record_projection": True})
     for _ in range(steps):
         theta = run.landscape.theta.detach().clone()
         run.opt.step(run.closure)

@@ -67,16 +67,15 @@ class EntropySGDRule(DescentRule):
                 "def closure(fresh_batch=False): ...; or set fresh_batches=False to reuse the step's batch"
             )
         inner_lr, alpha, noise = ctx.hp("inner_lr"), ctx.hp("alpha"), ctx.hp("noise")
-        # x', μ, ∇f(x') and ξ (with noise on) in rows allocated once per step, updated in place.
-        rows = torch.empty((4 if noise > 0 else 3, ctx.flat.numel), dtype=ctx.flat.dtype, device=ctx.flat.device)
-        x_inner, mu, grad = rows[:3].unbind()
-        start = ctx.evaluate(extra=False, grad_out=grad)
-        x = start.theta
+        # x, x', μ, ∇f(x') and ξ (with noise on) in rows kept from step to step, updated in place.
+        rows = ctx.scratch("entropy-sgd.rows", rows=5 if noise > 0 else 4)
+        x, x_inner, mu, grad = rows[:4].unbind()
+        start = ctx.evaluate(extra=False, theta_out=x, grad_out=grad)
         t = ctx.state.get("step", torch.zeros((), dtype=torch.int64, device=x.device))
         gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
         rng = self._noise_generator(ctx) if noise > 0 else None
-        xi = rows[3] if rng is not None else None
-        finite = torch.isfinite(start.loss)
+        xi = rows[4] if rng is not None else None
+        finite = ctx.finite(start.loss)
         x_inner.copy_(x)
         mu.copy_(x)
         coupling = inner_lr * gamma  # η'γ_t, a 0-d tensor: no host read
@@ -84,7 +83,7 @@ class EntropySGDRule(DescentRule):
         for inner in range(ctx.hp("inner_steps")):
             if inner > 0:
                 point = ctx.evaluate(x_inner, fresh_batch=fresh, grad_out=grad)
-                finite = finite & torch.isfinite(point.loss)
+                finite = finite & ctx.finite(point.loss)
             # x' − η'[∇f(x') − γ(x − x')] = (1 − η'γ) x' + η'γ x − η' ∇f(x')
             x_inner.mul_(1 - coupling).addcmul_(x, coupling).add_(point.grad, alpha=-inner_lr)
             if xi is not None:

@@ -24,7 +24,7 @@ class LocalRule(DescentRule):
         loss = None
         if ctx.has_closure:
             loss = ctx.loss(extra=False)
-        finite = True if loss is None else torch.isfinite(torch.as_tensor(loss))
+        finite = True if loss is None else ctx.finite(loss)
         ctx.apply(finite=finite)
         return loss
 

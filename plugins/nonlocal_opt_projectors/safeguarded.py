@@ -68,11 +68,11 @@ class Iterate:
         gap = point.loss - target.height
         grad_phi = ctx.manifold.phi_grad(point, target, out=a, offset=a)
         if rows is not None:
-            gram = rows.pair @ rows.pair.T  # [[‖∇φ‖², ∇φᵀg], [gᵀ∇φ, gᵀg]]
-            dots = torch.stack([gram[0, 0], gram[0, 1], gram[1, 1]])
+            dots = (rows.pair @ rows.pair.T).reshape(-1)  # [‖∇φ‖², ∇φᵀg, gᵀ∇φ, gᵀg]
         else:
-            dots = torch.stack([grad_phi.dot(grad_phi), g.dot(grad_phi), g.dot(g)])
-        vv, gv, gg, gap = read(torch.cat([ctx.sum(dots), gap.reshape(1)]), on_host)
+            gv = g.dot(grad_phi)
+            dots = torch.stack([grad_phi.dot(grad_phi), gv, gv, g.dot(g)])
+        vv, gv, _, gg, gap = read(torch.cat([ctx.sum(dots), gap.reshape(1)]), on_host)
         return cls(target, point.loss, g, gap, grad_phi, vv, gv, gg, rows)
 
     def offset_into(self, out: torch.Tensor) -> torch.Tensor:
@@ -109,24 +109,25 @@ class Iterate:
 
 
 class TrialRows:
-    """Preallocated storage ``(a → ∇φ, g)`` of one trial, so the loop allocates nothing per iteration: a new
-    ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it. The first row holds the
-    trial's offset ``a`` until :meth:`Iterate.measure` turns it into ``∇φ``."""
+    """Storage ``(a → ∇φ, g)`` of one iterate, a ``2 × d`` matrix, so the loop allocates nothing per
+    iteration: a new ``R^d`` tensor on the CPU can cost as much as the arithmetic that fills it. The first
+    row holds the trial's offset ``a`` until :meth:`Iterate.measure` turns it into ``∇φ``."""
 
-    def __init__(self, like: torch.Tensor):
-        self.pair = like.new_empty((2, like.numel()))  # (∇φ, g) as a 2 × d matrix
-        self.grad_phi, self.grad = self.pair.unbind()
+    def __init__(self, pair: torch.Tensor):
+        self.pair = pair
+        self.grad_phi, self.grad = pair.unbind()
 
 
 class RowPool:
     """At most two :class:`TrialRows` are in use (the current point's and the trial's); a rejected
-    trial's rows, or the rows an accepted trial replaces, come back for the next trial."""
+    trial's rows, or the rows an accepted trial replaces, come back for the next trial. Rows beyond
+    ``free`` (the device path's selected iterates hold none) are allocated."""
 
-    def __init__(self, like: torch.Tensor):
-        self.like, self.free = like, []
+    def __init__(self, free: list[TrialRows]):
+        self.free, self.like = free, free[0].pair
 
     def take(self) -> TrialRows:
-        return self.free.pop() if self.free else TrialRows(self.like)
+        return self.free.pop() if self.free else TrialRows(self.like.new_empty(self.like.shape))
 
     def give(self, iterate: Iterate) -> None:
         if iterate.rows is not None:
@@ -167,6 +168,7 @@ class SafeguardedFootpointProjector(Projector):
     hyperparameters = STOPPING_HYPERPARAMETERS
     manifolds = ("offset",)  # the step formulas use φ's structure ∇φ = a + s g, G = I + g gᵀ
     shardable = True
+    uses_centre = False
     safeguarded = True  # φ never increases: nonlocal_opt.testing also checks these on the Riemann function
 
     def new_memory(self, start: GraphPoint, ctx) -> Any:
@@ -195,16 +197,29 @@ class SafeguardedFootpointProjector(Projector):
     def observe(self, memory: Any, current: Iterate, trial: Iterate, ctx) -> None:
         """Record a trial (accepted or not) against the current point; called when ``memory`` is not ``None``."""
 
+    def _rows(self, ctx) -> tuple[TrialRows, TrialRows]:
+        """The two iterates' storage, kept by the optimizer from step to step."""
+        rows = ctx.scratch(f"{self.name}.rows", rows=4)
+        return TrialRows(rows[:2]), TrialRows(rows[2:])
+
+    def start_grad_out(self, ctx):
+        """The first iterate's ``g`` row: ``∇f(θ_t)`` is not copied, and its storage is reused once the loop moved."""
+        return self._rows(ctx)[0].grad
+
     def project(self, target, start, ctx):
         if start.grad is None:
             raise ValueError(f"projector {self.name!r} needs start.grad, the gradient at θ_t")
         on_host = ctx.host_reads
         max_iters = ctx.hp("max_iters")
         memory = self.new_memory(start, ctx)
-        current = Iterate.measure(start, start.theta - target.theta, target, ctx, on_host)
+        first, second = self._rows(ctx)
+        if start.grad.data_ptr() != first.grad.data_ptr():
+            first.grad.copy_(start.grad)
+        origin = GraphPoint(theta=start.theta, loss=start.loss, grad=first.grad)
+        current = Iterate.measure(origin, torch.sub(start.theta, target.theta, out=first.grad_phi), target, ctx, on_host, first)
         threshold = tolerance(ctx.hp, current.offset_sq) if on_host else None  # ‖θ_t − θ̃‖² from the dots
         damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
-        pool = RowPool(start.theta)
+        pool = RowPool([second])
         moved = False
         for iteration in range(max_iters + 1):
             if iteration == max_iters or (threshold is not None and current.residual <= threshold):

@@ -21,27 +21,25 @@ class OffsetManifold(ConstraintManifold):
     shardable = True
     hyperparameters = {"rho": Hyperparameter(1.0, "ρ", "radius of the ball", positive)}
 
-    @staticmethod
-    def normal(grad: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upward unit normal ``ν = (−g, 1)/N`` as its (θ-part, height-part)."""
-        inv_n = torch.rsqrt(1 + ctx.dot(grad, grad))
-        return -grad * inv_n, inv_n
-
     def centre(self, point, ctx):
-        nu_theta, nu_height = self.normal(point.grad, ctx)
+        """``c = p + ρ ν(p)``, its ``θ`` part in the scratch vector ``offset.centre``."""
+        inv_n = torch.rsqrt(1 + ctx.dot(point.grad, point.grad))
         rho = ctx.hp("rho")
-        return Centre(theta=point.theta + rho * nu_theta, height=point.loss + rho * nu_height)
+        theta = torch.mul(point.grad, inv_n, out=ctx.scratch("offset.centre")).mul_(-rho).add_(point.theta)  # θ + ρ(−g/N)
+        return Centre(theta=theta, height=point.loss + rho * inv_n)
 
     def phi(self, point, target, ctx):
         gap = point.loss - target.height
         return 0.5 * (ctx.sum((point.theta - target.theta).square().sum()) + gap * gap)
 
-    def phi_grad(self, point, target, out=None, offset=None):
-        """``∇φ = (θ − θ̃) + s g``; ``offset``: ``a = θ − θ̃`` when the caller has it already (one sweep less)."""
+    def phi_grad(self, point, target, out=None, offset=None, work=None):
+        """``∇φ = (θ − θ̃) + s g``; ``offset``: ``a = θ − θ̃`` when the caller has it already (one sweep less);
+        ``work``: a flat vector it may overwrite, for ``s g`` (no allocation)."""
         gap = point.loss - target.height
         if offset is not None:
             return torch.addcmul(offset, gap, point.grad, out=out) if out is not None else torch.addcmul(offset, gap, point.grad)
-        return torch.sub(point.theta, target.theta, out=out).add_(point.grad * gap)  # Algorithm 1's rounding
+        scaled = torch.mul(point.grad, gap, out=work)
+        return torch.sub(point.theta, target.theta, out=out).add_(scaled)  # Algorithm 1's rounding (no fused multiply-add)
 
     def offset_error(self, centre, point, ctx):
         """``|‖c − p‖ − ρ| / ρ``: 0 when the carried centre sits at distance ρ from its contact point."""
@@ -81,17 +79,31 @@ class RollingBallRule(DescentRule):
 
     @staticmethod
     def propose(centre: Centre, point, eta, ctx) -> Centre:
-        step = eta * point.grad
-        return Centre(theta=centre.theta - step, height=centre.height - ctx.dot(step, point.grad))
+        """``c̃ = c − η τ(p)``, formed over ``centre.theta`` (the caller passes a centre it no longer needs)."""
+        if isinstance(eta, float):
+            theta = centre.theta.add_(point.grad, alpha=-eta)
+            return Centre(theta=theta, height=centre.height - ctx.dot(point.grad, point.grad) * eta)
+        theta = centre.theta.addcmul_(eta, point.grad, value=-1)
+        return Centre(theta=theta, height=centre.height - ctx.dot(eta * point.grad, point.grad))
 
     def step(self, ctx):
-        start = ctx.evaluate(extra=False)
+        start = ctx.evaluate(extra=False, theta_out=ctx.scratch("rbo.theta"), grad_out=ctx.start_grad_out())
         eta = ctx.per_coordinate("lr")
-        centre = self._carried_centre(ctx) or ctx.manifold.centre(start, ctx)
-        result = ctx.project(self.propose(centre, start, eta, ctx), start, centre=centre)
-        finite = torch.isfinite(start.loss) & torch.isfinite(result.point.loss)
-        taken = ctx.apply(torch.sub(start.theta, result.point.theta).div_(eta), theta=start.theta, finite=finite)
+        carried = self._carried_centre(ctx)
+        centre = carried or ctx.manifold.centre(start, ctx)
+        # c̃ is formed over c_t unless something reads c_t after the move (or c_t shares θ_t's or g's storage).
+        shared = centre.theta.data_ptr() in (start.theta.data_ptr(), start.grad.data_ptr())
+        keep = carried is not None or shared or ctx.projector.uses_centre or ctx.recording
+        moving = Centre(theta=ctx.scratch("rbo.target").copy_(centre.theta), height=centre.height) if keep else centre
+        target = self.propose(moving, start, eta, ctx)
+        result = ctx.project(target, start, centre=centre if keep else None)
+        finite = ctx.finite(start.loss, result.point.loss)
         carried = result.centre
+        if carried is not None:
+            direction = torch.sub(start.theta, result.point.theta).div_(eta)
+        else:  # ĝ = (θ_t − θ_{t+1})/η over c̃, no longer needed
+            direction = torch.sub(start.theta, result.point.theta, out=target.theta).div_(eta)
+        taken = ctx.apply(direction, theta=start.theta, finite=finite)
         if carried is not None:
             landed = ctx.flat.gather()
             carried = Centre(theta=carried.theta + (landed - result.point.theta), height=carried.height)
@@ -127,6 +139,7 @@ class FootpointGradientDescent(Projector):
     name = "footpoint"
     manifolds = ("offset",)
     shardable = True
+    uses_centre = False
     presets = {"paper": {"max_iters": 20, "step_size": 0.1}}
     hyperparameters = {
         "max_iters": Hyperparameter(20, "K", "inner gradient-descent iterations", positive_int),
@@ -137,15 +150,15 @@ class FootpointGradientDescent(Projector):
     def project(self, target, start, ctx):
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
         stop_early = tol is not None and ctx.host_reads
-        # Iterates alternate between two preallocated (θ, g) rows; ∇φ is formed in the θ row of the next
-        # iterate, then turned into it: no new R^d tensor per pass beyond ∇φ's s·g. The operations keep
-        # Algorithm 1's rounding (no fused multiply-adds).
-        rows = start.theta.new_empty((4, start.theta.numel()))
+        # Iterates alternate between two (θ, g) rows kept from step to step; ∇φ is formed in the θ row of
+        # the next iterate, then turned into it (s·g in its g row on the offset manifold): no new R^d tensor.
+        rows = ctx.scratch("footpoint.rows", rows=4)
         slots = (rows[0:2], rows[2:4])
         point, iteration = start, 0
         while True:
             theta_out, grad_out = slots[iteration % 2]
-            grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out)
+            work = {"work": grad_out} if isinstance(ctx.manifold, OffsetManifold) else {}
+            grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out, **work)
             residual = ctx.norm(grad_phi)
             if iteration == max_iters or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)

@@ -59,7 +59,7 @@ class SAMRule(DescentRule):
         adaptive = ctx.hp("adaptive")
         perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive, ctx)
         perturbed = torch.as_tensor(ctx.loss())
-        ctx.apply(theta=saved, finite=torch.isfinite(loss + perturbed))  # g_ε is in p.grad
+        ctx.apply(theta=saved, finite=ctx.finite(loss, perturbed))  # g_ε is in p.grad
         return loss
 
 
