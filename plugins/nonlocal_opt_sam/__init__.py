@@ -6,6 +6,8 @@ entry-point group.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter, hookimpl
@@ -14,28 +16,48 @@ from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 Tensors = list[torch.Tensor]
 
 
-def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scratch: Tensors, rho: float, adaptive: bool, ctx) -> None:
-    """``w ← w + ε``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one global
-    norm over all tensors (``ctx.norm``). ``saved`` holds ``w``; ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
+def perturb_(target: Tensors, grads: Tensors, w: Tensors, scratch: Tensors, rho: float, adaptive: bool, ctx) -> None:
+    """``target ← target + ε``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one
+    global norm over all tensors (``ctx.norm``). ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
     if adaptive:
-        torch._foreach_copy_(scratch, saved)
+        torch._foreach_copy_(scratch, w)
         torch._foreach_mul_(scratch, grads)  # w g: ‖w g‖ = ‖T g‖
         norm = ctx.norm(scratch)
-        torch._foreach_mul_(scratch, saved)  # w² g = T² g
+        torch._foreach_mul_(scratch, w)  # w² g = T² g
         direction = scratch
     else:
         norm = ctx.norm(grads)
         direction = grads
     torch._foreach_mul_(direction, rho / (norm + 1e-12))  # a 0-d tensor factor: no host read
-    torch._foreach_add_(params, direction)
+    torch._foreach_add_(target, direction)
+
+
+def owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is all of its storage: no other tensor can see a change of what it points to."""
+    return tensor.storage_offset() == 0 and tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+@contextlib.contextmanager
+def pointing_at(params: Tensors, values: Tensors):
+    """Point every parameter at the matching tensor of ``values`` (``p.data = v``), and back on exit, also on an error."""
+    kept = [p.data for p in params]
+    for p, v in zip(params, values):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, v in zip(params, kept):
+            p.data = v
 
 
 class SAMRule(DescentRule):
     """SAM (docs/math.md §7): ``g_ε = ∇f(w + ε)`` on the same batch; the base steps from ``w`` with ``g_ε``.
 
     Two passes per step: the first (at ``w``) alone updates BatchNorm running statistics by default.
-    ``rho = 0`` is the base optimizer exactly. Per-tensor work: one copy of ``w`` (two for ASAM), kept
-    between steps.
+    ``rho = 0`` is the base optimizer exactly. ``w + ε`` is formed in a buffer kept between steps (two
+    for ASAM), which the parameters point at for the second pass; ``w`` itself is never written, so the
+    base steps from it exactly. Parameters that share their storage with other tensors (views of a flat
+    buffer, FSDP2 shards) are not re-pointed: ``w`` is copied aside and written back instead.
     """
 
     name = "sam"
@@ -51,15 +73,23 @@ class SAMRule(DescentRule):
         loss = torch.as_tensor(ctx.loss(extra=False)).detach()
         present = [g is not None for g in ctx.grads()]
         params = [p for p, has in zip(ctx.params, present) if has]
-        saved = ctx.buffers("w")
-        torch._foreach_copy_(saved, ctx.params)
-        ctx.keep_start(saved)
-        kept = [w for w, has in zip(saved, present) if has]
+        buffers = ctx.buffers("w")
+        kept = [b for b, has in zip(buffers, present) if has]
         grads = [g for g in ctx.grads() if g is not None]
         adaptive = ctx.hp("adaptive")
-        perturb_(params, grads, kept, ctx.buffers("scratch") if adaptive else [], ctx.hp("rho"), adaptive, ctx)
-        perturbed = torch.as_tensor(ctx.loss())
-        ctx.apply(theta=saved, finite=ctx.finite(loss, perturbed))  # g_ε is in p.grad
+        scratch = ctx.buffers("scratch") if adaptive else []
+        if ctx.flat.group is None and all(owns_storage(p) for p in params):
+            torch._foreach_copy_(kept, params)
+            perturb_(kept, grads, params, scratch, ctx.hp("rho"), adaptive, ctx)  # w + ε beside w
+            with pointing_at([p for p, has in zip(ctx.flat.params, present) if has], kept):
+                perturbed = torch.as_tensor(ctx.loss())
+            ctx.apply(finite=ctx.finite(loss, perturbed))  # from w, with g_ε in p.grad
+        else:
+            torch._foreach_copy_(buffers, ctx.params)
+            ctx.keep_start(buffers)
+            perturb_(params, grads, kept, scratch, ctx.hp("rho"), adaptive, ctx)
+            perturbed = torch.as_tensor(ctx.loss())
+            ctx.apply(theta=buffers, finite=ctx.finite(loss, perturbed))
         return loss
 
 
