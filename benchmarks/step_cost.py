@@ -127,6 +127,7 @@ def contenders(base_name: str) -> dict[str, tuple[Callable[..., Any], int]]:
     table["rbo gauss-newton K=10"] = (ours("rbo", projector="gauss-newton", max_iters=10, **rbo), 11)
     table["rbo footpoint K=20"] = (ours("rbo", projector="footpoint", max_iters=20, step_size=0.1, rho=1.0), 21)
     table["entropy-sgd L=10"] = (ours("entropy-sgd", inner_steps=10), 10)
+    table["entropy-sgd L=10, no noise"] = (ours("entropy-sgd", inner_steps=10, noise=0.0), 10)
     return table
 
 

@@ -102,7 +102,7 @@ class FlatParams:
         self._flat_tensors: list[torch.Tensor] | None = None  # made by the first write (see _pieces)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [v.view_as(p) for v, p in zip(flat.split(self.numels), self.tensors)]
+        return [v.view_as(p) for v, p in zip(flat.split_with_sizes(self.numels), self.tensors)]
 
     def _pieces(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | tuple[torch.Tensor, ...]]:
         """(parameters, the matching pieces of ``flat``), shaped alike. When every parameter is contiguous its
@@ -111,7 +111,7 @@ class FlatParams:
             contiguous = all(p.is_contiguous() for p in self.tensors)
             self._flat_tensors = [p.view(-1) for p in self.tensors] if contiguous else []
         if self._flat_tensors:
-            return self._flat_tensors, flat.split(self.numels)
+            return self._flat_tensors, flat.split_with_sizes(self.numels)
         return self.tensors, self._views(flat)
 
     def grads(self) -> list[torch.Tensor | None]:

@@ -159,8 +159,9 @@ class FootpointGradientDescent(Projector):
             theta_out, grad_out = slots[iteration % 2]
             work = {"work": grad_out} if isinstance(ctx.manifold, OffsetManifold) else {}
             grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out, **work)
-            residual = ctx.norm(grad_phi)
-            if iteration == max_iters or (stop_early and bool(residual <= tol)):
+            last = iteration == max_iters
+            residual = ctx.norm(grad_phi) if last or stop_early else None  # ‖∇φ‖ only where it is read
+            if last or (stop_early and bool(residual <= tol)):
                 return ProjectionResult(point=point, centre=None, iterations=iteration, residual=residual)
             torch.sub(point.theta, grad_phi.mul_(gamma), out=theta_out)  # θ − γ ∇φ
             point = ctx.evaluate(theta_out, grad_out=grad_out)
