@@ -3,7 +3,8 @@ and extra peak memory in parameter-sized vectors, for our rules and peer SAM imp
 
 Every optimizer trains its own copy of one MLP on one fixed random batch; rounds are interleaved (each
 round times ``--steps`` steps of every optimizer in turn) and the median over ``--rounds`` rounds is
-reported, so drifts of a shared machine hit all optimizers alike. Ratios come from one run.
+reported, so drifts of a shared machine hit all optimizers alike. Ratios come from one run. Minor page
+faults per step (a fresh allocation the kernel must map and zero) are counted over the timed steps.
 
     python benchmarks/step_cost.py                         # 0.27M MLP at batch 128, 5.8M MLP at 8 and 32
     python benchmarks/step_cost.py --base adamw            # the same over AdamW
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -154,12 +156,15 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
         opt.step(closure)  # warm-up: creates the state
         runs[label] = (model, opt, closure, passes)
     times: dict[str, list[float]] = {label: [] for label in runs}
+    faults = dict.fromkeys(runs, 0)
     for _ in range(rounds):
         for label, (_, opt, closure, _) in runs.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step(closure)
             times[label].append((time.perf_counter() - start) / steps)
+            faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     peaks = {label: peak_bytes(model, opt, closure) for label, (model, opt, closure, _) in runs.items()}
     unit = statistics.median(times[base_name])
     rows = []
@@ -169,6 +174,7 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
             "model": model_name, "batch": batch, "base": base_name, "optimizer": label, "passes": passes,
             "step_ms": 1e3 * step, "ratio": step / unit, "ratio_per_pass": step / unit / passes,
             "extra_peak_vectors": (peaks[label] - peaks[base_name]) / (4 * d),
+            "page_faults_per_step": faults[label] / (rounds * steps),
         })
     return rows
 
@@ -229,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
 def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int) -> str:
     """The table of :func:`measure` as markdown."""
     rows = measure(model_name, batch, base_name, rounds, steps)
-    header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "extra peak (vectors)"]
+    header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "extra peak (vectors)", "page faults/step"]
     return markdown_table(header, [[r["optimizer"], r["passes"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
-                                    f"{r['ratio_per_pass']:.2f}", f"{r['extra_peak_vectors']:.1f}"] for r in rows])
+                                    f"{r['ratio_per_pass']:.2f}", f"{r['extra_peak_vectors']:.1f}",
+                                    f"{r['page_faults_per_step']:.0f}"] for r in rows])
 
 
 if __name__ == "__main__":
