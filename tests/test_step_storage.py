@@ -49,6 +49,8 @@ COMPOSITIONS = {
     "sam": dict(rule="sam", lr=0.1, rho=0.05),
     "entropy-sgd": dict(rule="entropy-sgd", lr=0.1, inner_steps=4),
     "rbo gauss-newton": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=6, rtol=None),
+    "rbo gauss-newton, device path": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=6, rtol=None,
+                                          device_path=True),
     "rbo footpoint": dict(rule="rbo", projector="footpoint", lr=0.5, rho=1.0, max_iters=6),
 }
 

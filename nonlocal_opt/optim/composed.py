@@ -302,11 +302,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 for key in set(state[p]) - keys[p]:
                     del state[p][key]
         for t, old in zip(tensors, saved_params):
-            t.copy_(torch.where(finite, t, old))
+            torch.where(finite, t, old, out=t)
         for p, kept in saved_state.items():
             for key, old in kept.items():
                 now = local(state[p][key])
-                now.copy_(torch.where(finite, now, old))
+                torch.where(finite, now, old, out=now)
         stats["nonfinite"] = ~finite
         return finite
 

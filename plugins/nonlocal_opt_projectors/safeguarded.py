@@ -55,25 +55,20 @@ class Iterate:
 
     __slots__ = ("g", "gap", "gg", "grad_phi", "gv", "loss", "rows", "target", "vv")
 
-    def __init__(self, target, loss, g, gap, grad_phi, vv, gv, gg, rows=None):
+    def __init__(self, target, loss, g, gap, grad_phi, vv, gv, gg, rows):
         self.target, self.loss, self.g, self.gap, self.grad_phi, self.vv, self.gv, self.gg = target, loss, g, gap, grad_phi, vv, gv, gg
-        self.rows = rows  # the TrialRows its vectors live in, if any
+        self.rows = rows  # the TrialRows its vectors live in
 
     @classmethod
-    def measure(cls, point: GraphPoint, a: torch.Tensor, target: Centre, ctx, on_host: bool, rows: TrialRows | None = None) -> Iterate:
-        """The iterate at ``point`` (its ``θ`` is not read), ``a = θ − θ̃`` already formed: the manifold's ``∇φ``
-        written over ``a`` (one sweep), the dots ``‖∇φ‖², gᵀ∇φ, gᵀg`` (one 2×2 Gram product when ``g`` and
-        ``∇φ`` are the rows of ``rows``, which reads each once), one host read on the CPU."""
-        g = point.grad
+    def measure(cls, point: GraphPoint, target: Centre, ctx, on_host: bool, rows: TrialRows) -> Iterate:
+        """The iterate at ``point`` (its ``θ`` is not read), with ``g`` in ``rows.grad`` and ``a = θ − θ̃`` already
+        formed in ``rows.grad_phi``: the manifold's ``∇φ`` written over ``a`` (one sweep), the dots ``‖∇φ‖²,
+        gᵀ∇φ, gᵀg`` as one 2×2 Gram product of the rows (one read of each), one host read on the CPU."""
         gap = point.loss - target.height
-        grad_phi = ctx.manifold.phi_grad(point, target, out=a, offset=a)
-        if rows is not None:
-            dots = (rows.pair @ rows.pair.T).reshape(-1)  # [‖∇φ‖², ∇φᵀg, gᵀ∇φ, gᵀg]
-        else:
-            gv = g.dot(grad_phi)
-            dots = torch.stack([grad_phi.dot(grad_phi), gv, gv, g.dot(g)])
+        grad_phi = ctx.manifold.phi_grad(point, target, out=rows.grad_phi, offset=rows.grad_phi)
+        dots = (rows.pair @ rows.pair.T).reshape(-1)  # [‖∇φ‖², ∇φᵀg, gᵀ∇φ, gᵀg]
         vv, gv, _, gg, gap = read(torch.cat([ctx.sum(dots), gap.reshape(1)]), on_host)
-        return cls(target, point.loss, g, gap, grad_phi, vv, gv, gg, rows)
+        return cls(target, point.loss, point.grad, gap, grad_phi, vv, gv, gg, rows)
 
     def offset_into(self, out: torch.Tensor) -> torch.Tensor:
         """``a = θ − θ̃ = ∇φ − s g``, written into ``out`` (which may be ``∇φ``'s own row: the iterate is then spent)."""
@@ -103,9 +98,13 @@ class Iterate:
         return sqrt(self.vv)
 
     def select(self, flag: torch.Tensor, other: Iterate) -> Iterate:
-        """``self`` where the 0-d tensor ``flag`` is true, else ``other``, by ``torch.where`` (device path)."""
-        fields = ("loss", "g", "gap", "grad_phi", "vv", "gv", "gg")
-        return Iterate(self.target, *choose(flag, [getattr(self, f) for f in fields], [getattr(other, f) for f in fields], on_host=False))
+        """``self`` where the 0-d tensor ``flag`` is true, else ``other``, by ``torch.where`` (device path); the
+        vectors are chosen in place in ``other``'s rows (no new ``R^d`` tensor)."""
+        scalars = ("loss", "gap", "vv", "gv", "gg")
+        chosen = dict(zip(scalars, choose(flag, [getattr(self, f) for f in scalars], [getattr(other, f) for f in scalars], on_host=False)))
+        g = torch.where(flag, self.g, other.g, out=other.g)
+        grad_phi = torch.where(flag, self.grad_phi, other.grad_phi, out=other.grad_phi)
+        return Iterate(self.target, chosen["loss"], g, chosen["gap"], grad_phi, chosen["vv"], chosen["gv"], chosen["gg"], other.rows)
 
 
 class TrialRows:
@@ -119,19 +118,18 @@ class TrialRows:
 
 
 class RowPool:
-    """At most two :class:`TrialRows` are in use (the current point's and the trial's); a rejected
-    trial's rows, or the rows an accepted trial replaces, come back for the next trial. Rows beyond
-    ``free`` (the device path's selected iterates hold none) are allocated."""
+    """The rows of two iterates, the current point's and the trial's: a rejected trial's rows, or the
+    rows an accepted trial replaces (on the device path the selected iterate keeps the current rows),
+    come back for the next trial."""
 
     def __init__(self, free: list[TrialRows]):
-        self.free, self.like = free, free[0].pair
+        self.free = free
 
     def take(self) -> TrialRows:
-        return self.free.pop() if self.free else TrialRows(self.like.new_empty(self.like.shape))
+        return self.free.pop()
 
     def give(self, iterate: Iterate) -> None:
-        if iterate.rows is not None:
-            self.free.append(iterate.rows)
+        self.free.append(iterate.rows)
 
 
 def acceptable(trial: Iterate, current: Iterate) -> bool | torch.Tensor:
@@ -216,7 +214,8 @@ class SafeguardedFootpointProjector(Projector):
         if start.grad.data_ptr() != first.grad.data_ptr():
             first.grad.copy_(start.grad)
         origin = GraphPoint(theta=start.theta, loss=start.loss, grad=first.grad)
-        current = Iterate.measure(origin, torch.sub(start.theta, target.theta, out=first.grad_phi), target, ctx, on_host, first)
+        torch.sub(start.theta, target.theta, out=first.grad_phi)
+        current = Iterate.measure(origin, target, ctx, on_host, first)
         threshold = tolerance(ctx.hp, current.offset_sq) if on_host else None  # ‖θ_t − θ̃‖² from the dots
         damping, factor = (0.0, 2.0) if on_host else (torch.zeros_like(start.loss), torch.full_like(start.loss, 2.0))
         pool = RowPool([second])
@@ -227,7 +226,7 @@ class SafeguardedFootpointProjector(Projector):
             rows = pool.take()
             predicted = self.trial_offset(current, damping, memory, ctx, out=rows.grad_phi)
             point = ctx.evaluate(target.theta, offset=rows.grad_phi, grad_out=rows.grad)
-            trial = Iterate.measure(point, rows.grad_phi, target, ctx, on_host, rows)
+            trial = Iterate.measure(point, target, ctx, on_host, rows)
             if memory is not None:
                 self.observe(memory, current, trial, ctx)
             accept = acceptable(trial, current)
