@@ -199,18 +199,27 @@ def test_convenience_constructors_are_composed_optimizer_classes():
         nonlocal_opt.Nope  # noqa: B018
 
 
+RULES_ON_BOTH_PATHS = {
+    "sam": dict(rule="sam"),
+    "rbo": dict(rule="rbo", projector="gauss-newton", max_iters=3, rtol=None),
+    "entropy-sgd": dict(rule="entropy-sgd", inner_steps=3, noise=0.0),
+}
+
+
+@pytest.mark.parametrize("rule", RULES_ON_BOTH_PATHS)
 @pytest.mark.parametrize(
     ("base", "settings", "strict"),
     [("sgd", dict(lr=0.1), True), ("sgd", dict(lr=0.1, momentum=0.9), True), ("adam", dict(lr=1e-2), False)],
 )
-def test_device_path_skips_nonfinite_steps_like_the_host_path(base, settings, strict):
-    """Off the CPU the skip is a ``torch.where`` restore of parameters and base state: runs on both
-    paths, refusals included, agree exactly. Past the step that creates the base state our code reads
-    nothing on the host (``strict``; torch's Adam itself reads its CPU step counter)."""
+def test_device_path_skips_nonfinite_steps_like_the_host_path(base, settings, strict, rule):
+    """Off the CPU the skip is a ``torch.where`` restore of parameters and base state (from copies kept in
+    the rule's spare vectors): runs on both paths, refusals included, agree exactly. Past the step that
+    creates the base state our code reads nothing on the host (``strict``; torch's Adam itself reads its
+    CPU step counter)."""
     finals = []
     for device_path in (False, True):
         model, loss_of = _problem()
-        opt = nonlocal_opt.compose(model.parameters(), "sam", base=base, device_path=device_path, **settings)
+        opt = nonlocal_opt.compose(model.parameters(), base=base, device_path=device_path, **RULES_ON_BOTH_PATHS[rule], **settings)
         bad = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model) * torch.nan)
         good = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model))
         opt.step(bad)  # a refused first step: base state created and dropped again

@@ -82,6 +82,33 @@ def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_read
     return here if flat.group is None else flat.sum((~here).to(flat.dtype)) == 0
 
 
+def saved_copies(tensors: list[torch.Tensor], params: list[torch.Tensor], state: Mapping[Any, dict], spare: list[list[torch.Tensor]]
+                 ) -> tuple[list[torch.Tensor], dict[Any, dict[str, torch.Tensor]]]:
+    """Copies of ``tensors`` and of every tensor in the base ``state`` of ``params``, for the device path's
+    restore. Each of the ``spare`` lists (one tensor per parameter, shaped like ``tensors``) holds the
+    copy of the parameters, or of one state entry that every parameter has in their shape (momentum,
+    Adam's moments); the rest are cloned."""
+    spare = list(spare)
+    if spare:
+        saved_params = spare.pop(0)
+        torch._foreach_copy_(saved_params, tensors)
+    else:
+        saved_params = [t.clone() for t in tensors]
+    saved_state: dict[Any, dict[str, torch.Tensor]] = {p: {} for p in params if p in state}
+    entries = {k for p in saved_state for k, v in state[p].items() if isinstance(v, torch.Tensor)}
+    for key in sorted(entries):
+        now = [local(state[p][key]) if p in saved_state and isinstance(state[p].get(key), torch.Tensor) else None for p in params]
+        if spare and all(v is not None and v.shape == t.shape and v.dtype == t.dtype for v, t in zip(now, tensors)):
+            kept = spare.pop(0)
+            torch._foreach_copy_(kept, now)
+        else:
+            kept = [None if v is None else v.clone() for v in now]
+        for p, v in zip(params, kept):
+            if v is not None:
+                saved_state[p][key] = v
+    return saved_params, saved_state
+
+
 def base_label(base: BaseFactory) -> str:
     return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}".lstrip(".")
 
@@ -261,16 +288,19 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.last_projection = ctx.projection
         return loss
 
-    def _base_step(self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool) -> torch.Tensor:
+    def _base_step(
+        self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool, spare: list[list[torch.Tensor]] = ()
+    ) -> torch.Tensor:
         """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
         returns the 0-d bool tensor "step taken".
 
         On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the
         device path (no host synchronisation) the step runs and ``torch.where`` puts back the
-        parameters and base state; only a step that creates base state (a first step) reads the
+        parameters and base state, from copies made in ``spare`` (per-parameter tensors the step no
+        longer needs) as far as it goes; only a step that creates base state (a first step) reads the
         verdict, to drop that state again. Norms and verdicts cover every shard (``flat.sum``).
         """
-        stepped = [(p, t, g) for p, t, g in zip(flat.params, flat.tensors, flat.grads()) if g is not None]
+        stepped = [(i, p, t, g) for i, (p, t, g) in enumerate(zip(flat.params, flat.tensors, flat.grads())) if g is not None]
         if not stepped:
             stats["nonfinite"] = 0.0
             return TRUE
@@ -278,7 +308,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if len(max_norms) != 1:
             raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
         max_norm = max_norms.pop()
-        params, tensors, grads = (list(column) for column in zip(*stepped))
+        indices, params, tensors, grads = (list(column) for column in zip(*stepped))
         norm = None
         if host_reads or max_norm is not None:
             norm = global_norm(grads) if flat.group is None else sharded_norm(grads, flat)
@@ -293,8 +323,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         finite = all_finite(grads, norm, host_reads, flat) & finite
         state = self.base.state
         keys = {p: set(state[p]) if p in state else set() for p in params}
-        saved_params = [t.clone() for t in tensors]
-        saved_state = {p: {k: local(v).clone() for k, v in state[p].items() if isinstance(v, torch.Tensor)} for p in params if p in state}
+        saved_params, saved_state = saved_copies(tensors, params, state, [[s[i] for i in indices] for s in spare])
         self.base.step()
         created = [p for p in params if p in state and set(state[p]) - keys[p]]
         if created and not bool(finite):

@@ -101,7 +101,8 @@ class FlatParams:
         self.numel = sum(self.numels)
         self._flat_tensors: list[torch.Tensor] | None = None  # made by the first write (see _pieces)
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The pieces of the flat vector ``flat``, shaped like the parameters (views: writes go through)."""
         return [v.view_as(p) for v, p in zip(flat.split_with_sizes(self.numels), self.tensors)]
 
     def _pieces(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | tuple[torch.Tensor, ...]]:
@@ -112,7 +113,7 @@ class FlatParams:
             self._flat_tensors = [p.view(-1) for p in self.tensors] if contiguous else []
         if self._flat_tensors:
             return self._flat_tensors, flat.split_with_sizes(self.numels)
-        return self.tensors, self._views(flat)
+        return self.tensors, self.views(flat)
 
     def grads(self) -> list[torch.Tensor | None]:
         """This process's part of each ``p.grad`` (``None`` where a parameter has no gradient)."""
@@ -156,7 +157,7 @@ class FlatParams:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-        torch._foreach_copy_(self.grads(), self._views(flat))
+        torch._foreach_copy_(self.grads(), self.views(flat))
 
     def per_coordinate(self, values: Sequence[float]) -> float | torch.Tensor:
         """Spread one value per parameter group over the coordinates of that group.

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -319,6 +319,7 @@ class StepContext:
         *,
         theta: torch.Tensor | list[torch.Tensor] | None = None,
         finite: torch.Tensor | bool = True,
+        spare: Sequence[torch.Tensor | list[torch.Tensor]] = (),
     ) -> torch.Tensor:
         """Let the base optimizer step from ``θ`` with ``direction`` as the gradient.
 
@@ -328,11 +329,16 @@ class StepContext:
         parameters and base state unchanged, ``stats['nonfinite'] = 1`` — unless ``finite`` (the
         rule's verdict on its passes) holds and every gradient is finite. Returns "step taken" as a
         0-d bool tensor.
+
+        ``spare``: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
+        tensor per parameter; distinct storage), which the device path's skip may fill with its copies of
+        the parameters and base state instead of allocating them.
         """
         if theta is not None:
             self.flat.write(theta)
         if direction is not None:
             self.flat.write_grad(direction)
         self._applied = True
-        return self._optimizer._base_step(self.flat, finite, self.stats, self.host_reads)
+        storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
+        return self._optimizer._base_step(self.flat, finite, self.stats, self.host_reads, storage)
 

@@ -92,7 +92,7 @@ class EntropySGDRule(DescentRule):
         outer = torch.sub(x, mu, out=mu)  # x − μ, over μ (no longer needed)
         if ctx.hp("scale_outer_by_gamma"):
             outer.mul_(gamma)
-        accepted = ctx.apply(outer, theta=x, finite=finite)
+        accepted = ctx.apply(outer, theta=x, finite=finite, spare=[x_inner, grad, mu, x])
         ctx.state["step"] = t + accepted.to(t.dtype)
         if rng is not None:
             # A refused step gives its noise back on the host path; on the device path it keeps it drawn:

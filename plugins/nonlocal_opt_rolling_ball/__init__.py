@@ -99,11 +99,13 @@ class RollingBallRule(DescentRule):
         result = ctx.project(target, start, centre=centre if keep else None)
         finite = ctx.finite(start.loss, result.point.loss)
         carried = result.centre
+        spare = []
         if carried is not None:
             direction = torch.sub(start.theta, result.point.theta).div_(eta)
-        else:  # ĝ = (θ_t − θ_{t+1})/η over c̃, no longer needed
+        else:  # ĝ = (θ_t − θ_{t+1})/η over c̃, no longer needed; once written, θ_t, ĝ and p_{t+1} are spare
             direction = torch.sub(start.theta, result.point.theta, out=target.theta).div_(eta)
-        taken = ctx.apply(direction, theta=start.theta, finite=finite)
+            spare = distinct([start.theta, target.theta, result.point.theta, result.point.grad])
+        taken = ctx.apply(direction, theta=start.theta, finite=finite, spare=spare)
         if carried is not None:
             landed = ctx.flat.gather()
             carried = Centre(theta=carried.theta + (landed - result.point.theta), height=carried.height)
@@ -166,6 +168,15 @@ class FootpointGradientDescent(Projector):
             torch.sub(point.theta, grad_phi.mul_(gamma), out=theta_out)  # θ − γ ∇φ
             point = ctx.evaluate(theta_out, grad_out=grad_out)
             iteration += 1
+
+
+def distinct(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``vectors`` without those that share memory with an earlier one (``p_{t+1}`` may be ``p_t`` itself)."""
+    kept: list[torch.Tensor] = []
+    for v in vectors:
+        if v is not None and not any(v.data_ptr() == k.data_ptr() for k in kept):
+            kept.append(v)
+    return kept
 
 
 @hookimpl

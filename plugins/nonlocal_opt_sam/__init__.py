@@ -78,18 +78,25 @@ class SAMRule(DescentRule):
         grads = [g for g in ctx.grads() if g is not None]
         adaptive = ctx.hp("adaptive")
         scratch = ctx.buffers("scratch") if adaptive else []
-        if ctx.flat.group is None and all(owns_storage(p) for p in params):
+        repoint = ctx.flat.group is None and all(owns_storage(p) for p in params)
+        if repoint:
             torch._foreach_copy_(kept, params)
             perturb_(kept, grads, params, scratch, ctx.hp("rho"), adaptive, ctx)  # w + ε beside w
-            with pointing_at([p for p, has in zip(ctx.flat.params, present) if has], kept):
-                perturbed = torch.as_tensor(ctx.loss())
-            ctx.apply(finite=ctx.finite(loss, perturbed))  # from w, with g_ε in p.grad
         else:
             torch._foreach_copy_(buffers, ctx.params)
             ctx.keep_start(buffers)
             perturb_(params, grads, kept, scratch, ctx.hp("rho"), adaptive, ctx)
+        # The first pass's gradients are spent: the device path's skip keeps a copy of the base state in
+        # them (when every parameter has one), the host path lets them go before the second pass.
+        spare = [buffers, grads] if not ctx.host_reads and all(present) else [buffers]
+        del grads
+        if repoint:
+            with pointing_at([p for p, has in zip(ctx.flat.params, present) if has], kept):
+                perturbed = torch.as_tensor(ctx.loss())
+            ctx.apply(finite=ctx.finite(loss, perturbed), spare=spare)  # from w, with g_ε in p.grad
+        else:
             perturbed = torch.as_tensor(ctx.loss())
-            ctx.apply(theta=buffers, finite=ctx.finite(loss, perturbed))
+            ctx.apply(theta=buffers, finite=ctx.finite(loss, perturbed), spare=spare)
         return loss
 
 
