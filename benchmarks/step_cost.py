@@ -9,6 +9,7 @@ faults per step (a fresh allocation the kernel must map and zero) are counted ov
     python benchmarks/step_cost.py                         # 0.27M MLP at batch 128, 5.8M MLP at 8 and 32
     python benchmarks/step_cost.py --base adamw            # the same over AdamW
     python benchmarks/step_cost.py --profile sam           # where the time of one composition goes
+    python benchmarks/step_cost.py --quick --device-path   # the device path (what a GPU runs), on the CPU
 
 Peers: pytorch-optimizer's ``SAM`` (``pip install -e ".[bench]"``; left out when missing) and a
 two-pass SAM written here from the formulas with per-tensor ``_foreach`` ops.
@@ -109,12 +110,13 @@ def has_peer() -> bool:
     return True
 
 
-def contenders(base_name: str) -> dict[str, tuple[Callable[..., Any], int]]:
-    """Label → (factory ``params -> optimizer``, forward+backward passes per step)."""
+def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Callable[..., Any], int]]:
+    """Label → (factory ``params -> optimizer``, forward+backward passes per step); ``device_path``: our
+    compositions take the device path (no host reads; what a GPU runs)."""
     base, kwargs = BASES[base_name]
 
     def ours(rule: str, **extra: Any) -> Callable[..., Any]:
-        return lambda params: nonlocal_opt.compose(params, rule, base=base, **kwargs, **extra)
+        return lambda params: nonlocal_opt.compose(params, rule, base=base, device_path=device_path, **kwargs, **extra)
 
     table: dict[str, tuple[Callable[..., Any], int]] = {
         base_name: (lambda params: Plain(params, base, **kwargs), 1),
@@ -143,13 +145,13 @@ def closure_for(opt: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     return closure
 
 
-def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int) -> list[dict[str, Any]]:
+def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int, device_path: bool = False) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     template = mlp(MODELS[model_name])
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
     d = sum(p.numel() for p in template.parameters())
     runs = {}
-    for label, (factory, passes) in contenders(base_name).items():
+    for label, (factory, passes) in contenders(base_name, device_path).items():
         model = copy.deepcopy(template)
         opt = factory(model.parameters())
         closure = closure_for(opt, model, x, y)
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--profile", metavar="OPTIMIZER", default=None, help="print where the time of one optimizer goes instead")
     parser.add_argument("--quick", action="store_true", help="only the 0.27M MLP at batch 128")
+    parser.add_argument("--device-path", action="store_true", help="our compositions take the device path (device_path=True)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         raise UserError("--rounds and --steps must be >= 1")
@@ -223,18 +226,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown optimizer {args.profile!r}; choose from {', '.join(contenders(args.base))}")
         print(profile(args.profile, args.base, "mlp-0.27M", 128, 20))
         return 0
-    print(f"{machine()}; {args.threads} thread(s), {args.rounds} interleaved rounds x {args.steps} steps, base {args.base}")
+    path = "device" if args.device_path else "host"
+    print(f"{machine()}; {args.threads} thread(s), {args.rounds} interleaved rounds x {args.steps} steps, base {args.base}, {path} path")
     if not has_peer():
         print("pytorch-optimizer not installed (pip install -e '.[bench]'): its SAM is left out")
     for model_name, batch in CASES[:1] if args.quick else CASES:
         print(f"\n### {model_name}, batch {batch}, base {args.base}\n")
-        print(report(model_name, batch, args.base, args.rounds, args.steps), flush=True)
+        print(report(model_name, batch, args.base, args.rounds, args.steps, args.device_path), flush=True)
     return 0
 
 
-def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int) -> str:
+def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int, device_path: bool = False) -> str:
     """The table of :func:`measure` as markdown."""
-    rows = measure(model_name, batch, base_name, rounds, steps)
+    rows = measure(model_name, batch, base_name, rounds, steps, device_path)
     header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "extra peak (vectors)", "page faults/step"]
     return markdown_table(header, [[r["optimizer"], r["passes"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
                                     f"{r['ratio_per_pass']:.2f}", f"{r['extra_peak_vectors']:.1f}",
