@@ -122,7 +122,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
     ``momentum``, ``betas``, ...) sit next to the rule's (``rho``, ...), so LR schedulers drive the
     base. Of ``hyperparameters``, those the optimizer, rule, projector and manifold declare stay here;
     the others go to ``base(param_groups, **others)``, which validates them.
-    ``state_dict()`` holds the rule's and the base's state. ``stats`` describes the last step.
+    ``state_dict()`` holds the rule's and the base's state. ``stats`` describes the last step;
+    ``last_projection`` holds copies of its projection (a ``ProjectionRecord``) when the optimizer was
+    made with ``record_projection=True``, else ``None``.
     """
 
     def __init__(
