@@ -11,22 +11,14 @@ from torch.utils._pytree import tree_leaves
 import nonlocal_opt
 from nonlocal_opt import Projector, ProjectionResult
 
+from conftest import make_closure
+
 
 def _problem():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
     x, y = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 4, (4,))  # activations smaller than d
     return model, lambda: torch.nn.functional.cross_entropy(model(x), y)
-
-
-def _closure(opt, loss_of):
-    def closure():
-        opt.zero_grad()
-        loss = loss_of()
-        loss.backward()
-        return loss
-
-    return closure
 
 
 class NewStorages(TorchDispatchMode):
@@ -63,7 +55,7 @@ def test_steps_after_the_first_allocate_no_parameter_sized_vector(name):
     model, loss_of = _problem()
     d = sum(p.numel() for p in model.parameters())
     opt = nonlocal_opt.compose(model.parameters(), **COMPOSITIONS[name])
-    closure = _closure(opt, loss_of)
+    closure = make_closure(opt, loss_of)
     opt.step(closure)
     with NewStorages() as mode:
         for _ in range(3):
@@ -84,13 +76,13 @@ def test_the_check_sees_a_fresh_flat_vector():
 def test_projection_record_is_off_by_default_and_copies_when_on():
     model, loss_of = _problem()
     opt = nonlocal_opt.compose(model.parameters(), "rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=4)
-    opt.step(_closure(opt, loss_of))
+    opt.step(make_closure(opt, loss_of))
     assert opt.last_projection is None
 
     model, loss_of = _problem()
     opt = nonlocal_opt.compose(model.parameters(), "rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=4,
                                record_projection=True)
-    closure = _closure(opt, loss_of)
+    closure = make_closure(opt, loss_of)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     loss = opt.step(closure)
     record = opt.last_projection
@@ -129,5 +121,5 @@ def test_a_projector_that_carries_a_centre_must_say_it_uses_the_centre():
     opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=Careless(), lr=0.5, rho=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="uses_centre = False"):
-        opt.step(_closure(opt, loss_of))
+        opt.step(make_closure(opt, loss_of))
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
