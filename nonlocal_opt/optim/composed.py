@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -291,7 +291,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _base_step(
-        self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool, spare: list[list[torch.Tensor]] = ()
+        self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool, spare: Sequence[list[torch.Tensor]] = ()
     ) -> torch.Tensor:
         """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
         returns the 0-d bool tensor "step taken".

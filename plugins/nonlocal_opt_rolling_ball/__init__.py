@@ -156,10 +156,11 @@ class FootpointGradientDescent(Projector):
         # the next iterate, then turned into it (s·g in its g row on the offset manifold): no new R^d tensor.
         rows = ctx.scratch("footpoint.rows", rows=4)
         slots = (rows[0:2], rows[2:4])
+        own_manifold = isinstance(ctx.manifold, OffsetManifold)  # its phi_grad takes a work vector for s·g
         point, iteration = start, 0
         while True:
             theta_out, grad_out = slots[iteration % 2]
-            work = {"work": grad_out} if isinstance(ctx.manifold, OffsetManifold) else {}
+            work = {"work": grad_out} if own_manifold else {}
             grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out, **work)
             last = iteration == max_iters
             residual = ctx.norm(grad_phi) if last or stop_early else None  # ‖∇φ‖ only where it is read
