@@ -47,12 +47,6 @@ def checkpoints(logdir: Path) -> list[Path]:
     return sorted(found, key=_order, reverse=True)
 
 
-def latest_checkpoint(logdir: Path) -> Path | None:
-    """The newest checkpoint directory under ``logdir`` (not verified), or ``None``."""
-    found = checkpoints(logdir)
-    return found[0] if found else None
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -97,15 +97,19 @@ def check_resume_config(checkpoint: Path, config: dict[str, Any]) -> list[str]:
     return notes
 
 
-def choose_checkpoint(accelerator, logdir: Path, config: TrainConfig) -> tuple[Path, list[str]]:
+def choose_checkpoint(accelerator, logdir: Path, config: TrainConfig) -> tuple[Path | None, list[str]]:
     """The checkpoint ``config.resume`` names, checked against ``config``, and the notes to print
-    (decided on the main process, see :func:`select_checkpoint` and :func:`check_resume_config`).
+    (decided on the main process, see :func:`select_checkpoint` and :func:`check_resume_config`);
+    ``(None, [])`` for a run that does not resume.
 
     Args:
         accelerator: The run's ``Accelerator``.
         logdir: The run's log dir.
-        config: The run's config; ``config.resume`` is not ``None``.
+        config: The run's config.
     """
+    if config.resume is None:
+        return None, []
+
     def choose():
         path, skipped = select_checkpoint(logdir, config.resume)
         return path, skipped + check_resume_config(path, config.flat())

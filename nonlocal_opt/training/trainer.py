@@ -85,11 +85,8 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     logdir = writable_logdir(config.logdir)
     accelerator = build_accelerator(config, logdir)
     with claimed_logdir(accelerator, logdir, config.resume is not None, config.overwrite) as notes:
-        checkpoint = None
-        if config.resume is not None:
-            checkpoint, resume_notes = choose_checkpoint(accelerator, logdir, config)
-            notes = notes + resume_notes
-        print_notes(accelerator, notes)
+        checkpoint, resume_notes = choose_checkpoint(accelerator, logdir, config)
+        print_notes(accelerator, notes + resume_notes)
         set_seed(config.seed)
         task = build_task(config)
         model = batchnorm_across_processes(task.model, accelerator, config)
@@ -141,13 +138,13 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                         display.close()
                         raise stop.interruption(progress, checkpoints.save(progress.step))
                 display.close()
-                values = {**progress.epoch_means(task.classification),
-                          **evaluate(accelerator, accelerator.unwrap_model(model), task, config),
-                          "epoch_time": time.perf_counter() - epoch_start}
+                epoch_values = {**progress.epoch_means(task.classification),
+                                **evaluate(accelerator, accelerator.unwrap_model(model), task, config),
+                                "epoch_time": time.perf_counter() - epoch_start}
                 refused = progress.finish_epoch()
-                logger.log("epoch", values, progress.epoch, progress.step)
-                history.append(values)
-                display.epoch_line(progress, values, refused)
+                logger.log("epoch", epoch_values, progress.epoch, progress.step)
+                history.append(epoch_values)
+                display.epoch_line(progress, epoch_values, refused)
                 checkpoints.save()
                 if stop.requested(accelerator) and progress.epoch < config.epochs:
                     raise stop.interruption(progress, checkpoints.last)
