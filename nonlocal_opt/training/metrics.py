@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nonlocal_opt.optim.composed import unwrap
+from nonlocal_opt import unwrap
 from nonlocal_opt.training.closure import BatchClosure, LossScale
 
 # Per-step and per-epoch scalars; every metrics.csv row has all these columns (empty when absent).

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 
-from nonlocal_opt.optim.composed import unwrap
+from nonlocal_opt import unwrap
 from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
 from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.training.batches import ShuffledBatches
