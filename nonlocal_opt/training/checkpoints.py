@@ -91,7 +91,11 @@ def finish_checkpoint(partial: Path, final: Path, config: dict[str, Any], progre
 
 def remove_unfinished(logdir: Path) -> list[str]:
     """Delete the ``.NAME.partial`` and ``.NAME.old`` directories a save interrupted by a kill left behind;
-    returns a note for each."""
+    returns a note for each.
+
+    Args:
+        logdir: The run's log dir.
+    """
     root = Path(logdir) / "checkpoints"
     notes = []
     for partial in sorted(root.glob(f".*{PARTIAL_SUFFIX}")) + sorted(root.glob(".*.old")) if root.is_dir() else []:

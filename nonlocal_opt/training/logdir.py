@@ -21,7 +21,11 @@ RUN_ARTEFACTS = ("metrics.csv", "checkpoints", "tensorboard")  # what --overwrit
 
 
 def writable_logdir(logdir: str) -> Path:
-    """``logdir`` as a ``Path``, created if missing; ``ConfigError`` naming the fix when it cannot be written."""
+    """``logdir`` as a ``Path``, created if missing; ``ConfigError`` naming the fix when it cannot be written.
+
+    Args:
+        logdir: The directory (``--logdir``, or ``--out`` of ``nonlocal-opt geometry``).
+    """
     path = Path(logdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -35,7 +39,12 @@ def writable_logdir(logdir: str) -> Path:
 
 class LogdirLock:
     """An exclusive ``flock`` on ``LOGDIR/.lock`` holding the owner's pid; released by ``release`` or when the
-    process ends (also on SIGKILL: the kernel drops the lock)."""
+    process ends (also on SIGKILL: the kernel drops the lock). A lock held by another process raises
+    ``ConfigError`` naming its pid.
+
+    Args:
+        logdir: The log dir to lock.
+    """
 
     def __init__(self, logdir: Path):
         import fcntl
@@ -63,7 +72,13 @@ class LogdirLock:
 def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLock, list[str]]:
     """Lock ``logdir`` for this run and make it this run's: a new run into a log dir that already holds
     files is refused unless ``resume`` or ``overwrite`` (which removes the earlier run's metrics.csv,
-    checkpoints and TensorBoard events); partial checkpoints of an interrupted save are removed."""
+    checkpoints and TensorBoard events); partial checkpoints of an interrupted save are removed.
+
+    Args:
+        logdir: The run's log dir.
+        resume: The run continues the one in ``logdir`` (``--resume``).
+        overwrite: The run replaces the one in ``logdir`` (``--overwrite``).
+    """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in --logdir, "
                           "--overwrite replaces it")

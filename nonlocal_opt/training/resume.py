@@ -30,7 +30,12 @@ FLAG = {"optimizer": "--optimizer", "overrides": "--set"}
 def select_checkpoint(logdir: Path, resume: str) -> tuple[Path, list[str]]:
     """The checkpoint ``--resume`` names and the notes to print: ``"latest"`` → the newest *complete*
     checkpoint in ``logdir`` (a newer damaged one is skipped, with a note); otherwise the given checkpoint
-    directory, which must verify. Anything else raises ``ConfigError`` with one line naming the fix."""
+    directory, which must verify. Anything else raises ``ConfigError`` with one line naming the fix.
+
+    Args:
+        logdir: The run's log dir.
+        resume: ``"latest"`` or a checkpoint directory (``--resume [DIR]``).
+    """
     logdir = Path(logdir)
     if resume != "latest":
         path = Path(resume)
@@ -61,6 +66,11 @@ def select_checkpoint(logdir: Path, resume: str) -> tuple[Path, list[str]]:
 
 
 def saved_config(checkpoint: Path) -> dict[str, Any]:
+    """The flat config ``checkpoint`` was written with (``{}`` when absent or unreadable).
+
+    Args:
+        checkpoint: A checkpoint directory.
+    """
     path = Path(checkpoint) / CONFIG_FILE
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -75,7 +85,12 @@ def _flag(key: str) -> str:
 def check_resume_config(checkpoint: Path, config: dict[str, Any]) -> list[str]:
     """Refuse (``ConfigError``) to resume ``checkpoint`` with another rule, base, projector, model, dataset or
     radius schedule than it was written with; return notes for flags the checkpoint overrides
-    (hyperparameters come from its optimizer state) and for changes that make the run another run."""
+    (hyperparameters come from its optimizer state) and for changes that make the run another run.
+
+    Args:
+        checkpoint: The checkpoint to resume.
+        config: This run's flat config (``TrainConfig.flat()``).
+    """
     saved = saved_config(checkpoint)
     for key in MUST_MATCH:
         if key in saved and key in config and saved[key] != config[key]:
