@@ -8,8 +8,8 @@ The pieces ``train`` calls: :mod:`~nonlocal_opt.training.logdir` (the log dir's 
 :mod:`~nonlocal_opt.training.resume`, :mod:`~nonlocal_opt.training.task` (data, model, loss),
 :mod:`~nonlocal_opt.training.batches` (the batch order), :mod:`~nonlocal_opt.training.closure`,
 :mod:`~nonlocal_opt.training.metrics`, :mod:`~nonlocal_opt.training.progress`,
-:mod:`~nonlocal_opt.training.divergence`, :mod:`~nonlocal_opt.training.interruption` (SIGINT/SIGTERM)
-and :mod:`~nonlocal_opt.training.checkpoints`.
+:mod:`~nonlocal_opt.training.divergence`, :mod:`~nonlocal_opt.training.interruption` (SIGINT/SIGTERM),
+:mod:`~nonlocal_opt.training.evaluation` and :mod:`~nonlocal_opt.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def optimizer_step(optimizer, closure: BatchClosure, epoch: int) -> Any:
 
 @attrs.frozen
 class TrainResult:
+    """What :func:`train` returns: the trained model and optimizer, the epochs' metrics and the last checkpoint."""
+
     model: torch.nn.Module  # unwrapped
     optimizer: Any  # the ComposedOptimizer
     epochs: list[dict[str, float]]  # per epoch finished by this call: train/val loss and accuracy, times
