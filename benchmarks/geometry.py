@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import AsymmetricLinearModel, GaussianBumps, SinusoidalMixture
 from nonlocal_opt.analysis.path_geometry import measure_path_geometry, read_csv, summarize
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
+from nonlocal_opt.landscapes import AsymmetricLinearModel, GaussianBumps, SinusoidalMixture
 from nonlocal_opt.optim.radius_schedules import CosineRadius
 
 SECTIONS = ("mlp", "resnet6", "counter", "bumps")

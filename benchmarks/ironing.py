@@ -39,8 +39,8 @@ from _common import (
 from geometry import bump_run, descend
 
 from nonlocal_opt.analysis.figures import pyplot
-from nonlocal_opt.analysis.landscapes import GaussianBumps, Sine, offset_function
 from nonlocal_opt.cli.main import main as nonlocal_opt_cli
+from nonlocal_opt.landscapes import GaussianBumps, Sine, offset_function
 
 SECTIONS = ("riemann", "delta", "bumps")
 RIEMANN_SOLVERS = {"footpoint": ["--set", "step_size=0.05", "--set", "max_iters=20"],

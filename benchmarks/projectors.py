@@ -32,7 +32,7 @@ import time
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.optim.step_context import StepContext
 from nonlocal_opt.training.data import DatasetNotFoundError, load_dataset
 from nonlocal_opt.training.models import build_model

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
 from nonlocal_opt.cli.main import main
 from nonlocal_opt.cli.parsing import parse_value
+from nonlocal_opt.landscapes import LANDSCAPES
 from nonlocal_opt.plugins.registry import registrations
 from nonlocal_opt.training.data import FASHION_MNIST_DIR
 

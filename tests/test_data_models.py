@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nonlocal_opt.analysis.landscapes import Riemann
+from nonlocal_opt.landscapes import Riemann
 from nonlocal_opt.training.data import (
     FASHION_MNIST_DIR,
     DatasetNotFoundError,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
+from nonlocal_opt.landscapes import LANDSCAPES
 from nonlocal_opt.training.metrics import read_metrics
 
 from conftest import make_closure

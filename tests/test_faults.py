@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import nonlocal_opt.training.task as task_module
 import nonlocal_opt.training.trainer as trainer_module
 from nonlocal_opt.cli.main import main
 from nonlocal_opt.training import TrainConfig, train
-from nonlocal_opt.training.checkpoints import LogdirLock
 from nonlocal_opt.training.config import ConfigError, TrainingInterrupted
 from nonlocal_opt.training.data import FASHION_MNIST_DIR, load_dataset
+from nonlocal_opt.training.logdir import LogdirLock
 from nonlocal_opt.training.metrics import TIMING_COLUMNS, MetricsLogger, read_metrics, truncate_metrics
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def cached_data(monkeypatch):
     """Read Fashion-MNIST once per session (the trainer would decode the IDX files on every run)."""
-    monkeypatch.setattr(trainer_module, "load_dataset", _cached_load)
+    monkeypatch.setattr(task_module, "load_dataset", _cached_load)
 
 
 @functools.cache
@@ -135,7 +136,7 @@ def _kill_run(logdir, patch: str) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess whose ``patch`` SIGKILLs it at some point."""
     code = f"""
         import os, signal, sys
-        import nonlocal_opt.training.trainer as t
+        import nonlocal_opt.training.checkpoints as t
         from nonlocal_opt.training.closure import BatchClosure
         {patch}
         from nonlocal_opt.cli.main import main

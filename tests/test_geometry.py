@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
 from nonlocal_opt.analysis.path_geometry import PathTracker, measure_path_geometry, read_csv, seeded_loader
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.main import main
+from nonlocal_opt.landscapes import LANDSCAPES
 from nonlocal_opt.training.metrics import read_metrics
 
 from conftest import make_closure

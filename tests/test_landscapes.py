@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nonlocal_opt.analysis.landscapes import LANDSCAPES, GaussianBumps, Riemann, SinusoidalMixture, offset_function
+from nonlocal_opt.landscapes import LANDSCAPES, GaussianBumps, Riemann, SinusoidalMixture, offset_function
 
 
 def test_riemann_partial_sum_matches_python_math():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.landscapes import Quadratic
 
 from conftest import make_closure
 

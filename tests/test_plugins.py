@@ -13,7 +13,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre, ConstraintManifold, Hyperparameter
-from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.optim.hyperparameters import positive
 from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR, get_plugin_manager
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_projector, check_rule, nearest_point

@@ -15,7 +15,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Hyperparameter, ProjectionResult, Projector
-from nonlocal_opt.analysis.landscapes import LANDSCAPES, Quadratic, Sine
+from nonlocal_opt.landscapes import LANDSCAPES, Quadratic, Sine
 from nonlocal_opt.optim.hyperparameters import positive_int
 from nonlocal_opt.optim.step_context import StepContext
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_device_path, check_projector

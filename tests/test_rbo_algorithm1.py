@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import GaussianBumps, Quadratic, Riemann, Sine
+from nonlocal_opt.landscapes import GaussianBumps, Quadratic, Riemann, Sine
 from nonlocal_opt.optim.step_context import StepContext
 
 from conftest import make_closure

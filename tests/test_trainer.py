@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import nonlocal_opt
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
+from nonlocal_opt.landscapes import LANDSCAPES
 from nonlocal_opt.training import TrainConfig, TrainingDiverged, train
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import ConfigError, optimizer_hyperparameters

@@ -1,1 +1,1 @@
-"""Loss-landscape analysis: analytic landscapes and the offset function, path geometry, figures."""
+"""Loss-landscape analysis: path geometry and figures (the analytic landscapes are ``nonlocal_opt.landscapes``)."""

@@ -23,8 +23,9 @@ import attrs
 from nonlocal_opt.analysis.path_geometry import GeometryRow, measure_path_geometry, plot_path_geometry, summarize, write_csv
 from nonlocal_opt.cli.parsing import add_composition_arguments, add_radius_schedule_arguments, add_run_arguments
 from nonlocal_opt.training.config import ConfigError, TrainConfig
+from nonlocal_opt.training.logdir import writable_logdir
 from nonlocal_opt.training.metrics import read_metrics
-from nonlocal_opt.training.trainer import TrainResult, train, writable_logdir
+from nonlocal_opt.training.trainer import TrainResult, train
 
 LOGGED = ("train/loss", "lr", "rho")  # per-step scalars of the second run copied next to the geometry
 

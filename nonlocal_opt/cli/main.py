@@ -181,7 +181,7 @@ def run_plugins(args) -> int:
 
 def run_landscape(args) -> int:
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
-    from nonlocal_opt.analysis.landscapes import LANDSCAPES, offset_function
+    from nonlocal_opt.landscapes import LANDSCAPES, offset_function
     from nonlocal_opt.optim.interfaces import Centre
     from nonlocal_opt.plugins.compose import compose
 

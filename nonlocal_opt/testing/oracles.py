@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from nonlocal_opt import Centre
-from nonlocal_opt.analysis.landscapes import Landscape
+from nonlocal_opt.landscapes import Landscape
 
 
 @attrs.frozen

@@ -39,7 +39,7 @@ import attrs
 import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector, StepContext
-from nonlocal_opt.analysis.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
+from nonlocal_opt.landscapes import GaussianBumps, Landscape, Quadratic, Riemann, Sine
 from nonlocal_opt.optim.step_context import ProjectionRecord
 from nonlocal_opt.testing.compositions import Composition
 from nonlocal_opt.testing.oracles import NearestPoint, distance, nearest_point, phi, phi_grad_norm, value_and_grad

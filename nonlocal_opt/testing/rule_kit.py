@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from nonlocal_opt import ComposedOptimizer, ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.testing.compositions import Composition
 from nonlocal_opt.testing.reports import Check, Report
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
+from nonlocal_opt.landscapes import LANDSCAPES
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_TORCHVISION_ROOT = Path(os.environ.get("NONLOCAL_OPT_DATA", Path.home() / ".cache" / "nonlocal-opt"))
@@ -177,7 +177,7 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir=Non
 
     Fashion-MNIST is read from the IDX files in ``data_dir`` (default: the Debian package's
     ``/usr/share/datasets/fashion-mnist``); MNIST and CIFAR come from torchvision (``download=True``
-    fetches them); ``"landscape:NAME"`` is an analytic landscape of ``nonlocal_opt.analysis.landscapes``.
+    fetches them); ``"landscape:NAME"`` is an analytic landscape of ``nonlocal_opt.landscapes``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from nonlocal_opt import unwrap
+from nonlocal_opt.training.closure import BatchClosure, LossScale
 
 # Per-step and per-epoch scalars; every metrics.csv row has all these columns (empty when absent).
 STEP_KEYS = ("train/loss", "train/acc", "lr", "rho", "grad_evals", "proj_iters", "proj_residual", "offset_error",
@@ -12,6 +18,55 @@ STEP_KEYS = ("train/loss", "train/acc", "lr", "rho", "grad_evals", "proj_iters",
 EPOCH_KEYS = ("epoch/train_loss", "epoch/train_acc", "val/loss", "val/acc", "epoch_time")
 COLUMNS = ("scope", "epoch", "step", *STEP_KEYS, *EPOCH_KEYS)
 TIMING_COLUMNS = ("step_time", "epoch_time")  # the only columns that differ between identical runs
+
+
+def step_metrics(optimizer, closure: BatchClosure, loss_scale: LossScale, classification: bool, step_time: float):
+    """The per-step scalars: first-pass loss/accuracy, lr, ρ, the optimizer's stats, time.
+
+    Args:
+        optimizer: The composed optimizer, as prepared (its wrapper is looked through with ``unwrap``).
+        closure: The step's closure, after the step.
+        loss_scale: The fp16 loss scale (logged when enabled).
+        classification: Whether to log the accuracy ``train/acc``.
+        step_time: The step's wall time in seconds.
+    """
+    group = optimizer.param_groups[0]
+    stats = unwrap(optimizer).stats
+    values = {"train/loss": float(closure.first_loss), **{k: v for k, v in stats.items() if k != "nonfinite"}}
+    values["nonfinite"] = stats.get("nonfinite", 0.0)
+    if classification:
+        values["train/acc"] = float(closure.first_accuracy)
+    values.update({key: float(group[key]) for key in ("lr", "rho") if key in group})
+    if loss_scale.enabled:
+        values["loss_scale"] = loss_scale.scale
+    values["step_time"] = step_time
+    return values
+
+
+@contextlib.contextmanager
+def tracking(accelerator, config: dict[str, Any], optimizer, resumed_step: int | None) -> Iterator[None]:
+    """The TensorBoard tracker for the run, its hparams the flat ``config`` and the optimizer's first param
+    group (``hp.NAME``); finished on exit (not ``end_training()``: that destroys the process group).
+
+    Args:
+        accelerator: The run's ``Accelerator``.
+        config: The run's flat config.
+        optimizer: The prepared optimizer.
+        resumed_step: The step of the checkpoint the run resumed from (events after it are purged), or ``None``.
+    """
+    hparams = {f"hp.{key}": _scalar(value) for key, value in optimizer.param_groups[0].items() if key != "params"}
+    init_kwargs = {} if resumed_step is None else {"tensorboard": {"purge_step": resumed_step + 1}}
+    accelerator.init_trackers("tensorboard", config={**config, **hparams}, init_kwargs=init_kwargs)
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
+def _scalar(value: Any) -> Any:
+    """TensorBoard hparams take bool/int/float/str only."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 class MetricsLogger:

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from nonlocal_opt.analysis.landscapes import LANDSCAPES
+from nonlocal_opt.landscapes import LANDSCAPES
 
 
 def mlp(input_shape, num_classes: int) -> nn.Sequential:

@@ -15,7 +15,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre
-from nonlocal_opt.analysis.landscapes import Quadratic
+from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.testing import check_device_path, check_projector, nearest_point
 
 pytestmark = pytest.mark.skipif(

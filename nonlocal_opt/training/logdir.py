@@ -1,0 +1,131 @@
+"""The log dir a run writes into: writable, locked for the run, and this run's.
+
+``LOGDIR/.lock`` (``fcntl.flock``, released when the process ends, even on SIGKILL) keeps a second writer out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from nonlocal_opt.training.checkpoints import remove_unfinished
+from nonlocal_opt.training.config import ConfigError
+from nonlocal_opt.training.main_process import on_main
+
+LOCK_FILE = ".lock"
+RUN_ARTEFACTS = ("metrics.csv", "checkpoints", "tensorboard")  # what --overwrite removes
+
+
+def writable_logdir(logdir: str) -> Path:
+    """``logdir`` as a ``Path``, created if missing; ``ConfigError`` naming the fix when it cannot be written.
+
+    Args:
+        logdir: The directory (``--logdir``, or ``--out`` of ``nonlocal-opt geometry``).
+    """
+    path = Path(logdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"  # one per process: several processes probe at once
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write to log dir {logdir!r} ({error.strerror}); pass --logdir DIR you can write to") from None
+    return path
+
+
+class LogdirLock:
+    """An exclusive ``flock`` on ``LOGDIR/.lock`` holding the owner's pid; released by ``release`` or when the
+    process ends (also on SIGKILL: the kernel drops the lock). A lock held by another process raises
+    ``ConfigError`` naming its pid.
+
+    Args:
+        logdir: The log dir to lock.
+    """
+
+    def __init__(self, logdir: Path):
+        import fcntl
+
+        self.path = Path(logdir) / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"log dir {logdir} is in use by another run (pid {holder}); wait for it to finish "
+                                  "or pass another --logdir") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLock, list[str]]:
+    """Lock ``logdir`` for this run and make it this run's: a new run into a log dir that already holds
+    files is refused unless ``resume`` or ``overwrite`` (which removes the earlier run's metrics.csv,
+    checkpoints and TensorBoard events); partial checkpoints of an interrupted save are removed.
+
+    Args:
+        logdir: The run's log dir.
+        resume: The run continues the one in ``logdir`` (``--resume``).
+        overwrite: The run replaces the one in ``logdir`` (``--overwrite``).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in --logdir, "
+                          "--overwrite replaces it")
+    lock = LogdirLock(logdir)
+    try:
+        if overwrite:
+            for name in RUN_ARTEFACTS:
+                target = Path(logdir) / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        held = sorted(p.name for p in Path(logdir).iterdir() if p.name != LOCK_FILE)
+        if held and not resume:
+            shown = ", ".join(held[:3]) + (", …" if len(held) > 3 else "")
+            fix = "pass --resume to continue it, --overwrite to replace it, or another --logdir"
+            if not set(held) & set(RUN_ARTEFACTS):
+                fix = "pass another --logdir (an empty or new directory)"
+            raise ConfigError(f"log dir {logdir} is not empty ({shown}); {fix}")
+        notes = remove_unfinished(logdir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, notes
+
+
+@contextlib.contextmanager
+def claimed_logdir(accelerator, logdir: Path, resume: bool, overwrite: bool) -> Iterator[list[str]]:
+    """Hold ``logdir`` for the run (:func:`claim_logdir` on the main process, which alone keeps the lock);
+    yields the notes to print.
+
+    Args:
+        accelerator: The run's ``Accelerator``.
+        logdir: The run's log dir.
+        resume: The run continues the one in ``logdir`` (``--resume``).
+        overwrite: The run replaces the one in ``logdir`` (``--overwrite``).
+    """
+    held: list[LogdirLock] = []
+
+    def claim() -> list[str]:
+        lock, notes = claim_logdir(logdir, resume, overwrite)
+        held.append(lock)
+        return notes
+
+    notes = on_main(accelerator, claim)
+    try:
+        yield notes
+    finally:
+        for lock in held:
+            lock.release()
