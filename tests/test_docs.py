@@ -189,3 +189,9 @@ ARGS_PACKAGES = ["nonlocal_opt.optim", "nonlocal_opt.plugins", *FIRST_PARTY_PLUG
 def test_every_argument_is_documented(package):
     gaps = [gap for module in public_modules(package) for gap in argument_gaps(module)]
     assert not gaps, f"{len(gaps)} public functions, classes or methods document not all their arguments:\n" + "\n".join(gaps)
+
+
+def test_top_level_names_are_on_the_api_page():
+    page = (ROOT / "docs" / "api" / "nonlocal_opt.md").read_text()
+    missing = [name for name in nonlocal_opt.__all__ if f"`{name}`" not in page]
+    assert not missing, f"nonlocal_opt exports names docs/api/nonlocal_opt.md does not list: {missing}"
