@@ -11,6 +11,7 @@ import re
 import types
 from pathlib import Path
 
+import attrs
 import griffe
 import pytest
 
@@ -164,8 +165,9 @@ def argument_gaps(module: types.ModuleType) -> list[str]:
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
             continue
         if inspect.isclass(obj):
-            if "__init__" in vars(obj):
-                check(name, parameter_names(obj.__init__), obj.__doc__, obj.__init__.__doc__)
+            init = vars(obj).get("__init__")
+            if getattr(init, "__qualname__", None) == f"{obj.__qualname__}.__init__":  # its own, or attrs' (not Protocol's)
+                check(name, parameter_names(init), obj.__doc__, init.__doc__)
             for method_name, member in vars(obj).items():
                 function = member.__func__ if isinstance(member, staticmethod | classmethod) else member
                 if method_name.startswith("_") or not inspect.isfunction(function):
@@ -195,3 +197,24 @@ def test_top_level_names_are_on_the_api_page():
     page = (ROOT / "docs" / "api" / "nonlocal_opt.md").read_text()
     missing = [name for name in nonlocal_opt.__all__ if f"`{name}`" not in page]
     assert not missing, f"nonlocal_opt exports names docs/api/nonlocal_opt.md does not list: {missing}"
+
+
+def test_the_docs_see_the_init_attrs_generates():
+    """docs/extensions/attrs_init.py gives every attrs class the signature Python gives it (the site's parameter
+    tables and the build's check of ``Args:`` names rely on it)."""
+    extension = griffe.load_extensions(f"{ROOT / 'docs' / 'extensions' / 'attrs_init.py'}:AttrsInit")
+    loaded = {
+        package: griffe.load(package, search_paths=[ROOT, ROOT / "plugins"], extensions=extension)
+        for package in ("nonlocal_opt", *FIRST_PARTY_PLUGINS)
+    }
+    classes = [
+        (module.__name__, name, obj)
+        for package in loaded
+        for module in public_modules(package)
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and attrs.has(obj) and obj.__module__ == module.__name__
+    ]
+    assert len(classes) >= 5, classes
+    for module_name, name, cls in classes:
+        static = loaded[module_name.split(".")[0]][f"{module_name.partition('.')[2]}.{name}".lstrip(".")]
+        assert [p.name for p in static.members["__init__"].parameters][1:] == parameter_names(cls), f"{module_name}.{name}"
