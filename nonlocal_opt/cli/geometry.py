@@ -32,7 +32,7 @@ LOGGED = ("train/loss", "lr", "rho")  # per-step scalars of the second run copie
 def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nonlocal-opt geometry``: those of a training run, ``--gradient-pass K`` and ``--out DIR``."""
     add_run_arguments(parser)
-    add_composition_arguments(parser, rule="local")
+    add_composition_arguments(parser)
     parser.add_argument("--gradient-pass", type=int, default=0,
                         help="which closure pass of a step gives G_t (0: the gradient at w_t; 1: e.g. SAM's perturbed gradient)")
     parser.add_argument("--out", required=True, help="output directory")

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, broadcas
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
-from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.training.checkpoints import (
     Progress,
     check_resume_config,
@@ -43,12 +40,13 @@ from nonlocal_opt.training.checkpoints import (
 )
 from nonlocal_opt.training.closure import BatchClosure, LossScale, classification_correct
 from nonlocal_opt.training.config import (
-    RHO_FINAL_FRACTION,
     ConfigError,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
     as_config_error,
+    build_optimizer,
+    build_radius_scheduler,
     optimizer_hyperparameters,
 )
 from nonlocal_opt.training.data import DatasetNotFoundError, LandscapeDataset, load_dataset, with_label_noise
@@ -228,7 +226,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     config = config.resolved()
     config.check()
     with as_config_error():
-        hyperparameters = optimizer_hyperparameters(config)
+        optimizer_hyperparameters(config)  # bad names and hyperparameters fail before the log dir is claimed
     logdir = writable_logdir(config.logdir)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; pass --device cpu (or auto)")
@@ -251,13 +249,13 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
 
     notes = _on_main(accelerator, claim)
     try:
-        return _train(config, step, accelerator, logdir, hyperparameters, notes, started)
+        return _train(config, step, accelerator, logdir, notes, started)
     finally:
         for lock in held:
             lock.release()
 
 
-def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperparameters, notes: list[str], started: float):
+def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, notes: list[str], started: float):
     say = accelerator.print
 
     def warn(message: str) -> None:
@@ -283,7 +281,7 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperpa
                  "process on the same global batches; drop --no-sync-bn to synchronise them")
         else:
             model = sync_batchnorm(model, accelerator.device)
-    optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
+    optimizer = build_optimizer(config, model.parameters())
 
     shuffle, fresh_shuffle = torch.Generator(), torch.Generator()
     loaders = [
@@ -296,15 +294,7 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, hyperpa
     forward = torch.compile(model) if config.compile else None
     progress, loss_scale = Progress(), LossScale(enabled=config.mixed_precision == "fp16")
     steps_per_epoch = min(len(train_loader), config.limit_train_batches or len(train_loader))
-    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]
-    rho0 = group.get("rho")
-    if config.rho_schedule != "none" and config.rho_final is not None and rho0 is not None and config.rho_final > rho0:
-        raise ConfigError(f"--rho-final {config.rho_final:g} is larger than the initial radius {rho0:g}: a radius schedule decays "
-                          f"rho; pass a --rho-final below {rho0:g} (the default is {RHO_FINAL_FRACTION:g} x the initial radius)")
-    rho_final = config.rho_final if config.rho_final is not None else RHO_FINAL_FRACTION * float(rho0 or 0.0)
-    settings = types.SimpleNamespace(rho_schedule=config.rho_schedule, rho_final=rho_final, couple_lr=config.couple_lr)
-    with as_config_error():
-        radius = build_radius_scheduler(settings, optimizer, steps_per_epoch * config.epochs)
+    radius = build_radius_scheduler(config, optimizer, steps_per_epoch * config.epochs)
     accelerator.register_for_checkpointing(progress, loss_scale, *([radius] if radius else []))
     tracker_kwargs = {}
     if resume_from is not None:

@@ -65,10 +65,9 @@ class RollingBallRule(DescentRule):
     alias = "RBO"
     shardable = True
     default_manifold = "offset"
-    default_projector = "footpoint"
-    # The paper's footpoint solver refuses nearly every step at the paper's η = 6 on the trainer's default
-    # MLP; Gauss–Newton trains it (docs/trainer.md, "Defaults").
-    training_projector = "gauss-newton"
+    # The paper's solver is projector="footpoint"; it refuses nearly every step at the paper's η = 6 on an
+    # MLP, where Gauss–Newton trains (docs/projectors.md), so Gauss–Newton is the one default.
+    default_projector = "gauss-newton"
     manifolds = ("offset",)
     presets = {"paper": {"lr": 6.0, "rho": 1.0}}
 
