@@ -20,7 +20,8 @@ def params():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(rule="adam"), r"unknown rule 'adam'; available: .*local.*rbo"),
+        (dict(rule="adamx"), r"unknown rule 'adamx'; available: .*local.*rbo.*; or a base optimizer run as it is: .*adamw"),
+        (dict(rule="adamw", base="sgd"), r"'adamw' names a base optimizer run as it is, and base='sgd' names another"),
         (dict(rule="sam", base="adamz"), r"unknown base 'adamz'; available: .*adamw.*sgd"),
         (dict(rule="sam", base="adamw", momentum=0.9),
          r"unknown hyperparameter 'momentum' for compose\(rule='sam'\) over base torch.optim.adamw.AdamW; known: .*betas.*rho"),

@@ -47,6 +47,8 @@ def rule_and_base(rule: Any, base: Any = None) -> tuple[Any, Any]:
     if not isinstance(rule, str):
         return rule, base
     rules, bases = registrations("rule"), registrations("base")
+    if isinstance(base, str):
+        get("base", base)  # an unknown base is named before anything else
     if rule in rules and rule in bases:
         raise ValueError(f"{rule!r} is registered both as a rule (by {rules[rule].provider}) and as a base optimizer "
                          f"(by {bases[rule].provider}), so the name is ambiguous; block one of the two plugins")

@@ -65,9 +65,9 @@ class RollingBallRule(DescentRule):
     alias = "RBO"
     shardable = True
     default_manifold = "offset"
-    # The paper's solver is projector="footpoint"; it refuses nearly every step at the paper's η = 6 on an
-    # MLP, where Gauss–Newton trains (docs/projectors.md), so Gauss–Newton is the one default.
-    default_projector = "gauss-newton"
+    # The paper's solver, from Python and the CLI alike; at the paper's η = 6 it refuses nearly every step on
+    # an MLP, where projector="gauss-newton" trains (docs/projectors.md).
+    default_projector = "footpoint"
     manifolds = ("offset",)
     presets = {"paper": {"lr": 6.0, "rho": 1.0}}
 
