@@ -107,7 +107,8 @@ def test_a_base_name_as_the_optimizer_trains_that_base(capsys, tmp_path, optimiz
     """``--optimizer adamw`` is the ``runs_bare_base`` rule over ``adamw``: it trains, bit for bit like
     ``--optimizer local --base adamw``."""
     argv = ["train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "3", "--lr", "0.01"]
-    assert run(capsys, *argv, "--optimizer", optimizer, "--logdir", str(tmp_path / "a"))[0] == 0
+    code, out, _ = run(capsys, *argv, "--optimizer", optimizer, "--logdir", str(tmp_path / "a"))
+    assert code == 0 and "finished: 3 steps (0 refused), 3 passes, " in out  # one pass per step
     assert run(capsys, *argv, "--optimizer", "local", "--base", optimizer, "--logdir", str(tmp_path / "b"))[0] == 0
     a, b = ((tmp_path / d / "metrics.csv").read_text() for d in "ab")
     losses = [[row.split(",")[3] for row in text.splitlines()[1:] if row.startswith("step,")] for text in (a, b)]

@@ -42,7 +42,7 @@ class Progress:
     the checkpoint (``register_for_checkpointing``), so a run interrupted mid-epoch resumes exactly."""
 
     FIELDS = ("epoch", "step", "batch", "fresh_drawn", "sums", "refused", "first_loss", "exploded_warned",
-              "refused_warned")
+              "refused_warned", "passes")
 
     def __init__(self):
         self.epoch = 0
@@ -51,6 +51,7 @@ class Progress:
         self.fresh_drawn = 0  # fresh batches drawn in the epoch in progress
         self.sums = [0.0, 0.0, 0.0]  # loss, accuracy, refused steps of the epoch in progress
         self.refused = 0  # refused steps of the whole run
+        self.passes = 0  # forward+backward passes of the whole run (the steps' grad_evals)
         self.first_loss = 0.0  # the loss of the run's first step (the scale for "the loss exploded")
         self.exploded_warned = False
         self.refused_warned = False

@@ -76,6 +76,7 @@ class TrainResult:
     checkpoint: Path | None
     steps: int = 0  # optimizer steps of the whole run (a resumed run counts the checkpoint's)
     refused: int = 0  # steps the rule refused (``nonfinite`` = 1), whole run
+    passes: int = 0  # forward+backward passes (the steps' ``grad_evals``), whole run
     diverged: str | None = None  # why the run counts as diverged (most steps refused, loss exploded), else None
     finished_before: bool = False  # resumed a run that had already trained --epochs epochs: nothing was done
 
@@ -400,6 +401,7 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, notes: 
                     progress.fresh_drawn = closure.fresh_drawn
                     refused = float(values["nonfinite"]) > 0
                     progress.refused += refused
+                    progress.passes += int(values.get("grad_evals", 1))
                     progress.sums = [progress.sums[0] + values["train/loss"], progress.sums[1] + values.get("train/acc", 0.0),
                                      progress.sums[2] + refused]
                     logger.log("step", values, epoch + 1, progress.step)
@@ -451,17 +453,17 @@ def _train(config: TrainConfig, step: StepFn, accelerator, logdir: Path, notes: 
     elif final and final["epoch/train_loss"] > explosion_threshold():
         diverged = f"the loss exploded (epoch mean {final['epoch/train_loss']:.4g}, first step {progress.first_loss:.4g})"
     result = TrainResult(accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer), history, last_checkpoint,
-                         steps=progress.step, refused=progress.refused, diverged=diverged)
+                         steps=progress.step, refused=progress.refused, passes=progress.passes, diverged=diverged)
     say(summary_line(result, time.perf_counter() - started))
     return result
 
 
 def summary_line(result: TrainResult, seconds: float) -> str:
-    """``finished: …`` or ``diverged (reason): …``: epochs, steps, refused steps, final metrics, time, checkpoint."""
+    """``finished: …`` or ``diverged (reason): …``: steps, passes, refused steps, final metrics, time, checkpoint."""
     head = f"diverged ({result.diverged})" if result.diverged else "finished"
     final = result.epochs[-1] if result.epochs else {}
     metrics = ", ".join(f"{key} {final[key]:.4g}" for key in ("epoch/train_loss", "val/loss", "val/acc") if key in final)
-    return (f"{head}: {result.steps} steps ({result.refused} refused), {metrics}; {seconds:.1f} s; "
+    return (f"{head}: {result.steps} steps ({result.refused} refused), {result.passes} passes, {metrics}; {seconds:.1f} s; "
             f"checkpoint {result.checkpoint}")
 
 
