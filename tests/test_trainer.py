@@ -82,7 +82,8 @@ def test_paper_preset_is_filtered_by_what_the_composition_accepts():
     newton = nonlocal_opt.compose([torch.nn.Parameter(torch.zeros(1))], "rbo", projector="newton",
                                   **optimizer_hyperparameters(TrainConfig(preset="paper", optimizer="rbo", projector="newton")))
     assert newton.param_groups[0]["max_iters"] == 6  # the projector's own default, not the footpoint's 20
-    assert optimizer_hyperparameters(TrainConfig(preset="paper", optimizer="local", overrides={"momentum": 0.9})) == {"lr": 0.01, "momentum": 0.9}
+    local = optimizer_hyperparameters(TrainConfig(preset="paper", optimizer="local", overrides={"momentum": 0.9}))
+    assert local == {"lr": 0.01, "momentum": 0.9}
     with pytest.raises(ValueError, match="unknown hyperparameter 'rho'"):
         optimizer_hyperparameters(TrainConfig(preset="paper", optimizer="local", rho=0.1))
     entropy = optimizer_hyperparameters(TrainConfig(preset="paper", optimizer="entropy-sgd", overrides={"inner_steps": 5}))
