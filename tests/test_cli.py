@@ -35,7 +35,10 @@ def run(capsys, *argv):
     [
         (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, local, rbo, sam; or a base optimizer run as it "
                                    "is: adadelta, adagrad, adam,"),
-        (["--optimizer", "sgd", "--base", "adamw"], "'sgd' names a base optimizer run as it is, and base='adamw' names another"),
+        (["--optimizer", "sgd", "--base", "adamw"], "--optimizer sgd runs the base optimizer sgd as it is, and --base adamw names "
+                                                    "another: pass --optimizer adamw alone"),
+        (["--base", "adam"], "--optimizer adamw runs the base optimizer adamw as it is, and --base adam names another: pass "
+                             "--optimizer adam alone, or a rule with --base adam (e.g. --optimizer sam --base adam); the default"),
         (["--base", "lbfgs"], "unknown base 'lbfgs'; available: adadelta, adagrad, adam, adamax, adamw,"),
         (["--optimizer", "rbo", "--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + footpoint; available: none, paper"),
         (["--optimizer", "rbo", "--projector", "magic"], "unknown projector 'magic'; available:"),

@@ -12,6 +12,7 @@ from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS, ComposedOptim
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, merge_specs, validate
 from nonlocal_opt.optim.radius_schedules import SCHEDULES, RadiusScheduler, radius_scheduler, rho_final_problem
 from nonlocal_opt.plugins.compose import DEFAULT_BASE, compose, resolve, rule_and_base
+from nonlocal_opt.plugins.registry import available
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -116,6 +117,11 @@ class TrainConfig:
         """The config with a base's name given as ``optimizer`` read as the rule that runs a bare base over
         that base (``--optimizer adamw``: ``local`` over ``adamw``), and ``base`` filled in. A contradiction
         (``--optimizer sgd --base adamw``) or an unknown name raises ``ConfigError``."""
+        bases = available("base")
+        if self.optimizer in bases and self.base in bases and self.base != self.optimizer:
+            raise ConfigError(f"--optimizer {self.optimizer} runs the base optimizer {self.optimizer} as it is, and --base "
+                              f"{self.base} names another: pass --optimizer {self.base} alone, or a rule with --base {self.base} "
+                              f"(e.g. --optimizer sam --base {self.base}); the default --optimizer is {TrainConfig().optimizer}")
         with as_config_error():
             rule, base = rule_and_base(self.optimizer, self.base)
         return attrs.evolve(self, optimizer=rule, base=base or DEFAULT_BASE)
