@@ -31,6 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nonlocal-opt`` parser: one subcommand per module of ``nonlocal_opt.cli``."""
     parser = OneLineParser(prog=PROG, description="Non-local optimizers (RBO, SAM, Entropy-SGD) for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -58,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config_file(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, path: str, argv: list[str]):
-    """Parse ``argv`` again with the TOML file ``path`` as the defaults of ``subparser`` (flags win)."""
+    """Parse ``argv`` again with the TOML file ``path`` as the defaults of ``subparser`` (flags win).
+
+    Args:
+        parser: the ``nonlocal-opt`` parser.
+        subparser: the subcommand's parser.
+        path: the ``--config`` file.
+        argv: the arguments after the program name.
+    """
     try:
         with Path(path).open("rb") as handle:
             values = tomllib.load(handle)
@@ -90,6 +98,11 @@ class ConfigFileError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``nonlocal-opt``; the exit code (module doc).
+
+    Args:
+        argv: the arguments after the program name (``None``: ``sys.argv[1:]``).
+    """
     from nonlocal_opt.analysis.figures import MissingPlotDependency
     from nonlocal_opt.training import ConfigError, TrainingDiverged
     from nonlocal_opt.training.config import TrainingInterrupted

@@ -16,7 +16,11 @@ DEFAULTS = TrainConfig()  # every flag that sets a TrainConfig field takes its d
 
 
 def parse_value(text: str) -> Any:
-    """``--set`` values: ``None``, booleans, ints, floats, else the string itself."""
+    """``--set`` values: ``None``, booleans, ints, floats, else the string itself.
+
+    Args:
+        text: the value as typed.
+    """
     lowered = text.strip().lower()
     if lowered == "none":
         return None
@@ -31,7 +35,11 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"key=value"`` → ``(key, parse_value(value))``."""
+    """``"key=value"`` → ``(key, parse_value(value))``.
+
+    Args:
+        text: one ``--set`` argument.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set takes key=value (e.g. --set max_iters=10), got {text!r}")
@@ -39,7 +47,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def parse_float_list(text: str) -> list[float]:
-    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``."""
+    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``.
+
+    Args:
+        text: comma-separated numbers.
+    """
     try:
         return [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -47,14 +59,22 @@ def parse_float_list(text: str) -> list[float]:
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE`` (repeatable) collected as ``args.overrides``, a list of pairs."""
+    """``--set KEY=VALUE`` (repeatable) collected as ``args.overrides``, a list of pairs.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=list(DEFAULTS.overrides.items()),
                         metavar="KEY=VALUE",
                         help="any hyperparameter of the rule, projector, manifold or base, e.g. --set max_iters=10 (repeatable)")
 
 
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
-    """``--base NAME``: the base optimizer the rule's direction is handed to."""
+    """``--base NAME``: the base optimizer the rule's direction is handed to.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument("--base", default=DEFAULTS.base,
                         help=f"a registered base optimizer: sgd, adamw, … (None: the one --optimizer names, else {DEFAULT_BASE})")
 
@@ -84,7 +104,11 @@ def add_composition_arguments(parser: argparse.ArgumentParser, rule: str = DEFAU
 
 
 def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``."""
+    """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``, defaults from ``TrainConfig``.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     group = parser.add_argument_group("radius schedule")
     group.add_argument("--rho-schedule", choices=("none", *SCHEDULES), default=DEFAULTS.rho_schedule,
                        help="decay rho from its initial value to --rho-final over the run")
@@ -95,7 +119,11 @@ def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed."""
+    """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument("--config", default=None, metavar="FILE.toml",
                         help="read flags from a TOML file (keys: flag names, e.g. epochs = 3, a [set] table); flags given override it")
     parser.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of: {', '.join(DATASETS)}")

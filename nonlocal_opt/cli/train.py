@@ -52,7 +52,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def resume_command(argv: list[str]) -> str:
     """The command line that resumes the run ``argv`` started: ``--overwrite`` and any ``--resume [DIR]``
-    dropped, ``--resume`` added (the newest checkpoint in its log dir)."""
+    dropped, ``--resume`` added (the newest checkpoint in its log dir).
+
+    Args:
+        argv: the arguments after the program name.
+    """
     kept, index = [], 0
     while index < len(argv):
         token = argv[index]
