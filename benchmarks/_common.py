@@ -44,7 +44,7 @@ class UserError(ValueError):
 @attrs.frozen
 class Preset:
     """A composition for ``TrainConfig``: rule, projector and the hyperparameters set on top of the
-    components' ``paper`` presets (which the trainer applies, ``TrainConfig.preset``)."""
+    components' ``paper`` presets (which ``train_config`` names, ``TrainConfig.preset``)."""
 
     rule: str
     projector: str | None = None
@@ -265,8 +265,9 @@ def run_training(config: TrainConfig, cache: bool = True) -> RunSummary:
 
 
 def train_config(preset: Preset, **fields: Any) -> TrainConfig:
-    """``TrainConfig`` for ``preset`` (its rule, projector and overrides) and the other ``fields``."""
-    return TrainConfig(optimizer=preset.rule, projector=preset.projector, overrides=dict(preset.overrides), **fields)
+    """``TrainConfig`` for ``preset`` (its rule, projector and overrides over the ``paper`` presets) and the
+    other ``fields``."""
+    return TrainConfig(optimizer=preset.rule, projector=preset.projector, preset="paper", overrides=dict(preset.overrides), **fields)
 
 
 class PeakMemory(TorchDispatchMode):

@@ -7,13 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
-from nonlocal_opt.cli.main import main
+from nonlocal_opt.cli.main import build_parser, main
 from nonlocal_opt.cli.parsing import parse_value
 from nonlocal_opt.landscapes import LANDSCAPES
 from nonlocal_opt.plugins.registry import registrations
+from nonlocal_opt.training.config import TrainConfig
 from nonlocal_opt.training.data import FASHION_MNIST_DIR
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -31,15 +33,20 @@ def run(capsys, *argv):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--optimizer", "adamw"], "unknown rule 'adamw'; available: entropy-sgd, local, rbo, sam"),
+        (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, local, rbo, sam; or a base optimizer run as it "
+                                   "is: adadelta, adagrad, adam,"),
+        (["--optimizer", "sgd", "--base", "adamw"], "--optimizer sgd runs the base optimizer sgd as it is, and --base adamw names "
+                                                    "another: pass --optimizer adamw alone"),
+        (["--base", "adam"], "--optimizer adamw runs the base optimizer adamw as it is, and --base adam names another: pass "
+                             "--optimizer adam alone, or a rule with --base adam (e.g. --optimizer sam --base adam); the default"),
         (["--base", "lbfgs"], "unknown base 'lbfgs'; available: adadelta, adagrad, adam, adamax, adamw,"),
-        (["--optimizer", "rbo", "--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + gauss-newton; available: none, paper"),
+        (["--optimizer", "rbo", "--preset", "iclr"], "unknown preset 'iclr' for rbo + offset + footpoint; available: none, paper"),
         (["--optimizer", "rbo", "--projector", "magic"], "unknown projector 'magic'; available:"),
         (["--model", "resnet50"], "unknown model 'resnet50'; available: mlp"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'; available: fashion-mnist"),
         (["--optimizer", "rbo", "--set", "max_iters=0"], "invalid hyperparameter max_iters=0"),
-        (["--set", "inner_steps=0"], "invalid hyperparameter inner_steps=0"),
-        (["--base", "adam", "--set", "momentum=0.9"], "unknown hyperparameter 'momentum'"),
+        (["--optimizer", "entropy-sgd", "--set", "inner_steps=0"], "invalid hyperparameter inner_steps=0"),
+        (["--optimizer", "adam", "--set", "momentum=0.9"], "unknown hyperparameter 'momentum'"),
         (["--optimizer", "local", "--rho", "0.5"], "unknown hyperparameter 'rho'"),
         (["--optimizer", "sam", "--projector", "footpoint"], "rule 'sam' takes no projector"),
         (["--train-subset", "0"], "--train-subset must be an integer >= 1"),
@@ -75,11 +82,40 @@ def test_diverged_run_exits_1_naming_the_last_checkpoint(capsys, tmp_path):
 def test_console_script_reports_bad_input_without_traceback(tmp_path):
     script = shutil.which("nonlocal-opt", path=str(Path(sys.executable).parent))
     command = [script] if script else [sys.executable, "-m", "nonlocal_opt.cli.main"]
-    done = subprocess.run([*command, "train", "--optimizer", "adamw", "--logdir", str(tmp_path)],
+    done = subprocess.run([*command, "train", "--optimizer", "adamx", "--logdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
+    bases = ", ".join(sorted(registrations("base")))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "nonlocal-opt: error: unknown rule 'adamw'; available: entropy-sgd, local, rbo, sam"
+        f"nonlocal-opt: error: unknown rule 'adamx'; available: entropy-sgd, local, rbo, sam; or a base optimizer run as it is: {bases}"
     ]
+
+
+@pytest.mark.parametrize("command", ["train", "geometry"])
+def test_cli_defaults_are_train_configs_field_for_field(command):
+    """Every ``TrainConfig`` field the subcommand has a flag for defaults to ``TrainConfig()``'s value."""
+    argv = [command, *(["--out", "x"] if command == "geometry" else [])]
+    args = build_parser().parse_args(argv)
+    fields = {field.name for field in attrs.fields(TrainConfig)}
+    flags = fields & set(vars(args))
+    if command == "train":
+        assert flags == fields  # train has a flag for every field
+    else:
+        assert {"dataset", "optimizer", "base", "preset", "lr", "rho", "epochs", "rho_schedule"} <= flags
+    assert attrs.asdict(TrainConfig.from_namespace(args), filter=lambda a, _: a.name in flags) == \
+        attrs.asdict(TrainConfig(), filter=lambda a, _: a.name in flags)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_base_name_as_the_optimizer_trains_that_base(capsys, tmp_path, optimizer):
+    """``--optimizer adamw`` is the ``runs_bare_base`` rule over ``adamw``: it trains, bit for bit like
+    ``--optimizer local --base adamw``."""
+    argv = ["train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "3", "--lr", "0.01"]
+    code, out, _ = run(capsys, *argv, "--optimizer", optimizer, "--logdir", str(tmp_path / "a"))
+    assert code == 0 and "finished: 3 steps (0 refused), 3 passes, " in out  # one pass per step
+    assert run(capsys, *argv, "--optimizer", "local", "--base", optimizer, "--logdir", str(tmp_path / "b"))[0] == 0
+    a, b = ((tmp_path / d / "metrics.csv").read_text() for d in "ab")
+    losses = [[row.split(",")[3] for row in text.splitlines()[1:] if row.startswith("step,")] for text in (a, b)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
 
 
 def test_set_values_are_parsed():
@@ -172,3 +208,29 @@ def test_train_then_resume_from_the_command_line(capsys, tmp_path):
     code, out, _ = run(capsys, *argv, "--epochs", "2", "--resume")
     assert code == 0 and "epoch_2" in out
     assert (tmp_path / "metrics.csv").read_text().count("\nepoch,") == 2
+
+
+def test_one_train_builds_one_optimizer_and_collects_registrations_once(capsys, tmp_path, monkeypatch):
+    """The real constructor and the real collection run, wrapped to count their calls; the registry's memory
+    of collected plugin sets starts empty."""
+    import nonlocal_opt.plugins.registry as registry
+    from nonlocal_opt.optim.composed import ComposedOptimizer
+
+    calls = {"optimizers": 0, "collections": 0}
+    build, collect = ComposedOptimizer.__init__, registry.collect_registrations
+
+    def counted_build(self, *args, **kwargs):
+        calls["optimizers"] += 1
+        build(self, *args, **kwargs)
+
+    def counted_collect(*args, **kwargs):
+        calls["collections"] += 1
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(ComposedOptimizer, "__init__", counted_build)
+    monkeypatch.setattr(registry, "collect_registrations", counted_collect)
+    monkeypatch.setattr(registry, "_COLLECTED", {})
+    code, out, _ = run(capsys, "train", "--dataset", "landscape:quadratic", "--optimizer", "rbo", "--batch-size", "256",
+                       "--limit-train-batches", "2", "--rho-schedule", "cosine", "--logdir", str(tmp_path))
+    assert code == 0 and "finished: 2 steps" in out
+    assert calls["optimizers"] == 1 and 1 <= calls["collections"] <= 2

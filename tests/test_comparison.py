@@ -66,6 +66,7 @@ def without_timings(value):
 
 @pytest.mark.parametrize(("spec", "per_step"), [
     ({"name": "sgd", "rule": "local", "fixed": {"lr": 0.05}}, 1),
+    ({"name": "adamw", "rule": "adamw", "fixed": {"lr": 0.01}}, 1),  # a base's name: the base run as it is
     (SAM, 2),
     ({"name": "rbo-gn1", "rule": "rbo", "projector": "gauss-newton", "fixed": {"lr": 0.05, "rho": 1.0, "max_iters": 1}}, 2),
 ])
@@ -280,6 +281,12 @@ def test_run_keys_change_with_anything_the_run_depends_on():
     ({"name": "x", "rule": "sam", "sweep": {"rho": []}}, "non-empty list"),
     ({"name": "x", "rule": "sam", "colour": "red"}, "unknown key"),
     ({"name": "x", "rule": "local", "schedule": {"name": "cosine", "rho_final": 0.1}}, "rho"),
+    ({"name": "x", "rule": "sam", "schedule": {"name": "cosine", "rho_final": 0.1}},
+     r"rho_final=0\.1 is larger than the initial radius 0\.05"),
+    ({"name": "x", "rule": "sam", "schedule": {"name": "step", "rho_final": 0}}, "rho_final=0 cannot be reached geometrically"),
+    ({"name": "x", "rule": "sam", "schedule": {"name": "cosine", "rho_final": "small"}}, "must be a finite number >= 0"),
+    ({"name": "x", "rule": "sam", "schedule": {"name": "cosine"}}, "schedule takes name, rho_final"),
+    ({"name": "x", "rule": "sgd", "base": "adamw"}, "'sgd' names a base optimizer run as it is, and base='adamw' names another"),
 ])
 def test_bad_specs_are_refused_with_the_field_named(spec, message):
     with pytest.raises(SpecError, match=message):

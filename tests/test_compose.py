@@ -20,7 +20,8 @@ def params():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(rule="adam"), r"unknown rule 'adam'; available: .*local.*rbo"),
+        (dict(rule="adamx"), r"unknown rule 'adamx'; available: .*local.*rbo.*; or a base optimizer run as it is: .*adamw"),
+        (dict(rule="adamw", base="sgd"), r"'adamw' names a base optimizer run as it is, and base='sgd' names another"),
         (dict(rule="sam", base="adamz"), r"unknown base 'adamz'; available: .*adamw.*sgd"),
         (dict(rule="sam", base="adamw", momentum=0.9),
          r"unknown hyperparameter 'momentum' for compose\(rule='sam'\) over base torch.optim.adamw.AdamW; known: .*betas.*rho"),
@@ -147,3 +148,53 @@ def test_state_dict_round_trip_continues_bit_identically(rule, settings):
         resumed.step(make_closure(resumed, other_loss))
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_base_name_as_the_rule_is_that_base_run_as_it_is():
+    """``compose(params, "adamw")`` steps exactly as ``torch.optim.AdamW`` with the same settings."""
+    ours, theirs = Quadratic(), Quadratic()
+    for landscape in (ours, theirs):
+        landscape.theta.data.fill_(1.0)
+    opt = nonlocal_opt.compose(ours.parameters(), "adamw", lr=0.1)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=0.1)
+    assert opt.rule.runs_bare_base and isinstance(opt.base, torch.optim.AdamW)
+    for _ in range(3):
+        opt.step(make_closure(opt, ours))
+        reference.zero_grad()
+        theirs().backward()
+        reference.step()
+    torch.testing.assert_close(ours.theta.detach(), theirs.theta.detach(), rtol=0, atol=0)
+    assert float(ours.theta) < 1.0  # it moved
+
+
+def test_base_names_as_rules_refuse_ambiguity():
+    """A name that is both a rule and a base, or two rules that each claim to run a bare base, is refused
+    with the plugins named."""
+    from nonlocal_opt.plugins.manager import get_plugin_manager
+
+    class SGDRule(nonlocal_opt.get("rule", "local")):
+        name = "sgd"
+
+    class SecondBare(nonlocal_opt.get("rule", "local")):
+        name = "second-bare"
+
+    class Plugin:
+        def __init__(self, cls):
+            self.cls = cls
+
+        @nonlocal_opt.hookimpl
+        def nonlocal_opt_register_descent_rules(self, register):
+            register(self.cls)
+
+    manager = get_plugin_manager()
+    for cls, message in ((SGDRule, r"'sgd' is registered both as a rule \(by plugin 'clash'\) and as a base optimizer \(by "
+                                   r"plugin 'torch'\)"),
+                         (SecondBare, r"rules local, second-bare each declare runs_bare_base")):
+        plugin = Plugin(cls)
+        manager.register(plugin, name="clash")
+        try:
+            with pytest.raises(ValueError, match=message):
+                nonlocal_opt.compose(params(), "sgd")
+        finally:
+            manager.unregister(plugin)
+    assert nonlocal_opt.compose(params(), "sgd").rule.name == "local"

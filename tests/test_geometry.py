@@ -233,7 +233,7 @@ def test_cli_measures_the_trainers_path(tmp_path, capsys):
     [
         (["--optimizer", "nope"], "unknown rule"),
         (["--optimizer", "local", "--rho-schedule", "cosine"], "rho"),
-        (["--optimizer", "rbo", "--rho-schedule", "cosine", "--rho-final", "0"], "rho_final"),
+        (["--optimizer", "rbo", "--rho-schedule", "cosine", "--rho-final", "0"], "--rho-final 0 must be a finite number > 0"),
         (["--set", "momentum"], "key=value"),
         (["--gradient-pass", "-1"], "--gradient-pass must be >= 0"),
         (["--train-subset", "10"], "--batch-size 128 is larger than the 10 training samples"),

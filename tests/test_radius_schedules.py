@@ -11,7 +11,8 @@ import torch
 import nonlocal_opt
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.parsing import add_radius_schedule_arguments
-from nonlocal_opt.optim.radius_schedules import CosineRadius, LinearRadius, StepRadius, build_radius_scheduler, radius_scheduler
+from nonlocal_opt.optim.radius_schedules import CosineRadius, LinearRadius, StepRadius, radius_scheduler, rho_final_problem
+from nonlocal_opt.training.config import RHO_FINAL_FRACTION, ConfigError, TrainConfig, build_radius_scheduler
 
 RHO0, RHO_F, T = 2.0, 0.1, 10
 
@@ -114,12 +115,28 @@ def test_bad_input_raises_value_error():
 def test_cli_arguments_build_the_scheduler():
     parser = argparse.ArgumentParser()
     add_radius_schedule_arguments(parser)
-    _, opt = rbo()
-    assert build_radius_scheduler(parser.parse_args([]), opt, T) is None
-    sched = build_radius_scheduler(parser.parse_args(["--rho-schedule", "linear", "--rho-final", "0.1"]), opt, T)
+
+    def build(*argv):
+        return build_radius_scheduler(TrainConfig.from_namespace(parser.parse_args(argv)), rbo()[1], T)
+
+    assert build() is None
+    sched = build("--rho-schedule", "linear", "--rho-final", "0.1")
     assert isinstance(sched, LinearRadius) and sched.rho_final == 0.1
-    with pytest.raises(ValueError, match="--couple-lr"):
-        build_radius_scheduler(parser.parse_args(["--couple-lr"]), opt, T)
+    assert build("--rho-schedule", "cosine").rho_final == pytest.approx(RHO_FINAL_FRACTION * RHO0)
+    with pytest.raises(ConfigError, match="--couple-lr"):
+        build("--couple-lr")
+    with pytest.raises(ConfigError, match=r"--rho-final 0 must be a finite number > 0"):
+        build("--rho-schedule", "cosine", "--rho-final", "0")  # the offset manifold needs ρ > 0
+
+
+@pytest.mark.parametrize("cls", [CosineRadius, LinearRadius, StepRadius])
+def test_rho_final_has_one_rule(cls):
+    """Every schedule refuses a ρ_final above the initial ρ (it decays ρ), in hyperparameter terms."""
+    with pytest.raises(ValueError, match=r"^rho_final=2\.0 is larger than the initial radius 1"):
+        cls(nonlocal_opt.compose([torch.nn.Parameter(torch.ones(1))], "rbo", rho=1.0), T, rho_final=2.0)
+    sam = nonlocal_opt.compose([torch.nn.Parameter(torch.ones(1))], "sam", rho=0.05)
+    assert rho_final_problem(sam, 0.0) is None and rho_final_problem(sam, 0.0, geometric=True) is not None
+    assert rho_final_problem(sam, float("nan")) == "must be a finite number >= 0"
 
 
 def test_geometry_run_logs_the_scheduled_rho(tmp_path):

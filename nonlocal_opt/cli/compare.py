@@ -13,7 +13,11 @@ from nonlocal_opt.cli.parsing import parse_float_list
 
 
 def parse_int_list(text: str) -> list[int]:
-    """``"1,2,3"`` → ``[1, 2, 3]``."""
+    """``"1,2,3"`` → ``[1, 2, 3]``.
+
+    Args:
+        text: comma-separated integers.
+    """
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -21,6 +25,11 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``nonlocal-opt compare``.
+
+    Args:
+        parser: the ``compare`` subcommand's parser.
+    """
     parser.add_argument("--specs", required=True, metavar="FILE",
                         help="optimizer specs: a JSON list or TOML [[optimizers]] tables "
                              "(name, rule, base, projector, manifold, fixed, sweep, schedule)")
@@ -50,7 +59,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args) -> int:
     """Run or resume the comparison, print the summary table per noise level; 0 also when runs diverged
-    (they are recorded as diverged)."""
+    (they are recorded as diverged).
+
+    Args:
+        args: the parsed ``compare`` arguments.
+    """
     from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison, summarize
     from nonlocal_opt.comparison.curves import markdown_table
 

@@ -31,9 +31,14 @@ LOGGED = ("train/loss", "lr", "rho")  # per-step scalars of the second run copie
 
 
 def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nonlocal-opt geometry``: those of a training run, ``--gradient-pass K`` and ``--out DIR``."""
+    """Arguments of ``nonlocal-opt geometry``: those of a training run (``TrainConfig``'s defaults),
+    ``--gradient-pass K`` and ``--out DIR``.
+
+    Args:
+        parser: the ``geometry`` subcommand's parser.
+    """
     add_run_arguments(parser)
-    add_composition_arguments(parser, rule="local")
+    add_composition_arguments(parser)
     parser.add_argument("--gradient-pass", type=int, default=0,
                         help="which closure pass of a step gives G_t (0: the gradient at w_t; 1: e.g. SAM's perturbed gradient)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -41,7 +46,11 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_geometry(args: argparse.Namespace) -> int:
-    """Run ``nonlocal-opt geometry``; 0 on success. Bad input raises ``ConfigError`` (a ``ValueError``)."""
+    """Run ``nonlocal-opt geometry``; 0 on success. Bad input raises ``ConfigError`` (a ``ValueError``).
+
+    Args:
+        args: the parsed ``geometry`` arguments.
+    """
     if args.gradient_pass < 0:
         raise ConfigError(f"--gradient-pass must be >= 0, got {args.gradient_pass}")
     out = writable_logdir(args.out)

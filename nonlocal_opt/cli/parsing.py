@@ -8,13 +8,19 @@ from typing import Any
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import DEFAULT_BASE
-from nonlocal_opt.training.config import DEFAULT_PRESET, DEVICES, NO_PRESET, RHO_FINAL_FRACTION
+from nonlocal_opt.training.config import DEVICES, NO_PRESET, RHO_FINAL_FRACTION, TrainConfig
 from nonlocal_opt.training.data import DATASETS
 from nonlocal_opt.training.models import MODELS
 
+DEFAULTS = TrainConfig()  # every flag that sets a TrainConfig field takes its default from here
+
 
 def parse_value(text: str) -> Any:
-    """``--set`` values: ``None``, booleans, ints, floats, else the string itself."""
+    """``--set`` values: ``None``, booleans, ints, floats, else the string itself.
+
+    Args:
+        text: the value as typed.
+    """
     lowered = text.strip().lower()
     if lowered == "none":
         return None
@@ -29,7 +35,11 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"key=value"`` → ``(key, parse_value(value))``."""
+    """``"key=value"`` → ``(key, parse_value(value))``.
+
+    Args:
+        text: one ``--set`` argument.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set takes key=value (e.g. --set max_iters=10), got {text!r}")
@@ -37,7 +47,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def parse_float_list(text: str) -> list[float]:
-    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``."""
+    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``.
+
+    Args:
+        text: comma-separated numbers.
+    """
     try:
         return [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -45,59 +59,88 @@ def parse_float_list(text: str) -> list[float]:
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE`` (repeatable) collected as ``args.overrides``, a list of pairs."""
-    parser.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=[],
+    """``--set KEY=VALUE`` (repeatable) collected as ``args.overrides``, a list of pairs.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_assignment, default=list(DEFAULTS.overrides.items()),
                         metavar="KEY=VALUE",
                         help="any hyperparameter of the rule, projector, manifold or base, e.g. --set max_iters=10 (repeatable)")
 
 
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
-    """``--base NAME``: the base optimizer the rule's direction is handed to."""
-    parser.add_argument("--base", default=DEFAULT_BASE, help="a registered base optimizer: sgd, adamw, …")
+    """``--base NAME``: the base optimizer the rule's direction is handed to.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.add_argument("--base", default=DEFAULTS.base,
+                        help=f"a registered base optimizer: sgd, adamw, … (None: the one --optimizer names, else {DEFAULT_BASE})")
 
 
-def add_composition_arguments(parser: argparse.ArgumentParser, rule: str) -> None:
+def add_composition_arguments(parser: argparse.ArgumentParser, rule: str = DEFAULTS.optimizer) -> None:
     """``--optimizer RULE --base NAME --projector NAME --preset NAME --lr η --rho ρ --set KEY=VALUE``
-    (``rule``: the default rule)."""
-    parser.add_argument("--optimizer", default=rule, help="a registered rule (`nonlocal-opt plugins` lists them)")
+    with ``TrainConfig``'s defaults.
+
+    Args:
+        parser: the subcommand's parser.
+        rule: the default of ``--optimizer``.
+    """
+    parser.add_argument("--optimizer", default=rule,
+                        help="a registered rule, or a base optimizer run as it is, e.g. adamw (`nonlocal-opt plugins` lists both)")
     add_base_argument(parser)
-    parser.add_argument("--projector", default=None,
-                        help="a registered projector, for rules that project (None: the rule's training_projector, else its "
-                             "default_projector; `nonlocal-opt plugins` lists both)")
-    parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"named settings of the rule and projector; {NO_PRESET}: their own defaults")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate η of the base (default: the preset's)")
-    parser.add_argument("--rho", type=float, default=None, help="radius ρ for rules that have one (default: the preset's)")
+    parser.add_argument("--projector", default=DEFAULTS.projector,
+                        help="a registered projector, for rules that project (None: the rule's default_projector, "
+                             "which `nonlocal-opt plugins` lists)")
+    parser.add_argument("--preset", default=DEFAULTS.preset,
+                        help=f"named settings of the rule and projector (e.g. paper); {NO_PRESET}: every component's own defaults, "
+                             "as from Python")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                        help="learning rate η of the base (None: the preset's, else the base's own)")
+    parser.add_argument("--rho", type=float, default=DEFAULTS.rho,
+                        help="radius ρ for rules that have one (None: the preset's, else the rule's own)")
     add_set_argument(parser)
 
 
 def add_radius_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``."""
+    """``--rho-schedule {none,cosine,linear,step} --rho-final RHO [--couple-lr]``, defaults from ``TrainConfig``.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     group = parser.add_argument_group("radius schedule")
-    group.add_argument("--rho-schedule", choices=("none", *SCHEDULES), default="none",
+    group.add_argument("--rho-schedule", choices=("none", *SCHEDULES), default=DEFAULTS.rho_schedule,
                        help="decay rho from its initial value to --rho-final over the run")
-    group.add_argument("--rho-final", type=float, default=None,
+    group.add_argument("--rho-final", type=float, default=DEFAULTS.rho_final,
                        help=f"radius at the end of the schedule, at most the initial rho (None: {RHO_FINAL_FRACTION:g} x the initial rho)")
-    group.add_argument("--couple-lr", action="store_true", help="scale lr with the radius: lr_t = lr_0 rho_t/rho_0")
+    group.add_argument("--couple-lr", action="store_true", default=DEFAULTS.couple_lr,
+                       help="scale lr with the radius: lr_t = lr_0 rho_t/rho_0")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed."""
+    """The ``TrainConfig`` fields ``train`` and ``geometry`` share: data, model, epochs, batches, seed.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument("--config", default=None, metavar="FILE.toml",
                         help="read flags from a TOML file (keys: flag names, e.g. epochs = 3, a [set] table); flags given override it")
-    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (None: mlp; a landscape is its own model)")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs to train (with --resume: the total, including those done)")
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order, an integer in [0, 2**32 - 1]")
-    parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training samples only")
-    parser.add_argument("--limit-train-batches", type=int, default=None, help="steps per epoch at most")
-    parser.add_argument("--limit-val-batches", type=int, default=None, help="validation batches per epoch at most")
-    parser.add_argument("--data-dir", default=None, help="directory holding the dataset files")
-    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--dataset", default=DEFAULTS.dataset, help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument("--model", default=DEFAULTS.model, help=f"one of: {', '.join(MODELS)} (None: mlp; a landscape is its own model)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                        help="epochs to train (with --resume: the total, including those done)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch size (split over processes)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="initialisation and batch order, an integer in [0, 2**32 - 1]")
+    parser.add_argument("--train-subset", type=int, default=DEFAULTS.train_subset, help="train on the first N training samples only")
+    parser.add_argument("--limit-train-batches", type=int, default=DEFAULTS.limit_train_batches, help="steps per epoch at most")
+    parser.add_argument("--limit-val-batches", type=int, default=DEFAULTS.limit_val_batches, help="validation batches per epoch at most")
+    parser.add_argument("--data-dir", default=DEFAULTS.data_dir, help="directory holding the dataset files")
+    parser.add_argument("--download", action="store_true", default=DEFAULTS.download,
+                        help="let torchvision download MNIST/CIFAR")
+    parser.add_argument("--device", default=DEFAULTS.device, choices=DEVICES, help="auto: CUDA when present, else CPU")
+    parser.add_argument("--compile", action="store_true", default=DEFAULTS.compile,
                         help="torch.compile the model's forward (BatchNorm running statistics stay frozen in extra passes)")
-    parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=DEFAULTS.sync_bn,
                         help="BatchNorm batch statistics over all processes, so results do not depend on the process count "
                              "(None: on in multi-process runs)")

@@ -34,10 +34,22 @@ def _jsonable(value: Any, where: str) -> Any:
 
 @attrs.frozen
 class OptimizerSpec:
-    """``rule`` over ``base`` (with ``projector``/``manifold`` for projecting rules), all registry names;
-    ``fixed`` hyperparameters, ``sweep`` lists (the grid is their Cartesian product) and an optional
-    radius ``schedule`` ``{"name": "cosine", "rho_final": ρ_f, "couple_lr": false}`` driven by the
-    fraction of the budget spent, ``ρ(s)`` with ``s = passes/B``."""
+    """``rule`` over ``base`` (with ``projector``/``manifold`` for projecting rules), all registry names
+    (a base's name as ``rule`` runs that base as it is, as in ``compose``); ``fixed`` hyperparameters,
+    ``sweep`` lists (the grid is their Cartesian product) and an optional radius ``schedule``
+    ``{"name": "cosine", "rho_final": ρ_f, "couple_lr": false}`` driven by the fraction of the budget spent,
+    ``ρ(s)`` with ``s = passes/B`` (``ρ_f`` checked by the schedules' one rule, ``rho_final_problem``).
+
+    Args:
+        name: the label in results and plots.
+        rule: a registered rule, or a base optimizer's name.
+        base: a registered base (``None``: ``sgd``, or the base ``rule`` names).
+        projector: for projecting rules (``None``: the rule's default).
+        manifold: for projecting rules (``None``: the rule's default).
+        fixed: hyperparameters every run uses.
+        sweep: hyperparameter → values tried when tuning.
+        schedule: the radius schedule, or ``None``.
+    """
 
     name: str
     rule: str
@@ -77,8 +89,8 @@ class OptimizerSpec:
             if not isinstance(schedule, dict) or schedule.get("name") not in SCHEDULES:
                 raise SpecError(f"{label}: schedule needs a 'name' in {', '.join(SCHEDULES)}, got {schedule!r}")
             extra = sorted(set(schedule) - set(SCHEDULE_KEYS))
-            if extra or not isinstance(schedule.get("rho_final"), (int, float)):
-                raise SpecError(f"{label}: schedule takes name, rho_final (a number) and couple_lr, got {schedule!r}")
+            if extra or "rho_final" not in schedule:
+                raise SpecError(f"{label}: schedule takes name, rho_final and couple_lr, got {schedule!r}")
         spec = cls(name, data["rule"], data.get("base"), data.get("projector"), data.get("manifold"),
                    _jsonable(fixed, f"{label} fixed"), _jsonable(sweep, f"{label} sweep"),
                    _jsonable(schedule, f"{label} schedule") if schedule is not None else None)

@@ -106,18 +106,19 @@ class DescentRule(_Component):
     the step started at, with ``direction`` as the gradient. A non-finite step is skipped.
 
     ``manifolds``: the manifolds the rule works on; empty for point-like rules, which take no
-    manifold and no projector. ``default_manifold`` / ``default_projector``: what ``compose`` picks
-    for ``None``. ``alias``: the name of a convenience constructor, ``nonlocal_opt.<alias>(params,
-    base=..., **hyperparameters)``. ``requires_closure``: whether ``step()`` needs a closure
-    (LBFGS-style: it zeroes grads, runs forward and backward, returns the loss).
+    manifold and no projector. ``default_manifold`` / ``default_projector``: what ``compose`` (and so
+    ``nonlocal-opt train``) picks for ``None``. ``runs_bare_base``: the rule a base's name stands for.
+    ``alias``: the name of a convenience constructor, ``nonlocal_opt.<alias>(params, base=...,
+    **hyperparameters)``. ``requires_closure``: whether ``step()`` needs a closure (LBFGS-style: it
+    zeroes grads, runs forward and backward, returns the loss).
     """
 
     manifolds: ClassVar[tuple[str, ...]] = ()
     default_manifold: ClassVar[str | None] = None
     default_projector: ClassVar[str | None] = None
-    training_projector: ClassVar[str | None] = None
-    """The projector ``nonlocal-opt train`` uses when none is given (``None``: ``default_projector``):
-    a rule may keep its paper's solver as the library default and still train with a sturdier one."""
+    runs_bare_base: ClassVar[bool] = False
+    """Whether the rule hands the base the gradient as it is: a base's name given as the rule
+    (``compose(params, "adamw")``) means this rule over that base. At most one registered rule declares it."""
     alias: ClassVar[str | None] = None
     requires_closure: ClassVar[bool] = True
 

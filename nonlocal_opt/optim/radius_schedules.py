@@ -24,12 +24,46 @@ import torch
 from nonlocal_opt.optim.hyperparameters import positive_int
 
 
+def rho_final_problem(optimizer: torch.optim.Optimizer, rho_final: Any, geometric: bool = False) -> str | None:
+    """What is wrong with ``ρ_final`` for a schedule over ``optimizer``'s param groups, as a phrase that
+    follows the value (``None``: nothing): a finite number ``>= 0`` that the composition accepts as a ``ρ``,
+    at most every group's initial ``ρ_0`` (a schedule decays ``ρ``), and ``> 0`` for a ``geometric`` one.
+    The one rule for ``ρ_final``: schedules, ``nonlocal-opt train`` and ``nonlocal-opt compare`` all ask it.
+
+    Args:
+        optimizer: an optimizer whose param groups carry ``rho`` (``ρ_0``).
+        rho_final: the proposed ``ρ_final``.
+        geometric: the schedule decays geometrically (``ρ_t = ρ_0 (ρ_final/ρ_0)^s``).
+    """
+    if isinstance(rho_final, bool) or not isinstance(rho_final, (int, float)) or not math.isfinite(rho_final) or rho_final < 0:
+        return "must be a finite number >= 0"
+    specs = getattr(optimizer, "hyperparameter_specs", {})
+    problem = specs["rho"].check(rho_final) if "rho" in specs else None
+    if problem is not None:
+        return problem
+    rhos = [float(group["rho"]) for group in optimizer.param_groups if "rho" in group]
+    if rhos and rho_final > min(rhos):
+        return (f"is larger than the initial radius {min(rhos):g}: a radius schedule decays rho; "
+                f"choose a rho_final of at most {min(rhos):g}")
+    if geometric and (rho_final == 0 or any(rho <= 0 for rho in rhos)):
+        return "cannot be reached geometrically: the step schedule needs rho > 0 and rho_final > 0"
+    return None
+
+
 class RadiusScheduler:
     """Writes ``group['rho'] = ρ_t`` (and ``group['lr'] = η_0 ρ_t/ρ_0`` when ``couple_lr``) at step ``t``.
 
     Subclasses implement :meth:`radius`: ``ρ_t`` from ``ρ_0`` (the group's value at construction),
-    ``ρ_final`` and the progress ``t``.
+    ``ρ_final`` and the progress ``t``; ``geometric`` ones need ``ρ_0, ρ_final > 0``.
+
+    Args:
+        optimizer: an optimizer whose param groups carry ``rho``.
+        total_steps: ``T``, the steps (or passes) over which ``ρ`` decays.
+        rho_final: ``ρ_final``, see :func:`rho_final_problem`.
+        couple_lr: also write ``η_t = η_0 ρ_t/ρ_0``.
     """
+
+    geometric: bool = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, rho_final: float, couple_lr: bool = False):
         if positive_int(total_steps) is not None:
@@ -39,7 +73,9 @@ class RadiusScheduler:
             raise ValueError("the optimizer has no 'rho' in its param groups: radius schedules need a radius (rbo or sam)")
         if couple_lr and any("lr" not in group for group in groups):
             raise ValueError("couple_lr=True needs an 'lr' in every param group")
-        self._check_rho_final(optimizer, rho_final)
+        problem = rho_final_problem(optimizer, rho_final, geometric=self.geometric)
+        if problem is not None:
+            raise ValueError(f"rho_final={rho_final!r} {problem}")
         self.optimizer = optimizer
         self.total_steps, self.rho_final, self.couple_lr = total_steps, float(rho_final), couple_lr
         self.base_rhos = [float(group["rho"]) for group in groups]
@@ -48,15 +84,6 @@ class RadiusScheduler:
             raise ValueError("couple_lr=True needs an initial rho > 0 (η_t = η_0 ρ_t/ρ_0)")
         self.last_step = 0
         self._apply()
-
-    @staticmethod
-    def _check_rho_final(optimizer: torch.optim.Optimizer, rho_final: Any) -> None:
-        specs = getattr(optimizer, "hyperparameter_specs", {})
-        problem = specs["rho"].check(rho_final) if "rho" in specs else None
-        if isinstance(rho_final, bool) or not isinstance(rho_final, (int, float)) or not math.isfinite(rho_final) or rho_final < 0:
-            problem = "must be a finite number >= 0"
-        if problem is not None:
-            raise ValueError(f"invalid rho_final={rho_final!r}: {problem}")
 
     def progress(self, step: int) -> float:
         """``s = min(t/T, 1)``."""
@@ -112,17 +139,13 @@ class StepRadius(RadiusScheduler):
     """Geometric steps: ``ρ_t = ρ_0 (ρ_f/ρ_0)^{k/n}``, ``k = min(⌊(n + 1) t/T⌋, n)``: ``n = drops``
     equal drops at ``t = T/(n+1), …, nT/(n+1)`` (needs ``ρ_0, ρ_f > 0``)."""
 
+    geometric = True
+
     def __init__(self, optimizer, total_steps, rho_final, couple_lr=False, drops: int = 3):
         if positive_int(drops) is not None:
             raise ValueError(f"drops must be an integer >= 1, got {drops!r}")
         self.drops = drops
         super().__init__(optimizer, total_steps, rho_final, couple_lr)
-
-    @staticmethod
-    def _check_rho_final(optimizer, rho_final):
-        RadiusScheduler._check_rho_final(optimizer, rho_final)
-        if rho_final == 0 or any(group["rho"] <= 0 for group in optimizer.param_groups):
-            raise ValueError("the step schedule decays geometrically: it needs rho > 0 and rho_final > 0")
 
     def radius(self, rho0, step):
         k = min((self.drops + 1) * min(step, self.total_steps) // self.total_steps, self.drops)
@@ -135,22 +158,15 @@ SCHEDULES: dict[str, type[RadiusScheduler]] = {"cosine": CosineRadius, "linear":
 def radius_scheduler(
     name: str, optimizer: torch.optim.Optimizer, total_steps: int, rho_final: float, couple_lr: bool = False
 ) -> RadiusScheduler:
-    """The schedule ``name`` in ``SCHEDULES``; unknown names raise ``ValueError`` listing them."""
+    """The schedule ``name`` in ``SCHEDULES``; unknown names raise ``ValueError`` listing them.
+
+    Args:
+        name: ``"cosine"``, ``"linear"`` or ``"step"``.
+        optimizer: an optimizer whose param groups carry ``rho``.
+        total_steps: ``T``.
+        rho_final: ``ρ_final``.
+        couple_lr: also write ``η_t = η_0 ρ_t/ρ_0``.
+    """
     if name not in SCHEDULES:
         raise ValueError(f"unknown radius schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
     return SCHEDULES[name](optimizer, total_steps, rho_final, couple_lr)
-
-
-def build_radius_scheduler(settings: Any, optimizer: Any, steps_total: int) -> RadiusScheduler | None:
-    """The scheduler ``settings`` asks for through its ``rho_schedule``, ``rho_final`` and ``couple_lr``
-    (CLI arguments or a ``TrainConfig``); ``None`` for ``"none"``. Call its ``step()`` after every
-    optimizer step. Bad combinations raise ``ValueError`` naming the option."""
-    if settings.rho_schedule == "none":
-        if settings.couple_lr:
-            raise ValueError("--couple-lr needs a radius schedule: add --rho-schedule cosine|linear|step")
-        return None
-    inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps the ComposedOptimizer
-    try:
-        return radius_scheduler(settings.rho_schedule, inner, steps_total, settings.rho_final, settings.couple_lr)
-    except ValueError as error:
-        raise ValueError(f"--rho-schedule {settings.rho_schedule}: {error}") from None

@@ -24,19 +24,35 @@ Register = Callable[..., None]
 
 @hookspec
 def nonlocal_opt_register_descent_rules(register: Register) -> None:
-    """Register ``DescentRule`` subclasses: call ``register(cls)`` once per class."""
+    """Register ``DescentRule`` subclasses: call ``register(cls)`` once per class.
+
+    Args:
+        register: ``register(cls)`` registers ``cls`` under ``cls.name``.
+    """
 
 
 @hookspec
 def nonlocal_opt_register_projectors(register: Register) -> None:
-    """Register ``Projector`` subclasses: call ``register(cls)`` once per class."""
+    """Register ``Projector`` subclasses: call ``register(cls)`` once per class.
+
+    Args:
+        register: ``register(cls)`` registers ``cls`` under ``cls.name``.
+    """
 
 
 @hookspec
 def nonlocal_opt_register_manifolds(register: Register) -> None:
-    """Register ``ConstraintManifold`` subclasses: call ``register(cls)`` once per class."""
+    """Register ``ConstraintManifold`` subclasses: call ``register(cls)`` once per class.
+
+    Args:
+        register: ``register(cls)`` registers ``cls`` under ``cls.name``.
+    """
 
 
 @hookspec
 def nonlocal_opt_register_bases(register: Register) -> None:
-    """Register base optimizers (``torch.optim.Optimizer`` subclasses): call ``register(cls, name="...")``."""
+    """Register base optimizers (``torch.optim.Optimizer`` subclasses): call ``register(cls, name="...")``.
+
+    Args:
+        register: ``register(cls, name="...")`` registers ``cls`` under ``name``.
+    """

@@ -17,6 +17,7 @@ _manager: pluggy.PluginManager | None = None
 
 
 def _names(value: str) -> list[str]:
+    """The comma-separated names in ``value``, stripped, empty ones dropped."""
     return [name.strip() for name in value.split(",") if name.strip()]
 
 

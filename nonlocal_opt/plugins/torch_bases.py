@@ -15,5 +15,10 @@ TORCH_BASES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", 
 
 @hookimpl
 def nonlocal_opt_register_bases(register):
+    """Register each of ``TORCH_BASES`` under its lower-case name.
+
+    Args:
+        register: the registry's ``register(cls, name=...)``.
+    """
     for name in TORCH_BASES:
         register(getattr(torch.optim, name), name=name.lower())

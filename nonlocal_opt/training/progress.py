@@ -16,7 +16,7 @@ class Progress:
     the checkpoint (``register_for_checkpointing``), so a run interrupted mid-epoch resumes exactly."""
 
     FIELDS = ("epoch", "step", "batch", "fresh_drawn", "sums", "refused", "first_loss", "exploded_warned",
-              "refused_warned")
+              "refused_warned", "passes")
 
     def __init__(self):
         self.epoch = 0
@@ -25,6 +25,7 @@ class Progress:
         self.fresh_drawn = 0  # fresh batches drawn in the epoch in progress
         self.sums = [0.0, 0.0, 0.0]  # loss, accuracy, refused steps of the epoch in progress
         self.refused = 0  # refused steps of the whole run
+        self.passes = 0  # forward+backward passes of the whole run (the steps' grad_evals)
         self.first_loss = 0.0  # the loss of the run's first step (the scale for "the loss exploded")
         self.exploded_warned = False
         self.refused_warned = False
@@ -51,6 +52,7 @@ class Progress:
         self.fresh_drawn = fresh_drawn
         refused = float(values["nonfinite"]) > 0
         self.refused += refused
+        self.passes += int(values.get("grad_evals", 1))
         self.sums = [self.sums[0] + values["train/loss"], self.sums[1] + values.get("train/acc", 0.0), self.sums[2] + refused]
 
     def epoch_means(self, classification: bool) -> dict[str, float]:

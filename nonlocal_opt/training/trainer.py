@@ -15,7 +15,6 @@ The pieces ``train`` calls: :mod:`~nonlocal_opt.training.logdir` (the log dir's 
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,15 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, set_seed
 
 from nonlocal_opt import unwrap
-from nonlocal_opt.optim.radius_schedules import build_radius_scheduler
-from nonlocal_opt.plugins.compose import compose
 from nonlocal_opt.training.batches import ShuffledBatches
 from nonlocal_opt.training.checkpoints import CheckpointWriter
 from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import (
-    RHO_FINAL_FRACTION,
     ConfigError,
     TrainConfig,
     as_config_error,
+    build_optimizer,
+    build_radius_scheduler,
     optimizer_hyperparameters,
 )
 from nonlocal_opt.training.divergence import DivergenceWatch
@@ -67,6 +65,7 @@ class TrainResult:
     checkpoint: Path | None
     steps: int = 0  # optimizer steps of the whole run (a resumed run counts the checkpoint's)
     refused: int = 0  # steps the rule refused (``nonfinite`` = 1), whole run
+    passes: int = 0  # forward+backward passes (the steps' ``grad_evals``), whole run
     diverged: str | None = None  # why the run counts as diverged (most steps refused, loss exploded), else None
     finished_before: bool = False  # resumed a run that had already trained --epochs epochs: nothing was done
 
@@ -83,7 +82,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     config = config.resolved()
     config.check()
     with as_config_error():
-        hyperparameters = optimizer_hyperparameters(config)
+        optimizer_hyperparameters(config)  # bad names and hyperparameters fail before the log dir is claimed
     logdir = writable_logdir(config.logdir)
     accelerator = build_accelerator(config, logdir)
     with claimed_logdir(accelerator, logdir, config.resume is not None, config.overwrite) as notes:
@@ -92,13 +91,13 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
         set_seed(config.seed)
         task = build_task(config)
         model = batchnorm_across_processes(task.model, accelerator, config)
-        optimizer = compose(model.parameters(), config.optimizer, base=config.base, projector=config.projector, **hyperparameters)
+        optimizer = build_optimizer(config, model.parameters())
         batches = ShuffledBatches(task.train_set, config.batch_size, config.seed)
         model, optimizer, train_loader, fresh_loader = accelerator.prepare(model, optimizer, *batches.loaders)
         forward = torch.compile(model) if config.compile else None
         progress, loss_scale = Progress(), LossScale(enabled=config.mixed_precision == "fp16")
         steps_per_epoch = min(len(train_loader), config.limit_train_batches or len(train_loader))
-        radius = radius_schedule(config, optimizer, steps_per_epoch * config.epochs)
+        radius = build_radius_scheduler(config, optimizer, steps_per_epoch * config.epochs)
         accelerator.register_for_checkpointing(progress, loss_scale, *([radius] if radius else []))
         rng_state = None
         if checkpoint is not None:
@@ -108,7 +107,8 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 accelerator.print(f"the run in {logdir} is already finished: {checkpoint.name} has {progress.epoch} epochs, "
                                   f"--epochs is {config.epochs}; pass a larger --epochs to train further")
                 return TrainResult(accelerator.unwrap_model(model), unwrap(optimizer), [], checkpoint,
-                                   steps=progress.step, refused=progress.refused, finished_before=True)
+                                   steps=progress.step, refused=progress.refused, passes=progress.passes,
+                                   finished_before=True)
         resumed_step = progress.step if checkpoint is not None else None
         with tracking(accelerator, config.flat(), optimizer, resumed_step), StopRequest() as stop:
             logger = MetricsLogger(accelerator, logdir / "metrics.csv")
@@ -151,7 +151,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 if stop.requested(accelerator) and progress.epoch < config.epochs:
                     raise stop.interruption(progress, checkpoints.last)
         result = TrainResult(accelerator.unwrap_model(model), unwrap(optimizer), history, checkpoints.last, steps=progress.step,
-                             refused=progress.refused, diverged=watch.verdict(history[-1] if history else {}))
+                             refused=progress.refused, passes=progress.passes, diverged=watch.verdict(history[-1] if history else {}))
         accelerator.print(summary_line(result, time.perf_counter() - started))
         return result
 
@@ -179,30 +179,10 @@ def build_accelerator(config: TrainConfig, logdir: Path) -> Accelerator:
     return accelerator
 
 
-def radius_schedule(config: TrainConfig, optimizer, total_steps: int):
-    """The radius schedule ``ρ_t`` over ``total_steps`` steps (``--rho-schedule``, ``--rho-final``,
-    ``--couple-lr``), or ``None``.
-
-    Args:
-        config: The run's config.
-        optimizer: The prepared optimizer.
-        total_steps: The schedule's horizon.
-    """
-    group = unwrap(optimizer).param_groups[0]
-    rho0 = group.get("rho")
-    if config.rho_schedule != "none" and config.rho_final is not None and rho0 is not None and config.rho_final > rho0:
-        raise ConfigError(f"--rho-final {config.rho_final:g} is larger than the initial radius {rho0:g}: a radius schedule decays "
-                          f"rho; pass a --rho-final below {rho0:g} (the default is {RHO_FINAL_FRACTION:g} x the initial radius)")
-    rho_final = config.rho_final if config.rho_final is not None else RHO_FINAL_FRACTION * float(rho0 or 0.0)
-    settings = types.SimpleNamespace(rho_schedule=config.rho_schedule, rho_final=rho_final, couple_lr=config.couple_lr)
-    with as_config_error():
-        return build_radius_scheduler(settings, optimizer, total_steps)
-
-
 def summary_line(result: TrainResult, seconds: float) -> str:
-    """``finished: …`` or ``diverged (reason): …``: epochs, steps, refused steps, final metrics, time, checkpoint."""
+    """``finished: …`` or ``diverged (reason): …``: steps, passes, refused steps, final metrics, time, checkpoint."""
     head = f"diverged ({result.diverged})" if result.diverged else "finished"
     final = result.epochs[-1] if result.epochs else {}
     metrics = ", ".join(f"{key} {final[key]:.4g}" for key in ("epoch/train_loss", "val/loss", "val/acc") if key in final)
-    return (f"{head}: {result.steps} steps ({result.refused} refused), {metrics}; {seconds:.1f} s; "
+    return (f"{head}: {result.steps} steps ({result.refused} refused), {result.passes} passes, {metrics}; {seconds:.1f} s; "
             f"checkpoint {result.checkpoint}")

@@ -1,7 +1,8 @@
 """First-party plugin: the ``local`` rule, the gradient at the current point handed to the base as it is.
 
 ``compose(params, "local", base=base)`` is the base optimizer itself (``torch.optim.SGD`` bit for bit over
-``sgd``), plus the framework's non-finite skip, clipping and stats. Registered through the
+``sgd``), plus the framework's non-finite skip, clipping and stats. It declares ``runs_bare_base``: a base's
+name given as the rule (``compose(params, "adamw")``, ``nonlocal-opt train --optimizer adamw``) means it. Registered through the
 ``nonlocal_opt`` entry-point group like any third party.
 """
 
@@ -17,6 +18,7 @@ class LocalRule(DescentRule):
 
     name = "local"
     requires_closure = False
+    runs_bare_base = True
     shardable = True
     presets = {"paper": {"lr": 0.01}}
 

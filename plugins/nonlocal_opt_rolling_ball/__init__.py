@@ -65,10 +65,9 @@ class RollingBallRule(DescentRule):
     alias = "RBO"
     shardable = True
     default_manifold = "offset"
+    # The paper's solver, from Python and the CLI alike; at the paper's η = 6 it refuses nearly every step on
+    # an MLP, where projector="gauss-newton" trains (docs/projectors.md).
     default_projector = "footpoint"
-    # The paper's footpoint solver refuses nearly every step at the paper's η = 6 on the trainer's default
-    # MLP; Gauss–Newton trains it (docs/trainer.md, "Defaults").
-    training_projector = "gauss-newton"
     manifolds = ("offset",)
     presets = {"paper": {"lr": 6.0, "rho": 1.0}}
 

@@ -1,0 +1,45 @@
+"""``nonlocal-opt plugins``: the registered rules, bases, projectors and manifolds, who provides them, their
+hyperparameters and presets."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS
+from nonlocal_opt.plugins.registry import registrations
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    """Print every registration with its provider, hyperparameters (default, symbol, meaning) and presets.
+
+    Args:
+        args: the parsed ``plugins`` arguments (none).
+    """
+
+    def describe(specs) -> None:
+        for key, spec in specs.items():
+            print(f"      {key} = {spec.default!r}  [{spec.symbol}] {spec.doc}")
+
+    def describe_base(cls) -> None:
+        keywords = [f"{key}={p.default!r}" for key, p in inspect.signature(cls).parameters.items() if p.default is not p.empty]
+        print(f"      {', '.join(keywords)}")
+
+    print("optimizer (every composition)")
+    describe(OPTIMIZER_HYPERPARAMETERS)
+    for kind in ("rule", "base", "projector", "manifold"):
+        print(f"{kind}s")
+        for name, entry in sorted(registrations(kind).items()):
+            print(f"  {name}  — {entry.provider}")
+            if kind == "rule" and entry.cls.runs_bare_base:
+                print("    a base's name given as the rule (e.g. --optimizer adamw) means this rule over that base")
+            if kind == "base":
+                describe_base(entry.cls)
+                continue
+            if kind == "rule" and entry.cls.manifolds:
+                rule = entry.cls
+                print(f"    manifold {rule.default_manifold}, projector {rule.default_projector}")
+            describe(entry.cls.hyperparameters)
+            for preset, values in entry.cls.presets.items():
+                print(f"    preset {preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
+    return 0
