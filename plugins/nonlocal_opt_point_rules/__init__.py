@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from nonlocal_opt import DescentRule, hookimpl
 
 

@@ -36,5 +36,5 @@ class TangentProjector(Projector):
         along = (u_move + u_height * move_height) / (u_u + u_height.square())
         moved = Centre(theta=centre.theta + move_theta - along * u_theta, height=centre.height + move_height - along * u_height)
         point = ctx.evaluate(start.theta + (moved.theta - centre.theta))
-        residual = ctx.norm(ctx.manifold.phi_grad(point, moved))
+        residual = ctx.norm(ctx.manifold.phi_grad(point, moved, ctx))
         return ProjectionResult(point=point, centre=moved, iterations=1, residual=residual)

@@ -42,12 +42,12 @@ class DampedFootpoint(Projector):
         gamma_max = ctx.hp("max_step_size")
         phi, phi_grad = ctx.manifold.phi, ctx.manifold.phi_grad
         point = start
-        value, gradient = phi(start, target, ctx), phi_grad(start, target)
+        value, gradient = phi(start, target, ctx), phi_grad(start, target, ctx)
         stop_early = tol is not None and ctx.host_reads  # a Python branch on a value: free on the host path only
         iteration = 0
         while iteration < max_iters and not (stop_early and bool(torch.linalg.vector_norm(gradient) <= tol)):
             trial = ctx.evaluate(point.theta - gamma * gradient)
-            trial_value, trial_gradient = phi(trial, target, ctx), phi_grad(trial, target)
+            trial_value, trial_gradient = phi(trial, target, ctx), phi_grad(trial, target, ctx)
             accept = torch.isfinite(trial_value) & (trial_value <= value - ARMIJO_C * gamma * gradient.dot(gradient))
             point = GraphPoint(
                 theta=torch.where(accept, trial.theta, point.theta),
