@@ -37,6 +37,16 @@ class DampedFootpoint(Projector):
     safeguarded = True  # φ never increases: nonlocal_opt.testing checks it, also on the Riemann function
 
     def project(self, target, start, ctx):
+        """Armijo-backtracked gradient descent on the manifold's ``φ`` from ``θ_t``.
+
+        Args:
+            target: The proposed centre ``c̃``.
+            start: The contact point ``p_t`` with its gradient.
+            ctx: The step's context.
+
+        Returns:
+            The last accepted point, no centre, the trials run and ``‖∇φ‖`` there.
+        """
         max_iters, tol = ctx.hp("max_iters"), ctx.hp("tol")
         gamma = torch.tensor(float(ctx.hp("step_size")), dtype=start.theta.dtype, device=start.theta.device)
         gamma_max = ctx.hp("max_step_size")
@@ -63,4 +73,9 @@ class DampedFootpoint(Projector):
 
 @nonlocal_opt.hookimpl
 def nonlocal_opt_register_projectors(register):
+    """Register the ``damped-footpoint`` projector.
+
+    Args:
+        register: The registry's callback.
+    """
     register(DampedFootpoint)
