@@ -145,9 +145,16 @@ def test_footpoint_projects_in_the_manifold_metric():
         nonlocal_opt.compose(landscape.parameters(), ScaledRBO(), projector="gauss-newton", manifold=ScaledOffset())
 
 
-def test_a_manifold_whose_phi_grad_does_not_take_the_interface_arguments_is_refused_when_defined():
-    with pytest.raises(TypeError, match=r"OldSignature\.phi_grad.*define phi_grad\(self, point, target, ctx, \*, out=None"):
+def test_a_manifold_whose_methods_do_not_take_the_interface_arguments_is_refused_when_defined():
+    interface = r"define phi_grad\(self, point, target, ctx, \*, out=None, offset=None, work=None\)"
+    with pytest.raises(TypeError, match=r"OldSignature\.phi_grad\(self, point, target, out=None\).*" + interface):
 
         class OldSignature(OffsetFromScratch):
             def phi_grad(self, point, target, out=None):
                 return super().phi_grad(point, target, None, out=out)
+
+    with pytest.raises(TypeError, match=r"NoContext\.centre\(self, point\).*define centre\(self, point, ctx\)"):
+
+        class NoContext(OffsetFromScratch):
+            def centre(self, point):
+                return Centre(theta=point.theta, height=point.loss)

@@ -46,6 +46,15 @@ class _Component(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+_MANIFOLD_CALLS = {
+    "centre": (("point", "ctx"), ()),
+    "phi": (("point", "target", "ctx"), ()),
+    "phi_grad": (("point", "target", "ctx"), ("out", "offset", "work")),
+    "offset_error": (("centre", "point", "ctx"), ()),
+}
+"""How rules and projectors call a manifold: positional arguments, then keywords."""
+
+
 class ConstraintManifold(_Component):
     """The set the ball's centre lives on, and the projection objective that restores it.
 
@@ -53,7 +62,7 @@ class ConstraintManifold(_Component):
     ``φ(θ) = ½ dist((θ, f(θ)), c̃)²`` a projector minimises to find the new contact point for a proposed
     centre ``c̃``, its gradient ``∇φ``, and the offset error of a carried centre. These four methods are
     everything a rule or a projector calls on a manifold, with exactly these signatures; a subclass whose
-    ``phi_grad`` does not accept the arguments projectors pass is refused when it is defined.
+    methods do not accept these arguments is refused when it is defined.
 
     Class attributes (every component): ``name`` (the registered name, which ``Projector.manifolds``
     and ``DescentRule.manifolds`` refer to), ``hyperparameters``, ``presets``, ``shardable``.
@@ -61,17 +70,18 @@ class ConstraintManifold(_Component):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        phi_grad = cls.__dict__.get("phi_grad")
-        if phi_grad is None:
-            return
-        try:
-            inspect.signature(phi_grad).bind(None, None, None, None, out=None, offset=None, work=None)
-        except TypeError:
-            raise TypeError(
-                f"{cls.__qualname__}.phi_grad{inspect.signature(phi_grad)} does not accept the arguments projectors "
-                "pass: define phi_grad(self, point, target, ctx, *, out=None, offset=None, work=None) "
-                "(ConstraintManifold.phi_grad, docs/plugins.md)"
-            ) from None
+        for method, (positional, keywords) in _MANIFOLD_CALLS.items():
+            defined = cls.__dict__.get(method)
+            if defined is None:
+                continue
+            try:
+                inspect.signature(defined).bind(None, *[None] * len(positional), **dict.fromkeys(keywords))
+            except TypeError:
+                expected = ", ".join(["self", *positional, *(["*", *(f"{k}=None" for k in keywords)] if keywords else [])])
+                raise TypeError(
+                    f"{cls.__qualname__}.{method}{inspect.signature(defined)} does not accept the arguments rules and "
+                    f"projectors pass: define {method}({expected}) (ConstraintManifold.{method}, docs/plugins.md)"
+                ) from None
 
     @abstractmethod
     def centre(self, point: GraphPoint, ctx: StepContext) -> Centre:
