@@ -100,8 +100,8 @@ class HangingOffset(ConstraintManifold):
     def phi(self, point, target, ctx):
         return 0.5 * ((point.theta - target.theta).square().sum() + (point.loss - target.height).square())
 
-    def phi_grad(self, point, target, out=None):
-        grad = (point.theta - target.theta) + (point.loss - target.height) * point.grad
+    def phi_grad(self, point, target, ctx, *, out=None, offset=None, work=None):
+        grad = (point.theta - target.theta if offset is None else offset) + (point.loss - target.height) * point.grad
         return grad if out is None else out.copy_(grad)
 
     def offset_error(self, centre, point, ctx):

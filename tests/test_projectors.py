@@ -36,7 +36,7 @@ def test_projector_contract(projector):
 
 
 def residual(ctx, point, target) -> torch.Tensor:
-    return torch.linalg.vector_norm(ctx.manifold.phi_grad(point, target))
+    return torch.linalg.vector_norm(ctx.manifold.phi_grad(point, target, ctx))
 
 
 class StaysPut(Projector):

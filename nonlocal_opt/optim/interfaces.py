@@ -8,6 +8,7 @@ Under FSDP2 it is this process's shard of that vector; sums over ``R^d`` then go
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,41 +46,124 @@ class _Component(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class ConstraintManifold(_Component):
-    """The set the optimizer's state lives on, and the projection objective that restores it.
+_MANIFOLD_CALLS = {
+    "centre": (("point", "ctx"), ()),
+    "phi": (("point", "target", "ctx"), ()),
+    "phi_grad": (("point", "target", "ctx"), ("out", "offset", "work")),
+    "offset_error": (("centre", "point", "ctx"), ()),
+}
+"""How rules and projectors call a manifold: positional arguments, then keywords."""
 
-    It owns the geometry: the centre ``c(p)`` over a contact point, the objective
-    ``φ(θ) = ½ dist((θ, f(θ)), c̃)²`` a projector minimises to find the new contact point for a
-    proposed centre ``c̃``, its gradient, and the offset error of a centre.
+
+class ConstraintManifold(_Component):
+    """The set the ball's centre lives on, and the projection objective that restores it.
+
+    A manifold owns the geometry: the centre ``c(p)`` over a contact point ``p``, the objective
+    ``φ(θ) = ½ dist((θ, f(θ)), c̃)²`` a projector minimises to find the new contact point for a proposed
+    centre ``c̃``, its gradient ``∇φ``, and the offset error of a carried centre. These four methods are
+    everything a rule or a projector calls on a manifold, with exactly these signatures; a subclass whose
+    methods do not accept these arguments is refused when it is defined.
+
+    Class attributes (every component): ``name`` (the registered name, which ``Projector.manifolds``
+    and ``DescentRule.manifolds`` refer to), ``hyperparameters``, ``presets``, ``shardable``.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method, (positional, keywords) in _MANIFOLD_CALLS.items():
+            defined = cls.__dict__.get(method)
+            if defined is None:
+                continue
+            try:
+                inspect.signature(defined).bind(None, *[None] * len(positional), **dict.fromkeys(keywords))
+            except TypeError:
+                expected = ", ".join(["self", *positional, *(["*", *(f"{k}=None" for k in keywords)] if keywords else [])])
+                raise TypeError(
+                    f"{cls.__qualname__}.{method}{inspect.signature(defined)} does not accept the arguments rules and "
+                    f"projectors pass: define {method}({expected}) (ConstraintManifold.{method}, docs/plugins.md)"
+                ) from None
 
     @abstractmethod
     def centre(self, point: GraphPoint, ctx: StepContext) -> Centre:
-        """``c(p)``: the state attached to the contact point ``p`` (needs ``point.grad``)."""
+        """``c(p)``: the centre over the contact point ``p``.
+
+        Args:
+            point: The contact point ``p = (θ, f(θ))`` with ``point.grad = ∇f(θ)``.
+            ctx: The step's context (hyperparameters, sums over shards, scratch vectors).
+
+        Returns:
+            The centre ``c(p)``. Its ``theta`` may live in the manifold's scratch storage, which the next
+            call overwrites.
+        """
 
     @abstractmethod
     def phi(self, point: GraphPoint, target: Centre, ctx: StepContext) -> torch.Tensor:
-        """``φ(θ)`` at ``point`` for the proposed centre ``target``, as a 0-d tensor."""
+        """``φ(θ)``, the projection objective at ``point`` for the proposed centre ``target``.
+
+        Args:
+            point: The point ``(θ, f(θ))`` of the graph.
+            target: The proposed centre ``c̃ = (θ̃, ỹ)``.
+            ctx: The step's context (sums over ``R^d`` go through ``ctx.sum``).
+
+        Returns:
+            ``φ(θ)`` as a 0-d tensor.
+        """
 
     @abstractmethod
     def phi_grad(
-        self, point: GraphPoint, target: Centre, out: torch.Tensor | None = None, offset: torch.Tensor | None = None
+        self,
+        point: GraphPoint,
+        target: Centre,
+        ctx: StepContext,
+        *,
+        out: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        work: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``∇φ(θ)`` at ``point`` (needs ``point.grad``), written into ``out`` when given (``out`` may be
-        ``offset``). ``offset``: ``θ − θ̃`` when the caller has formed it already (a solver may pass it to
-        save a sweep); ``point.theta`` is then not read, and may be ``None``."""
+        """``∇φ(θ)`` at ``point`` for the proposed centre ``target``.
+
+        ``out``, ``offset`` and ``work`` let a solver run without allocating: a manifold must honour
+        ``out`` and ``offset`` and may ignore ``work``.
+
+        Args:
+            point: The point ``(θ, f(θ))`` with ``point.grad = ∇f(θ)``. ``point.theta`` is not read when
+                ``offset`` is given, and may then be ``None``.
+            target: The proposed centre ``c̃ = (θ̃, ỹ)``.
+            ctx: The step's context (hyperparameters, sums over shards, scratch vectors).
+            out: A flat tensor to write ``∇φ`` into (``None``: a new tensor). It may be ``offset`` itself.
+            offset: ``θ − θ̃`` when the caller has formed it already (it saves a sweep over ``R^d``).
+            work: A flat tensor, distinct from ``out``, ``offset`` and the point's vectors, that the
+                manifold may overwrite with intermediate results; its content afterwards is unspecified.
+
+        Returns:
+            ``∇φ(θ)`` as a flat tensor (``out`` when given).
+        """
 
     @abstractmethod
     def offset_error(self, centre: Centre, point: GraphPoint, ctx: StepContext) -> torch.Tensor:
-        """How far ``(c, p)`` is from satisfying the constraint (0 on the manifold), as a 0-d tensor."""
+        """How far ``(c, p)`` is from satisfying the constraint, for a centre a projector carries.
+
+        Args:
+            centre: The carried centre ``c``.
+            point: Its contact point ``p``.
+            ctx: The step's context.
+
+        Returns:
+            A 0-d tensor, 0 on the manifold.
+        """
 
 
 class Projector(_Component):
     """A solver that restores the constraint after a move: it maps a proposed centre ``c̃`` back onto
-    the manifold by minimising the manifold's ``φ`` (``ctx.manifold.phi`` / ``phi_grad``).
+    the manifold by minimising the manifold's ``φ`` (``ctx.manifold.phi`` / ``phi_grad``, the only
+    manifold methods it calls).
 
     It may evaluate the loss as often as it needs through ``ctx.evaluate(θ)``, which runs the
-    closure on the *same* mini-batch. ``manifolds`` lists the manifolds it can project onto.
+    closure on the *same* mini-batch.
+
+    Class attributes: ``manifolds`` lists the names of the manifolds it can project onto (``compose``
+    refuses any other); ``uses_centre`` (below); and every component's ``name``, ``hyperparameters``,
+    ``presets``, ``shardable``.
     """
 
     manifolds: ClassVar[tuple[str, ...]] = ()
@@ -89,12 +173,29 @@ class Projector(_Component):
 
     @abstractmethod
     def project(self, target: Centre, start: GraphPoint, ctx: StepContext) -> ProjectionResult:
-        """Return ``p_{t+1}`` (and optionally ``c_{t+1}``) for the proposed centre ``c̃ = target``,
-        starting from the current contact point ``start = p_t``."""
+        """Project the proposed centre back onto the manifold.
+
+        Args:
+            target: The proposed centre ``c̃``; its vectors belong to the rule and must not be written.
+            start: The current contact point ``p_t``, with ``start.grad = ∇f(θ_t)`` already paid for.
+            ctx: The step's context: ``ctx.evaluate`` for passes, ``ctx.manifold`` for ``φ`` and ``∇φ``,
+                ``ctx.hp`` for hyperparameters, ``ctx.centre`` for ``c_t`` when ``uses_centre``.
+
+        Returns:
+            ``p_{t+1}`` (an evaluated point), the centre to carry (``None``: the rule recomputes
+            ``c(p_{t+1})``), the iterations run and ``‖∇φ‖`` at ``p_{t+1}``.
+        """
 
     def start_grad_out(self, ctx: StepContext) -> torch.Tensor | None:
-        """Where the rule should gather ``∇f(θ_t)`` (``start.grad``): a flat tensor of the projector's own
-        storage, which it may then overwrite once its iterates have left ``θ_t``; ``None``: anywhere."""
+        """Where the rule should gather ``∇f(θ_t)`` (``start.grad``).
+
+        Args:
+            ctx: The step's context.
+
+        Returns:
+            A flat tensor of the projector's own storage, which it may overwrite once its iterates have
+            left ``θ_t``; ``None``: anywhere.
+        """
         return None
 
 

@@ -60,6 +60,17 @@ class EntropySGDRule(DescentRule):
     }
 
     def step(self, ctx):
+        """``L`` Langevin steps from ``x`` (``L`` passes), then the base's step with the outer gradient.
+
+        Args:
+            ctx: The step's context.
+
+        Returns:
+            The loss at ``x``.
+
+        Raises:
+            ValueError: ``fresh_batches=True`` with a closure that takes no ``fresh_batch`` keyword.
+        """
         fresh = ctx.hp("fresh_batches")
         if fresh and not ctx.accepts_fresh_batch:
             raise ValueError(
@@ -126,4 +137,9 @@ class EntropySGDRule(DescentRule):
 
 @hookimpl
 def nonlocal_opt_register_descent_rules(register):
+    """Register the ``entropy-sgd`` rule.
+
+    Args:
+        register: The registry's callback.
+    """
     register(EntropySGDRule)

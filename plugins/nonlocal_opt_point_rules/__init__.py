@@ -8,8 +8,6 @@ name given as the rule (``compose(params, "adamw")``, ``nonlocal-opt train --opt
 
 from __future__ import annotations
 
-import torch
-
 from nonlocal_opt import DescentRule, hookimpl
 
 
@@ -23,6 +21,14 @@ class LocalRule(DescentRule):
     presets = {"paper": {"lr": 0.01}}
 
     def step(self, ctx):
+        """One pass (when there is a closure), then the base's step with the gradients it left.
+
+        Args:
+            ctx: The step's context.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+        """
         loss = None
         if ctx.has_closure:
             loss = ctx.loss(extra=False)
@@ -33,4 +39,9 @@ class LocalRule(DescentRule):
 
 @hookimpl
 def nonlocal_opt_register_descent_rules(register):
+    """Register the ``local`` rule.
+
+    Args:
+        register: The registry's callback.
+    """
     register(LocalRule)

@@ -16,5 +16,10 @@ from nonlocal_opt_projectors.tangent import TangentProjector
 
 @hookimpl
 def nonlocal_opt_register_projectors(register):
+    """Register ``gauss-newton``, ``newton``, ``lbfgs`` and ``tangent``.
+
+    Args:
+        register: The registry's callback.
+    """
     for cls in (GaussNewtonProjector, NewtonCGProjector, LBFGSProjector, TangentProjector):
         register(cls)

@@ -16,7 +16,18 @@ class GaussNewtonProjector(SafeguardedFootpointProjector):
     def trial_offset(self, current, damping, memory, ctx, out):
         """``Δ = −k (∇φ − β g)`` with ``k = 1/(1 + μ)``, ``β = gᵀ∇φ/(1 + μ + gᵀg)``, i.e. ``a + Δ = (1 − k) a − k (s − β) g
         = (1 − k) ∇φ − (s − kβ) g``; predicted decrease ``½ Δᵀ(μΔ − ∇φ)`` (the LM model, Madsen–Nielsen–Tingleff),
-        all from the iterate's dots."""
+        all from the iterate's dots.
+
+        Args:
+            current: The current iterate.
+            damping: The LM damping ``μ``.
+            memory: ``None`` (Gauss–Newton keeps no memory).
+            ctx: The step's context.
+            out: Where to write the trial offset ``a + Δ``.
+
+        Returns:
+            The predicted decrease of ``φ``.
+        """
         k = 1 / (1 + damping)
         beta = current.gv / (1 + damping + current.gg)
         combine(1 - k, current.grad_phi, -(current.gap - k * beta), current.g, out=out)

@@ -12,12 +12,22 @@ import torch
 
 from nonlocal_opt import Hyperparameter
 from nonlocal_opt.optim.hyperparameters import non_negative_int, positive_int
-from nonlocal_opt_projectors.footpoint_math import damped_gn_solve
-from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, SafeguardedFootpointProjector, choose
+from nonlocal_opt_projectors.footpoint_math import damped_gn_solve, gauss_newton_decrease
+from nonlocal_opt_projectors.safeguarded import STOPPING_HYPERPARAMETERS, Iterate, SafeguardedFootpointProjector, choose
+from nonlocal_opt_projectors.scalars import Scalar
 
 
 def finite_difference_hvp(point, vector: torch.Tensor, ctx) -> torch.Tensor:
-    """``∇²f(θ) v ≈ (∇f(θ + εv) − ∇f(θ))/ε`` with ``ε = √eps · (1 + ‖θ‖)/‖v‖`` (one pass)."""
+    """``∇²f(θ) v ≈ (∇f(θ + εv) − ∇f(θ))/ε`` with ``ε = √eps · (1 + ‖θ‖)/‖v‖`` (one pass).
+
+    Args:
+        point: The point ``(θ, f(θ), ∇f(θ))``.
+        vector: ``v``, a flat tensor.
+        ctx: The step's context (the pass, norms over shards).
+
+    Returns:
+        The product, a new flat tensor.
+    """
     scale = torch.finfo(vector.dtype).eps ** 0.5 * (1 + ctx.norm(point.theta))
     eps = scale / torch.clamp(ctx.norm(vector), min=torch.finfo(vector.dtype).tiny)
     shifted = ctx.evaluate(torch.addcmul(point.theta, eps, vector))
@@ -39,26 +49,56 @@ class NewtonCGProjector(SafeguardedFootpointProjector):
         "cg_iters": Hyperparameter(2, "m", "CG iterations per Newton step, one HVP pass each (0: Gauss–Newton)", non_negative_int),
     }
 
-    def step(self, current, damping, memory, ctx):
-        g, s, gradient = current.g, current.gap, current.grad_phi
-        lm_step = damped_gn_solve(g, gradient, ctx, damping, scale=-1.0)
-        cg_iters = ctx.hp("cg_iters")
-        if cg_iters == 0:
-            return lm_step
-        point = current.point()
-        on_host = ctx.host_reads
-        x, r, z = torch.zeros_like(gradient), -gradient, lm_step
-        p, rz = z, ctx.dot(r, z)
-        negative = torch.zeros((), dtype=torch.bool, device=g.device)
-        for _ in range(cg_iters):
-            ap = torch.addcmul((1 + damping) * p, g, ctx.dot(g, p)).add_(s * finite_difference_hvp(point, p, ctx))
-            pap, pp = ctx.sum(torch.stack([p.dot(ap), p.dot(p)])).unbind()
-            negative = negative | ((pap <= 0) & (pp > 0))
-            alpha = rz / torch.where(pap > 0, pap, 1)
-            (x,) = choose(negative, (x,), (torch.addcmul(x, alpha, p),), on_host)
-            r = torch.addcmul(r, alpha, ap, value=-1)
-            z = damped_gn_solve(g, r, ctx, damping)
-            rz_next = ctx.dot(r, z)
-            p = torch.addcmul(z, rz_next / torch.where(rz > 0, rz, 1), p)
-            rz = rz_next
-        return choose(negative, (lm_step,), (x,), on_host)[0]
+    def trial_offset(self, current, damping, memory, ctx, out):
+        """The truncated Newton step (:func:`newton_cg_step`); its decrease predicted by the Gauss–Newton
+        model, ``−∇φᵀΔ − ½(‖Δ‖² + (gᵀΔ)²)``.
+
+        Args:
+            current: The current iterate.
+            damping: The LM damping ``μ``.
+            memory: ``None`` (Newton-CG keeps no memory).
+            ctx: The step's context (one pass per Hessian-vector product).
+            out: Where to write the trial offset ``a + Δ``.
+
+        Returns:
+            The predicted decrease of ``φ``.
+        """
+        step = newton_cg_step(current, damping, ctx.hp("cg_iters"), ctx)
+        current.offset_after(step, out)
+        return gauss_newton_decrease(current.g, current.grad_phi, step, ctx)
+
+
+def newton_cg_step(current: Iterate, damping: Scalar, cg_iters: int, ctx) -> torch.Tensor:
+    """``Δ`` from ``cg_iters`` preconditioned CG steps on ``((1 + μ) I + g gᵀ + s ∇²f) Δ = −∇φ``, or the LM step
+    ``−((1 + μ) I + g gᵀ)⁻¹ ∇φ`` when ``cg_iters = 0`` or the curvature ``pᵀAp`` is not positive.
+
+    Args:
+        current: The iterate (``g``, ``s``, ``∇φ``).
+        damping: The LM damping ``μ``.
+        cg_iters: CG iterations, one Hessian-vector product (one pass) each.
+        ctx: The step's context.
+
+    Returns:
+        The step ``Δ``, a new flat tensor.
+    """
+    g, s, gradient = current.g, current.gap, current.grad_phi
+    lm_step = damped_gn_solve(g, gradient, ctx, damping, scale=-1.0)
+    if cg_iters == 0:
+        return lm_step
+    point = current.point()
+    on_host = ctx.host_reads
+    x, r, z = torch.zeros_like(gradient), -gradient, lm_step
+    p, rz = z, ctx.dot(r, z)
+    negative = torch.zeros((), dtype=torch.bool, device=g.device)
+    for _ in range(cg_iters):
+        ap = torch.addcmul((1 + damping) * p, g, ctx.dot(g, p)).add_(s * finite_difference_hvp(point, p, ctx))
+        pap, pp = ctx.sum(torch.stack([p.dot(ap), p.dot(p)])).unbind()
+        negative = negative | ((pap <= 0) & (pp > 0))
+        alpha = rz / torch.where(pap > 0, pap, 1)
+        (x,) = choose(negative, (x,), (torch.addcmul(x, alpha, p),), on_host)
+        r = torch.addcmul(r, alpha, ap, value=-1)
+        z = damped_gn_solve(g, r, ctx, damping)
+        rz_next = ctx.dot(r, z)
+        p = torch.addcmul(z, rz_next / torch.where(rz > 0, rz, 1), p)
+        rz = rz_next
+    return choose(negative, (lm_step,), (x,), on_host)[0]

@@ -24,6 +24,19 @@ class TangentProjector(Projector):
     shardable = True
 
     def project(self, target, start, ctx):
+        """Move ``c_t`` by the projected update and the contact point rigidly with it.
+
+        Args:
+            target: The proposed centre ``c̃``.
+            start: The contact point ``p_t``.
+            ctx: The step's context; ``ctx.centre`` is ``c_t``.
+
+        Returns:
+            ``p_{t+1}`` (evaluated), the centre ``c_{t+1}`` to carry, one iteration and ``‖∇φ‖`` with respect to ``c_{t+1}``.
+
+        Raises:
+            ValueError: The rule passed no current centre.
+        """
         centre = ctx.centre
         if centre is None:
             raise ValueError(
@@ -36,5 +49,5 @@ class TangentProjector(Projector):
         along = (u_move + u_height * move_height) / (u_u + u_height.square())
         moved = Centre(theta=centre.theta + move_theta - along * u_theta, height=centre.height + move_height - along * u_height)
         point = ctx.evaluate(start.theta + (moved.theta - centre.theta))
-        residual = ctx.norm(ctx.manifold.phi_grad(point, moved))
+        residual = ctx.norm(ctx.manifold.phi_grad(point, moved, ctx))
         return ProjectionResult(point=point, centre=moved, iterations=1, residual=residual)

@@ -15,34 +15,76 @@ from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
 class OffsetManifold(ConstraintManifold):
     """``S(Γ, ρ) = {c : d(c, Γ) = ρ}`` (docs/math.md §2); the centre over contact point ``p`` is
     ``c = p + ρ ν(p)``, ``ν(p) = (−g, 1)/N``, ``N = sqrt(1 + ‖g‖²)``. Projection objective
-    ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``, ``∇φ = a + s g`` with ``a = θ − θ̃``, ``s = f(θ) − ỹ``."""
+    ``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``, ``∇φ = a + s g`` with ``a = θ − θ̃``, ``s = f(θ) − ỹ``.
+
+    Hyperparameters: ``rho`` (``ρ``, the radius of the ball, default 1).
+    """
 
     name = "offset"
     shardable = True
     hyperparameters = {"rho": Hyperparameter(1.0, "ρ", "radius of the ball", positive)}
 
     def centre(self, point, ctx):
-        """``c = p + ρ ν(p)``, its ``θ`` part in the scratch vector ``offset.centre``."""
+        """``c = p + ρ ν(p)``.
+
+        Args:
+            point: The contact point ``p`` with ``point.grad = g``.
+            ctx: The step's context (``ρ``, the sum ``‖g‖²`` over shards, the scratch vector).
+
+        Returns:
+            The centre; its ``θ`` part lives in the scratch vector ``offset.centre`` (the next call overwrites it).
+        """
         inv_n = torch.rsqrt(1 + ctx.dot(point.grad, point.grad))
         rho = ctx.hp("rho")
         theta = torch.mul(point.grad, inv_n, out=ctx.scratch("offset.centre")).mul_(-rho).add_(point.theta)  # θ + ρ(−g/N)
         return Centre(theta=theta, height=point.loss + rho * inv_n)
 
     def phi(self, point, target, ctx):
+        """``φ(θ) = ½‖θ − θ̃‖² + ½(f(θ) − ỹ)²``.
+
+        Args:
+            point: The point ``(θ, f(θ))``.
+            target: The proposed centre ``c̃ = (θ̃, ỹ)``.
+            ctx: The step's context (``‖θ − θ̃‖²`` summed over shards).
+
+        Returns:
+            ``φ(θ)`` as a 0-d tensor.
+        """
         gap = point.loss - target.height
         return 0.5 * (ctx.sum((point.theta - target.theta).square().sum()) + gap * gap)
 
-    def phi_grad(self, point, target, out=None, offset=None, work=None):
-        """``∇φ = (θ − θ̃) + s g``; ``offset``: ``a = θ − θ̃`` when the caller has it already (one sweep less);
-        ``work``: a flat vector it may overwrite, for ``s g`` (no allocation)."""
+    def phi_grad(self, point, target, ctx, *, out=None, offset=None, work=None):
+        """``∇φ = (θ − θ̃) + s g``, ``s = f(θ) − ỹ``; with ``offset`` (``a = θ − θ̃``) one fused sweep, else
+        ``s g`` in ``work`` and Algorithm 1's rounding (no fused multiply-add).
+
+        Args:
+            point: ``(θ, f(θ))`` with ``point.grad = g``; ``θ`` is not read when ``offset`` is given.
+            target: The proposed centre ``c̃ = (θ̃, ỹ)``.
+            ctx: The step's context (unused: ``∇φ`` needs no sum over ``R^d``).
+            out: Where to write ``∇φ`` (may be ``offset``); ``None``: a new tensor.
+            offset: ``a = θ − θ̃`` when the caller has formed it.
+            work: A flat tensor to hold ``s g`` (``None``: a new tensor).
+
+        Returns:
+            ``∇φ``, in ``out`` when given.
+        """
         gap = point.loss - target.height
         if offset is not None:
             return torch.addcmul(offset, gap, point.grad, out=out) if out is not None else torch.addcmul(offset, gap, point.grad)
         scaled = torch.mul(point.grad, gap, out=work)
-        return torch.sub(point.theta, target.theta, out=out).add_(scaled)  # Algorithm 1's rounding (no fused multiply-add)
+        return torch.sub(point.theta, target.theta, out=out).add_(scaled)
 
     def offset_error(self, centre, point, ctx):
-        """``|‖c − p‖ − ρ| / ρ``: 0 when the carried centre sits at distance ρ from its contact point."""
+        """``|‖c − p‖ − ρ| / ρ``: 0 when the carried centre sits at distance ρ from its contact point.
+
+        Args:
+            centre: The carried centre ``c``.
+            point: Its contact point ``p``.
+            ctx: The step's context (``ρ``, sums over shards).
+
+        Returns:
+            The relative error as a 0-d tensor.
+        """
         rho = ctx.hp("rho")
         gap = torch.sqrt(ctx.sum((centre.theta - point.theta).square().sum()) + (centre.height - point.loss).square())
         return (gap - rho).abs() / rho
@@ -72,13 +114,31 @@ class RollingBallRule(DescentRule):
     presets = {"paper": {"lr": 6.0, "rho": 1.0}}
 
     def check_group(self, group):
+        """Refuse a group without a positive ``lr`` (the step ``η`` of the centre).
+
+        Args:
+            group: One parameter group with every component's defaults filled in.
+
+        Raises:
+            ValueError: ``lr`` is missing, not a number or not positive.
+        """
         lr = group.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0, got lr={lr!r}")
 
     @staticmethod
     def propose(centre: Centre, point, eta, ctx) -> Centre:
-        """``c̃ = c − η τ(p)``, formed over ``centre.theta`` (the caller passes a centre it no longer needs)."""
+        """``c̃ = c − η τ(p)``, ``τ(p) = (g, ‖g‖²)``, formed in place over ``centre.theta``.
+
+        Args:
+            centre: The centre ``c``; its ``theta`` is overwritten (pass a centre no longer needed).
+            point: The contact point ``p`` with ``point.grad = g``.
+            eta: The step ``η``: a float, or a flat tensor with one ``η`` per coordinate.
+            ctx: The step's context (``‖g‖²`` summed over shards).
+
+        Returns:
+            The proposed centre ``c̃``.
+        """
         if isinstance(eta, float):
             theta = centre.theta.add_(point.grad, alpha=-eta)
             return Centre(theta=theta, height=centre.height - ctx.dot(point.grad, point.grad) * eta)
@@ -86,6 +146,14 @@ class RollingBallRule(DescentRule):
         return Centre(theta=theta, height=centre.height - ctx.dot(eta * point.grad, point.grad))
 
     def step(self, ctx):
+        """One RBO step: centre, move, projection, then the base's step with ``ĝ = (θ_t − θ_{t+1}) / η``.
+
+        Args:
+            ctx: The step's context.
+
+        Returns:
+            The loss ``f(θ_t)`` at the start of the step.
+        """
         start = ctx.evaluate(extra=False, theta_out=ctx.scratch("rbo.theta"), grad_out=ctx.start_grad_out())
         eta = ctx.per_coordinate("lr")
         carried = self._carried_centre(ctx)
@@ -149,18 +217,26 @@ class FootpointGradientDescent(Projector):
     }
 
     def project(self, target, start, ctx):
+        """Run ``K`` gradient steps on ``φ`` from ``θ_t`` (fewer with ``tol`` on the CPU).
+
+        Args:
+            target: The proposed centre ``c̃``.
+            start: The contact point ``p_t`` with its gradient.
+            ctx: The step's context.
+
+        Returns:
+            The last iterate (evaluated), no centre, the iterations run and ``‖∇φ‖`` there.
+        """
         max_iters, gamma, tol = ctx.hp("max_iters"), ctx.hp("step_size"), ctx.hp("tol")
         stop_early = tol is not None and ctx.host_reads
         # Iterates alternate between two (θ, g) rows kept from step to step; ∇φ is formed in the θ row of
-        # the next iterate, then turned into it (s·g in its g row on the offset manifold): no new R^d tensor.
+        # the next iterate (its g row is the manifold's work vector), then turned into it: no new R^d tensor.
         rows = ctx.scratch("footpoint.rows", rows=4)
         slots = (rows[0:2], rows[2:4])
-        own_manifold = isinstance(ctx.manifold, OffsetManifold)  # its phi_grad takes a work vector for s·g
         point, iteration = start, 0
         while True:
             theta_out, grad_out = slots[iteration % 2]
-            work = {"work": grad_out} if own_manifold else {}
-            grad_phi = ctx.manifold.phi_grad(point, target, out=theta_out, **work)
+            grad_phi = ctx.manifold.phi_grad(point, target, ctx, out=theta_out, work=grad_out)
             last = iteration == max_iters
             residual = ctx.norm(grad_phi) if last or stop_early else None  # ‖∇φ‖ only where it is read
             if last or (stop_early and bool(residual <= tol)):
@@ -171,7 +247,14 @@ class FootpointGradientDescent(Projector):
 
 
 def distinct(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``vectors`` without those that share memory with an earlier one (``p_{t+1}`` may be ``p_t`` itself)."""
+    """``vectors`` without those that share memory with an earlier one (``p_{t+1}`` may be ``p_t`` itself).
+
+    Args:
+        vectors: Tensors, or ``None`` (dropped).
+
+    Returns:
+        The tensors in their order, each storage once.
+    """
     kept: list[torch.Tensor] = []
     for v in vectors:
         if v is not None and not any(v.data_ptr() == k.data_ptr() for k in kept):
@@ -181,14 +264,29 @@ def distinct(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @hookimpl
 def nonlocal_opt_register_descent_rules(register):
+    """Register the ``rbo`` rule.
+
+    Args:
+        register: The registry's callback.
+    """
     register(RollingBallRule)
 
 
 @hookimpl
 def nonlocal_opt_register_manifolds(register):
+    """Register the ``offset`` manifold.
+
+    Args:
+        register: The registry's callback.
+    """
     register(OffsetManifold)
 
 
 @hookimpl
 def nonlocal_opt_register_projectors(register):
+    """Register the ``footpoint`` projector.
+
+    Args:
+        register: The registry's callback.
+    """
     register(FootpointGradientDescent)

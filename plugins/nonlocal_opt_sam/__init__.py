@@ -18,7 +18,17 @@ Tensors = list[torch.Tensor]
 
 def perturb_(target: Tensors, grads: Tensors, w: Tensors, scratch: Tensors, rho: float, adaptive: bool, ctx) -> None:
     """``target ← target + ε``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` with ``T = |w|`` (ASAM) or ``T = 1`` (SAM); one
-    global norm over all tensors (``ctx.norm``). ``grads`` are overwritten (SAM) and ``scratch`` (ASAM)."""
+    global norm over all tensors (``ctx.norm``).
+
+    Args:
+        target: The tensors to perturb, in place.
+        grads: ``g`` per tensor; overwritten (SAM).
+        w: The weights ``w`` (ASAM's ``T = |w|``).
+        scratch: Work tensors like ``w``, overwritten (ASAM; unused for SAM).
+        rho: ``ρ``.
+        adaptive: ASAM (``True``) or SAM.
+        ctx: The step's context (the global norm).
+    """
     if adaptive:
         torch._foreach_copy_(scratch, w)
         torch._foreach_mul_(scratch, grads)  # w g: ‖w g‖ = ‖T g‖
@@ -33,13 +43,26 @@ def perturb_(target: Tensors, grads: Tensors, w: Tensors, scratch: Tensors, rho:
 
 
 def owns_storage(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is all of its storage: no other tensor can see a change of what it points to."""
-    return tensor.storage_offset() == 0 and tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    """Whether ``tensor`` is all of its storage: no other tensor can see a change of what it points to.
+
+    Args:
+        tensor: A parameter.
+
+    Returns:
+        ``True`` when re-pointing it (``p.data = v``) affects no other tensor.
+    """
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor.storage_offset() == 0 and tensor.is_contiguous() and whole
 
 
 @contextlib.contextmanager
 def pointing_at(params: Tensors, values: Tensors):
-    """Point every parameter at the matching tensor of ``values`` (``p.data = v``), and back on exit, also on an error."""
+    """Point every parameter at the matching tensor of ``values`` (``p.data = v``), and back on exit, also on an error.
+
+    Args:
+        params: The parameters.
+        values: One tensor per parameter, of its shape.
+    """
     kept = [p.data for p in params]
     for p, v in zip(params, values):
         p.data = v
@@ -70,6 +93,14 @@ class SAMRule(DescentRule):
     presets = {"paper": {"lr": 0.01, "rho": 0.05}}
 
     def step(self, ctx):
+        """Two passes: at ``w``, then at ``w + ε``; the base steps from ``w`` with ``g_ε``.
+
+        Args:
+            ctx: The step's context.
+
+        Returns:
+            The loss at ``w``.
+        """
         loss = torch.as_tensor(ctx.loss(extra=False)).detach()
         present = [g is not None for g in ctx.grads()]
         params = [p for p, has in zip(ctx.params, present) if has]
@@ -102,4 +133,9 @@ class SAMRule(DescentRule):
 
 @hookimpl
 def nonlocal_opt_register_descent_rules(register):
+    """Register the ``sam`` rule.
+
+    Args:
+        register: The registry's callback.
+    """
     register(SAMRule)

@@ -37,17 +37,27 @@ class DampedFootpoint(Projector):
     safeguarded = True  # φ never increases: nonlocal_opt.testing checks it, also on the Riemann function
 
     def project(self, target, start, ctx):
+        """Armijo-backtracked gradient descent on the manifold's ``φ`` from ``θ_t``.
+
+        Args:
+            target: The proposed centre ``c̃``.
+            start: The contact point ``p_t`` with its gradient.
+            ctx: The step's context.
+
+        Returns:
+            The last accepted point, no centre, the trials run and ``‖∇φ‖`` there.
+        """
         max_iters, tol = ctx.hp("max_iters"), ctx.hp("tol")
         gamma = torch.tensor(float(ctx.hp("step_size")), dtype=start.theta.dtype, device=start.theta.device)
         gamma_max = ctx.hp("max_step_size")
         phi, phi_grad = ctx.manifold.phi, ctx.manifold.phi_grad
         point = start
-        value, gradient = phi(start, target, ctx), phi_grad(start, target)
+        value, gradient = phi(start, target, ctx), phi_grad(start, target, ctx)
         stop_early = tol is not None and ctx.host_reads  # a Python branch on a value: free on the host path only
         iteration = 0
         while iteration < max_iters and not (stop_early and bool(torch.linalg.vector_norm(gradient) <= tol)):
             trial = ctx.evaluate(point.theta - gamma * gradient)
-            trial_value, trial_gradient = phi(trial, target, ctx), phi_grad(trial, target)
+            trial_value, trial_gradient = phi(trial, target, ctx), phi_grad(trial, target, ctx)
             accept = torch.isfinite(trial_value) & (trial_value <= value - ARMIJO_C * gamma * gradient.dot(gradient))
             point = GraphPoint(
                 theta=torch.where(accept, trial.theta, point.theta),
@@ -63,4 +73,9 @@ class DampedFootpoint(Projector):
 
 @nonlocal_opt.hookimpl
 def nonlocal_opt_register_projectors(register):
+    """Register the ``damped-footpoint`` projector.
+
+    Args:
+        register: The registry's callback.
+    """
     register(DampedFootpoint)
