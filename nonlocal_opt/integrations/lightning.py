@@ -15,7 +15,7 @@ try:
 except ImportError as error:  # lightning is not a dependency of nonlocal-opt
     raise ImportError("nonlocal_opt.integrations.lightning needs Lightning: pip install lightning") from error
 
-from nonlocal_opt.optim.composed import stats
+from nonlocal_opt.integrations.wrappers import stats
 
 
 class StepLossLogger(pl.Callback):

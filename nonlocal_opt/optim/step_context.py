@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import attrs
@@ -14,29 +13,9 @@ import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
 from nonlocal_opt.optim.flat_params import FlatParams, global_norm, sharded_norm
+from nonlocal_opt.optim.host_checks import HostGradientError
 from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult, copied
-
-
-class HostGradientError(RuntimeError):
-    """Gradient accumulation by the host, which a multi-pass step cannot take part in: the closure added to
-    gradients the host left in ``p.grad``, or Accelerate's gradient accumulation is on."""
-
-
-def refuse_host_accumulation(rule: str) -> None:
-    """Raise :class:`HostGradientError` when Accelerate's gradient accumulation is on in this process: its
-    ``GradientState`` (one per process, set by ``Accelerator(gradient_accumulation_steps=k)``) is what
-    ``accelerator.accumulate()`` and the wrapped optimizer's ``step`` read to skip steps."""
-    state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
-    steps = state().num_steps if state is not None and state._shared_state else 1
-    if steps > 1:
-        raise HostGradientError(
-            f"gradient accumulation by the host is on (Accelerate's gradient_accumulation_steps={steps}): "
-            f"accelerator.accumulate() skips opt.step, and with it the closure, on {steps - 1} of every {steps} batches, "
-            f"and accelerator.backward divides the loss by {steps}; rule {rule!r} runs the closure several times per step "
-            "and needs each step's whole gradient from it. Create the Accelerator without gradient_accumulation_steps and "
-            "accumulate inside the closure (opt.zero_grad(), then accelerator.backward(loss_i / k) for each of the k "
-            "micro-batches, and return the mean loss)"
-        )
+from nonlocal_opt.optim.step_resources import StepResources
 
 
 def process_count() -> int:
@@ -68,25 +47,51 @@ class ProjectionRecord:
 
 
 class StepContext:
-    """One step's view of the optimizer: flat parameters, hyperparameters, state, closure calls,
-    projection, the base optimizer's step, stats. It does not expose the optimizer itself.
+    """One step's view of the optimizer, and the whole of what a rule, projector or manifold may use
+    during ``optimizer.step(closure)``: flat parameters, hyperparameters, state, closure calls, the
+    projection, the base optimizer's step, stats. It does not expose the optimizer: what it needs of it
+    comes from the :class:`~nonlocal_opt.optim.step_resources.StepResources` the optimizer hands over.
+    ``ComposedOptimizer.step_context(closure)`` makes one as ``step()`` does.
 
     Closure protocol: ``closure()`` zeroes the gradients, runs forward and backward on the current
     mini-batch and returns the loss. A closure may also accept ``fresh_batch=True``, asking it to
     draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
+
+    Args:
+        resources: what the optimizer lends the step (components, scratch storage, pass counting, the
+            guarded base step).
+        param_groups: the optimizer's parameter groups, holding every hyperparameter.
+        state: the optimizer's per-parameter state (the rule's :attr:`state` is its first parameter's).
+        closure: the closure of ``step(closure)``, or ``None``.
+
+    Attributes:
+        rule_name: the name of the rule taking the step.
+        manifold: the composed manifold (``None`` for a point rule).
+        projector: the composed projector (``None`` for a point rule).
+        flat: the flat view ``θ ∈ R^d`` of the parameters (a :class:`~nonlocal_opt.optim.flat_params.FlatParams`).
+        host_reads: whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python
+            branch): the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
+            ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``.
+        world_size: processes the loss of a pass is averaged over: under DDP each closure returns its own
+            process's loss while the gradient is already averaged, so every scalar a rule computes from
+            the loss would differ between replicas.
+        grad_evals: closure calls so far in this step.
+        centre: ``c_t``, the centre the rule moved from, as given to :meth:`project` (read by projectors
+            that move the centre).
+        projection: copies of the step's projection when :attr:`recording`, else ``None``.
+        stats: the step's stats (``grad_evals``, ``nonfinite``, ``proj_iters``, ...; a rule may add its own).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, closure: Callable[..., Any] | None):
-        """``optimizer``: the ``ComposedOptimizer`` taking the step (kept private)."""
-        self._optimizer = optimizer
-        self._closure = closure
+    def __init__(self, resources: StepResources, param_groups: Sequence[Mapping[str, Any]],
+                 state: MutableMapping[torch.Tensor, dict[str, Any]], closure: Callable[..., Any] | None):
+        self._resources, self._param_groups, self._state, self._closure = resources, param_groups, state, closure
         self._hp: dict[str, Any] = {}  # hyperparameters read this step (they do not change within a step)
-        self.rule_name: str = optimizer.rule.name
-        self.manifold = optimizer.manifold
-        self.projector = optimizer.projector
-        self.flat = FlatParams(optimizer.param_groups, shards=True)
+        self.rule_name: str = resources.rule.name
+        self.manifold = resources.manifold
+        self.projector = resources.projector
+        self.flat = FlatParams(param_groups, shards=True)
         if self.flat.group is not None:
-            refusing = [f"{type(c).__name__} ({c.name!r})" for c in optimizer._components if not c.shardable]
+            refusing = [f"{type(c).__name__} ({c.name!r})" for c in resources.components if not c.shardable]
             if refusing:
                 raise NotImplementedError(
                     f"parameters sharded with FSDP2 (DTensor) need components that sum over the shards; {', '.join(refusing)} "
@@ -94,28 +99,22 @@ class StepContext:
                 )
         device_path = self.hp("device_path")
         self.host_reads: bool = self.flat.device.type == "cpu" if device_path is None else not device_path
-        """Whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python branch):
-        the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
-        ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``."""
         distributed = self.hp("distributed")
         self.world_size = process_count() if distributed is None or distributed else 1
-        """Processes the loss of a pass is averaged over: under DDP each closure returns its own process's
-        loss while the gradient is already averaged, so every scalar a rule computes from the loss would
-        differ between replicas."""
         self.grad_evals = 0
-        self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
-        self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
+        self.centre: Centre | None = None
         self.projection: ProjectionRecord | None = None
+        self.stats: dict[str, Any] = {"grad_evals": 0}
+        self._batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self._start: torch.Tensor | list[torch.Tensor] | None = None  # θ_t, to put back if the step raises
         self._applied = False
-        self.stats: dict[str, Any] = {"grad_evals": 0}
 
     # -- hyperparameters and state ------------------------------------------------------------------
     def hp(self, name: str) -> Any:
         """A hyperparameter shared by the whole ball: it must be equal in every parameter group."""
         if name in self._hp:
             return self._hp[name]
-        values = {group[name] for group in self._optimizer.param_groups}
+        values = {group[name] for group in self._param_groups}
         if len(values) != 1:
             raise ValueError(
                 f"hyperparameter {name!r} must be the same in every parameter group for "
@@ -126,7 +125,7 @@ class StepContext:
 
     def per_coordinate(self, name: str) -> float | torch.Tensor:
         """A hyperparameter that may differ between groups, spread over the flat coordinates."""
-        return self.flat.per_coordinate([group[name] for group in self._optimizer.param_groups])
+        return self.flat.per_coordinate([group[name] for group in self._param_groups])
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -176,7 +175,7 @@ class StepContext:
     def buffers(self, name: str) -> list[torch.Tensor]:
         """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
         ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
-        return self._optimizer._buffers(name, self.flat.tensors)
+        return self._resources.buffers(name, self.flat.tensors)
 
     def scratch(self, name: str, rows: int | None = None) -> torch.Tensor:
         """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
@@ -185,7 +184,7 @@ class StepContext:
         per step costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not
         outlive the step: the next step overwrites them."""
         shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
-        return self._optimizer._flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
+        return self._resources.flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
 
     def start_grad_out(self) -> torch.Tensor:
         """Where a projecting rule gathers ``∇f(θ_t)``: the projector's own storage when it offers some
@@ -202,7 +201,7 @@ class StepContext:
     @property
     def state(self) -> dict[str, Any]:
         """The rule's optimizer-wide state (kept in the first parameter's state, so ``state_dict`` saves it)."""
-        return self._optimizer.state[self.flat.params[0]]
+        return self._state[self.flat.params[0]]
 
     # -- closure calls ----------------------------------------------------------------------------
     @property
@@ -257,15 +256,15 @@ class StepContext:
             )
         # A multi-pass rule's first pass must start from zeroed gradients (a single-pass rule may
         # accumulate: its one pass is the step's gradient, as with any torch optimizer).
-        held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._optimizer.rule.requires_closure else []
-        zeroed = self._optimizer._zero_grad_calls
-        self._optimizer._closure_pass = self.grad_evals
+        held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._resources.rule.requires_closure else []
+        zeroed = self._resources.zero_grad_calls
+        self._resources.closure_pass = self.grad_evals
         try:
             with torch.enable_grad(), self._batchnorm_paused(extra):
                 loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
         finally:
-            self._optimizer._closure_pass = None
-        if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._optimizer._zero_grad_calls == zeroed:
+            self._resources.closure_pass = None
+        if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._resources.zero_grad_calls == zeroed:
             raise HostGradientError(
                 "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
                 "(Lightning's accumulate_grad_batches, accelerator.accumulate()) is not supported by multi-pass rules; "
@@ -283,9 +282,9 @@ class StepContext:
     def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:
         if not (extra and self.hp("freeze_bn_stats")):
             return contextlib.nullcontext()
-        if self.batchnorm is None:
-            self.batchnorm = BatchNormFreezer(self._optimizer._batchnorm_layers(self.flat.params))
-        return self.batchnorm.paused()
+        if self._batchnorm is None:
+            self._batchnorm = BatchNormFreezer(self._resources.batchnorm_layers(self.flat.params))
+        return self._batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------
     def project(self, target: Centre, start: GraphPoint, centre: Centre | None = None) -> ProjectionResult:
@@ -340,5 +339,5 @@ class StepContext:
             self.flat.write_grad(direction)
         self._applied = True
         storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
-        return self._optimizer._base_step(self.flat, finite, self.stats, self.host_reads, storage)
+        return self._resources.base_step(self._param_groups, self.flat, finite, self.stats, self.host_reads, storage)
 

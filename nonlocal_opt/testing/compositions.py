@@ -12,6 +12,7 @@ import attrs
 import nonlocal_opt
 from nonlocal_opt import ComposedOptimizer, ConstraintManifold, DescentRule, Projector
 from nonlocal_opt.plugins.registry import instantiate
+from nonlocal_opt.testing.public_contract import hold_to_contract
 
 
 def rule_on(manifold: str) -> str:
@@ -60,9 +61,17 @@ class Composition:
         return {"rho": rho} if self.manifold is not None and "rho" in self.manifold.hyperparameters else {}
 
     def compose(self, params: Iterable[Any], base: str | type | None = None, **hyperparameters: Any) -> ComposedOptimizer:
-        """A new optimizer with copies of the components, so that no run sees another's instance attributes."""
+        """A new optimizer with copies of the components, so that no run sees another's instance attributes; its
+        steps refuse reads of private members of the step context (:func:`~nonlocal_opt.testing.public_contract.hold_to_contract`).
+
+        Args:
+            params: the parameters.
+            base: the base optimizer, a registered name or a class (``None``: ``compose``'s default).
+            **hyperparameters: the optimizer's, the components' and the base's.
+        """
         rule, projector, manifold = copy.deepcopy((self.rule, self.projector, self.manifold))
-        return nonlocal_opt.compose(params, rule, base=base, projector=projector, manifold=manifold, **hyperparameters)
+        opt = nonlocal_opt.compose(params, rule, base=base, projector=projector, manifold=manifold, **hyperparameters)
+        return hold_to_contract(opt)
 
     def __str__(self) -> str:
         parts = {"rule": self.rule, "projector": self.projector, "manifold": self.manifold}

@@ -116,7 +116,7 @@ class _Run:
         return loss
 
     def context(self) -> StepContext:
-        return StepContext(self.opt, self.closure)
+        return self.opt.step_context(self.closure)
 
 
 def rolling_move(centre: Centre, point: GraphPoint, eta: float) -> Centre:
