@@ -55,7 +55,11 @@ BaseFactory = Callable[..., torch.optim.Optimizer]
 
 
 def base_keywords(base: BaseFactory) -> set[str] | None:
-    """The keyword arguments ``base(params, ...)`` accepts; ``None`` when it takes ``**kwargs``."""
+    """The keyword arguments ``base(params, ...)`` accepts; ``None`` when it takes ``**kwargs`` (or has no signature).
+
+    Args:
+        base: the base optimizer class or factory.
+    """
     try:
         parameters = list(inspect.signature(base).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -66,6 +70,11 @@ def base_keywords(base: BaseFactory) -> set[str] | None:
 
 
 def base_label(base: BaseFactory) -> str:
+    """``module.qualname`` of ``base``, for messages.
+
+    Args:
+        base: the base optimizer class or factory.
+    """
     return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}".lstrip(".")
 
 
@@ -170,8 +179,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
             component.check_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``, counted (see ``StepContext.loss``). A closure calls it once per
-        pass, so ``set_to_none=True`` skips torch's profiler record around it."""
+        """``torch.optim.Optimizer.zero_grad``, counted in ``resources.zero_grad_calls`` (see ``StepContext.loss``).
+        A closure calls it once per pass, so ``set_to_none=True`` skips torch's profiler record around it.
+
+        Args:
+            set_to_none: set ``p.grad`` to ``None`` rather than to zeros.
+        """
         self.resources.zero_grad_calls += 1
         if not set_to_none:
             super().zero_grad(set_to_none)
@@ -181,7 +194,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after checking its hyperparameters (unknown or invalid ones raise ``ValueError``)."""
+        """Add a group after checking its hyperparameters.
+
+        Args:
+            param_group: a dict with ``"params"`` and any hyperparameters (the others take the defaults).
+
+        Raises:
+            ValueError: an unknown or invalid hyperparameter, or a combination a component refuses.
+        """
         settings = {k: v for k, v in param_group.items() if k != "params"}
         validate(self.hyperparameter_specs, {k: v for k, v in settings.items() if k in self.hyperparameter_specs}, self._owner())
         self._check_base_keys({k: v for k, v in settings.items() if k not in self.hyperparameter_specs})
@@ -197,7 +217,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the rule's and the base's state; the base keeps sharing ``param_groups``."""
+        """Restore the rule's and the base's state; the base keeps sharing ``param_groups``.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (``"base_state"`` may be missing: no base state).
+        """
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base_state", {})
         self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
@@ -215,11 +239,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
-        """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
+        """One step. Exception-safe: when anything raises before the base optimizer steps, the parameters
+        are put back at ``θ_t`` and no state has changed (rules write their state after the base step).
 
-        Returns the loss at the start of the step (``None`` for closure-free rules called without one).
-        Exception-safe: when anything raises before the base optimizer steps, the parameters are put back
-        at ``θ_t`` and no state has changed (rules write their state after the base step).
+        Args:
+            closure: zeroes grads, runs forward and backward, returns the loss (may accept ``fresh_batch``).
+
+        Returns:
+            The loss at the start of the step (``None`` for closure-free rules called without one).
+
+        Raises:
+            RuntimeError: a rule that evaluates the loss several times was called without a closure.
         """
         if closure is None and self.rule.requires_closure:
             raise RuntimeError(

@@ -26,7 +26,11 @@ def process_count() -> int:
 
 
 def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
-    """Whether ``closure`` takes the keyword ``fresh_batch`` (see :meth:`StepContext.evaluate`)."""
+    """Whether ``closure`` takes the keyword ``fresh_batch`` (see :meth:`StepContext.evaluate`).
+
+    Args:
+        closure: the closure of a step, or ``None`` (no closure: ``False``).
+    """
     if closure is None:
         return False
     try:
@@ -111,7 +115,14 @@ class StepContext:
 
     # -- hyperparameters and state ------------------------------------------------------------------
     def hp(self, name: str) -> Any:
-        """A hyperparameter shared by the whole ball: it must be equal in every parameter group."""
+        """A hyperparameter shared by the whole ball.
+
+        Args:
+            name: a key of ``param_groups``.
+
+        Raises:
+            ValueError: its value differs between parameter groups.
+        """
         if name in self._hp:
             return self._hp[name]
         values = {group[name] for group in self._param_groups}
@@ -124,7 +135,14 @@ class StepContext:
         return self._hp[name]
 
     def per_coordinate(self, name: str) -> float | torch.Tensor:
-        """A hyperparameter that may differ between groups, spread over the flat coordinates."""
+        """A hyperparameter that may differ between groups, spread over the flat coordinates.
+
+        Args:
+            name: a key of ``param_groups``.
+
+        Returns:
+            A float when every group has the same value, else a flat tensor of one value per coordinate.
+        """
         return self.flat.per_coordinate([group[name] for group in self._param_groups])
 
     @property
@@ -139,31 +157,52 @@ class StepContext:
 
     # -- sums over R^d ------------------------------------------------------------------------------
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sums over ``R^d`` from this process's partial sums (a 0-d or small 1-d tensor): one all-reduce over
-        the shards under FSDP2, ``partial`` itself otherwise. Every dot product or norm a plugin forms
-        over flat vectors goes through it (or :meth:`dot` / :meth:`norm`)."""
+        """Sums over ``R^d`` from this process's partial sums: one all-reduce over the shards under FSDP2,
+        ``partial`` itself otherwise. Every dot product or norm a plugin forms over flat vectors goes
+        through it (or :meth:`dot` / :meth:`norm`).
+
+        Args:
+            partial: this process's partial sums (a 0-d or small 1-d tensor).
+        """
         return self.flat.sum(partial)
 
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``xᵀy`` over ``R^d``, as a 0-d tensor."""
+        """``xᵀy`` over ``R^d``, as a 0-d tensor.
+
+        Args:
+            x: a flat vector (this process's part of it).
+            y: a flat vector like ``x``.
+        """
         return self.flat.sum(x.dot(y))
 
     def norm(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``‖x‖₂`` over ``R^d`` of a flat vector or of one tensor per parameter, as a 0-d tensor."""
+        """``‖x‖₂`` over ``R^d``, as a 0-d tensor.
+
+        Args:
+            x: a flat vector, or one tensor per parameter (this process's part of each).
+        """
         if self.flat.group is None:
             return torch.linalg.vector_norm(x) if isinstance(x, torch.Tensor) else global_norm(x)
         return sharded_norm(x if isinstance(x, list) else [x], self.flat)
 
     def finite(self, *losses: Any) -> bool | torch.Tensor:
-        """Whether every one of ``losses`` (0-d tensors or numbers) is finite: a ``bool`` on the host path, a
-        0-d bool tensor on the device path (no host read)."""
+        """Whether every one of ``losses`` is finite: a ``bool`` on the host path, a 0-d bool tensor on the
+        device path (no host read).
+
+        Args:
+            *losses: 0-d tensors or numbers.
+        """
         if self.host_reads:
             return all(math.isfinite(float(loss)) for loss in losses)
         return torch.isfinite(torch.stack([torch.as_tensor(loss, device=self.flat.device) for loss in losses])).all()
 
     def keep_start(self, theta: torch.Tensor | list[torch.Tensor]) -> None:
-        """Tell the step where it started (``θ_t``, flat or one tensor per parameter) before moving the
-        parameters elsewhere; :meth:`evaluate` at the current parameters does it by itself."""
+        """Tell the step where it started before moving the parameters other than through :meth:`evaluate`
+        (which does it by itself): :meth:`restore_start` puts it back if the step raises.
+
+        Args:
+            theta: ``θ_t``, flat or one tensor per parameter; left untouched until the base steps.
+        """
         self._start = theta
 
     def restore_start(self) -> None:
@@ -173,16 +212,24 @@ class StepContext:
                 self.flat.write(self._start)
 
     def buffers(self, name: str) -> list[torch.Tensor]:
-        """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
-        ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
+        """Scratch tensors shaped like :attr:`params`, kept by the optimizer from step to step (not in
+        ``state_dict``): a rule's per-step work allocates nothing of size ``d``.
+
+        Args:
+            name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
+        """
         return self._resources.buffers(name, self.flat.tensors)
 
     def scratch(self, name: str, rows: int | None = None) -> torch.Tensor:
         """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
-        kept by the optimizer from step to step under ``name`` (not in ``state_dict``; names are shared by
-        the rule, projector and manifold, so prefix them with the component's name). A fresh ``R^d`` tensor
-        per step costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not
-        outlive the step: the next step overwrites them."""
+        kept by the optimizer from step to step (not in ``state_dict``). A fresh ``R^d`` tensor per step
+        costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not outlive
+        the step: the next step overwrites them.
+
+        Args:
+            name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
+            rows: the number of rows of a matrix; ``None``: one vector.
+        """
         shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
         return self._resources.flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
 
@@ -206,6 +253,7 @@ class StepContext:
     # -- closure calls ----------------------------------------------------------------------------
     @property
     def has_closure(self) -> bool:
+        """Whether ``step`` was given a closure."""
         return self._closure is not None
 
     @property
@@ -223,14 +271,17 @@ class StepContext:
         grad_out: torch.Tensor | None = None,
         theta_out: torch.Tensor | None = None,
     ) -> GraphPoint:
-        """Run the closure at ``θ`` (the current parameters when ``None``) and return ``(θ, f(θ), ∇f(θ))``.
+        """Run the closure at ``θ`` and return ``p = (θ, f(θ), ∇f(θ))``; one pass, counted in ``grad_evals``.
 
-        ``offset``: evaluate at ``θ + offset``, written into the parameters without forming it; the
-        returned point's ``theta`` is then ``None``. ``grad_out``: a preallocated flat tensor to gather
-        ``∇f(θ)`` into; ``theta_out``: one to gather the current parameters into (each saves an allocation).
-
-        ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
-        left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
+        Args:
+            theta: a flat ``θ`` to write into the parameters; ``None``: the current parameters.
+            offset: evaluate at ``θ + offset``, written into the parameters without forming it; the
+                returned point's ``theta`` is then ``None``.
+            extra: a pass beyond the first of the step: BatchNorm running statistics are left alone
+                unless ``freeze_bn_stats`` is off. ``False`` only for the step's first pass.
+            fresh_batch: ask the closure to draw the next mini-batch first (see :attr:`accepts_fresh_batch`).
+            grad_out: a flat tensor to gather ``∇f(θ)`` into (saves an allocation).
+            theta_out: a flat tensor to gather the current parameters into, when ``theta`` is ``None``.
         """
         if offset is not None:
             self.flat.write_sum(theta, offset)
@@ -245,8 +296,20 @@ class StepContext:
         return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad(grad_out))
 
     def loss(self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False) -> Any:
-        """Run the closure at ``θ`` (the current parameters when ``None``), leaving ``∇f`` in ``p.grad``;
-        return what it returns. One pass, counted in ``grad_evals`` (keywords as in :meth:`evaluate`)."""
+        """Run the closure at ``θ``, leaving ``∇f`` in ``p.grad``; one pass, counted in ``grad_evals``.
+
+        Args:
+            theta: a flat ``θ`` to write into the parameters; ``None``: the current parameters.
+            extra: as in :meth:`evaluate`.
+            fresh_batch: as in :meth:`evaluate`.
+
+        Returns:
+            What the closure returns (averaged over the processes when :attr:`world_size` > 1).
+
+        Raises:
+            RuntimeError: the step has no closure.
+            HostGradientError: the closure of a multi-pass rule's first pass added to gradients the host left.
+        """
         if theta is not None:
             self.flat.write(theta)
         if self._closure is None:
@@ -288,10 +351,18 @@ class StepContext:
 
     # -- projection -------------------------------------------------------------------------------
     def project(self, target: Centre, start: GraphPoint, centre: Centre | None = None) -> ProjectionResult:
-        """Run the composed projector from ``start`` towards ``target`` and record its stats.
+        """Run the composed projector from ``start`` towards ``target`` and record its stats
+        (``proj_iters``, ``proj_residual``, ``offset_error``; a copy in :attr:`projection` when :attr:`recording`).
 
-        ``centre`` is the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors
-        that move the centre rather than project it (``tangent``) read it as ``ctx.centre``.
+        Args:
+            target: the proposed centre ``c̃``.
+            start: the contact point ``p_t`` (evaluated).
+            centre: the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors that
+                move the centre rather than project it read it as :attr:`centre`.
+
+        Raises:
+            RuntimeError: the optimizer has no projector, or the projector returned a centre while
+                declaring ``uses_centre = False``.
         """
         if self.projector is None:
             raise RuntimeError(f"rule {self.rule_name!r} projects, but was composed without a projector")
@@ -320,18 +391,21 @@ class StepContext:
         finite: torch.Tensor | bool = True,
         spare: Sequence[torch.Tensor | list[torch.Tensor]] = (),
     ) -> torch.Tensor:
-        """Let the base optimizer step from ``θ`` with ``direction`` as the gradient.
+        """Let the base optimizer step from ``θ`` with ``direction`` as the gradient, clipped to
+        ``max_grad_norm``. The base step is skipped — parameters and base state unchanged,
+        ``stats['nonfinite'] = 1`` — unless ``finite`` holds and every gradient is finite.
 
-        ``θ``: the parameters to step from (the step's start, after passes at other points), flat or one
-        tensor per parameter; ``None`` keeps the current ones. ``direction``: a flat tensor written into ``p.grad``; ``None`` keeps
-        the gradients the closure left. ``max_grad_norm`` clips them. The base step is skipped —
-        parameters and base state unchanged, ``stats['nonfinite'] = 1`` — unless ``finite`` (the
-        rule's verdict on its passes) holds and every gradient is finite. Returns "step taken" as a
-        0-d bool tensor.
+        Args:
+            direction: a flat tensor written into ``p.grad``; ``None`` keeps the gradients the closure left.
+            theta: the parameters to step from (the step's start, after passes at other points), flat or
+                one tensor per parameter; ``None`` keeps the current ones.
+            finite: the rule's verdict on its passes (:meth:`finite`).
+            spare: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
+                tensor per parameter; distinct storage), which the device path's skip may fill with its
+                copies of the parameters and base state instead of allocating them.
 
-        ``spare``: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
-        tensor per parameter; distinct storage), which the device path's skip may fill with its copies of
-        the parameters and base state instead of allocating them.
+        Returns:
+            "Step taken" as a 0-d bool tensor.
         """
         if theta is not None:
             self.flat.write(theta)

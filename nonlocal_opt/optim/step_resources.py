@@ -25,6 +25,10 @@ class StepResources:
         base: the base optimizer, sharing the composed optimizer's ``param_groups``.
 
     Attributes:
+        rule: the descent rule.
+        projector: the projector, or ``None``.
+        manifold: the constraint manifold, or ``None``.
+        base: the base optimizer the guarded step drives.
         components: ``rule``, ``projector`` and ``manifold``, those that are not ``None``.
         zero_grad_calls: how often ``zero_grad`` was called (the optimizer counts): a step tells from it a
             closure that zeroes the gradients from one that adds to those the host left.
@@ -80,6 +84,18 @@ class StepResources:
 
     def base_step(self, param_groups: Sequence[Mapping[str, Any]], flat: FlatParams, finite: torch.Tensor | bool,
                   stats: dict[str, Any], host_reads: bool, spare: Sequence[list[torch.Tensor]] = ()) -> torch.Tensor:
-        """The base optimizer's step, guarded (:func:`~nonlocal_opt.optim.guarded_step.guarded_base_step`,
-        which describes the arguments); returns "step taken" as a 0-d bool tensor."""
+        """The base optimizer's step, guarded: :func:`~nonlocal_opt.optim.guarded_step.guarded_base_step`
+        on :attr:`base`.
+
+        Args:
+            param_groups: the groups holding ``max_grad_norm``.
+            flat: the flat view of the parameters.
+            finite: the rule's verdict on its passes.
+            stats: the step's stats (``nonfinite`` is set).
+            host_reads: whether verdicts may be read on the host.
+            spare: lists of one tensor per parameter the step no longer needs.
+
+        Returns:
+            "Step taken" as a 0-d bool tensor.
+        """
         return guarded_base_step(self.base, param_groups, flat, finite, stats, host_reads, spare)
