@@ -253,12 +253,12 @@ def offset_drift(
     (``ProjectionResult.centre``; ``d_Γ`` brute-forced), ``r = ‖c_0 − p_0‖`` the radius of the first ball.
 
     Args:
-        case: the landscape, run from its first start.
-        projector: a registered projector name or a ``Projector``.
-        rule: the rule to run it under (``None``: the first registered rule, by sorted name, on the manifold).
-        manifold: the manifold (``None``: the projector's first).
-        hyperparameters: added to every run.
-        steps: the steps of the rule.
+        case: as in :func:`excess_distances`.
+        projector: a registered projector name or a ``Projector`` that returns the centre to carry.
+        rule: as in :func:`excess_distances`.
+        manifold: as in :func:`excess_distances`.
+        hyperparameters: as in :func:`excess_distances`.
+        steps: as in :func:`excess_distances`.
 
     Raises:
         ValueError: the projector carries no centre.
