@@ -22,7 +22,8 @@ OPTIM = pathlib.Path(nonlocal_opt.__file__).parent / "optim"
 
 def reachable(root: object, depth: int = 6) -> list[object]:
     """Every object reachable from ``root`` through instance attributes and the items of lists, tuples and dicts."""
-    seen, found, frontier = {id(root)}, [root], [root]
+    found = {id(root): root}
+    frontier = [root]
     for _ in range(depth):
         children = []
         for obj in frontier:
@@ -32,10 +33,12 @@ def reachable(root: object, depth: int = 6) -> list[object]:
                 values = list(obj)
             else:
                 values = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
-            children += [v for v in values if id(v) not in seen and not seen.add(id(v))]
-        found += children
+            for value in values:
+                if id(value) not in found:
+                    found[id(value)] = value
+                    children.append(value)
         frontier = children
-    return found
+    return list(found.values())
 
 
 def test_no_attribute_of_the_step_context_hands_out_the_optimizer():
