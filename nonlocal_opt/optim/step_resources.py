@@ -70,6 +70,10 @@ class StepResources:
             kept = self._scratch[name] = [like.new_empty(shape)]
         return kept[0]
 
+    def scratch_tensors(self) -> list[torch.Tensor]:
+        """Every tensor kept by :meth:`buffers` and :meth:`flat_buffer` (for memory accounting)."""
+        return [t for kept in self._scratch.values() for t in kept]
+
     def batchnorm_layers(self, params: Sequence[torch.Tensor]) -> list:
         """The BatchNorm layers of ``params`` (:func:`~nonlocal_opt.optim.batchnorm.layers_of`), looked up
         again only when the parameters change or compiled code has run since.
