@@ -33,7 +33,6 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt.landscapes import Quadratic
-from nonlocal_opt.optim.step_context import StepContext
 from nonlocal_opt.training.data import DatasetNotFoundError, load_dataset
 from nonlocal_opt.training.models import build_model
 
@@ -183,7 +182,7 @@ class ReferenceFootpoint:
 
         load(self.params, theta)
         with torch.no_grad():
-            ctx = StepContext(opt, closure)
+            ctx = opt.step_context(closure)
             return ctx.project(self.target, ctx.evaluate(extra=False)).point.theta.clone()
 
     def gap(self, theta: torch.Tensor) -> float:

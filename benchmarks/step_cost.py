@@ -187,7 +187,8 @@ def peak_bytes(model: torch.nn.Module, opt: Any, closure: Callable[[], torch.Ten
     held = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
     states = [getattr(o, "state", {}) for o in (opt, getattr(opt, "base", None), getattr(opt, "opt", None)) if o is not None]
     held += [v for state in states for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
-    held += [t for kept in getattr(opt, "_scratch", {}).values() for t in kept]
+    resources = getattr(opt, "resources", None)
+    held += resources.scratch_tensors() if resources is not None else []
     with PeakMemory(held) as tracker:
         opt.step(closure)
     return tracker.peak

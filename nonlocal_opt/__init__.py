@@ -14,10 +14,14 @@ as ``nonlocal_opt.<alias>``.
 
 from typing import Any
 
-from nonlocal_opt.optim.composed import ComposedOptimizer, first_pass, stats, unwrap
+from nonlocal_opt.integrations import accelerate
+from nonlocal_opt.integrations.wrappers import first_pass, stats, unwrap
+from nonlocal_opt.optim.composed import ComposedOptimizer
+from nonlocal_opt.optim.host_checks import HostGradientError, register_host_check
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
-from nonlocal_opt.optim.step_context import HostGradientError, StepContext
+from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.optim.step_resources import StepResources
 from nonlocal_opt.plugins.compose import compose, constructor
 from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
 from nonlocal_opt.plugins.registry import available, get, registrations
@@ -33,6 +37,7 @@ __all__ = [
     "ProjectionResult",
     "Projector",
     "StepContext",
+    "StepResources",
     "available",
     "compose",
     "first_pass",
@@ -45,6 +50,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+register_host_check(accelerate.refuse_host_accumulation)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nonlocal_opt
-from nonlocal_opt.optim.step_context import HostGradientError
+from nonlocal_opt import HostGradientError
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402

@@ -183,10 +183,9 @@ def argument_gaps(module: types.ModuleType) -> list[str]:
     return gaps
 
 
-ARGS_PACKAGES = ["nonlocal_opt.optim", "nonlocal_opt.plugins", *FIRST_PARTY_PLUGINS]
+ARGS_PACKAGES = ["nonlocal_opt.optim", "nonlocal_opt.plugins", "nonlocal_opt.integrations", "nonlocal_opt.testing", *FIRST_PARTY_PLUGINS]
 
 
-@pytest.mark.xfail(reason="until the docstring helpers merge", strict=False)
 @pytest.mark.parametrize("package", ARGS_PACKAGES)
 def test_every_argument_is_documented(package):
     gaps = [gap for module in public_modules(package) for gap in argument_gaps(module)]

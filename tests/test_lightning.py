@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.optim.step_context import HostGradientError
+from nonlocal_opt import HostGradientError
 
 lightning = pytest.importorskip("lightning")
 from nonlocal_opt.integrations.lightning import StepLossLogger  # noqa: E402  (needs lightning)

@@ -14,7 +14,7 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt import Centre, ConstraintManifold, Hyperparameter
-from nonlocal_opt.analysis.landscapes import Quadratic, Sine
+from nonlocal_opt.landscapes import Quadratic, Sine
 from nonlocal_opt.optim.hyperparameters import positive
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_device_path, check_projector, nearest_point
 

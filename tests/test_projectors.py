@@ -17,7 +17,6 @@ import nonlocal_opt
 from nonlocal_opt import Hyperparameter, ProjectionResult, Projector
 from nonlocal_opt.landscapes import LANDSCAPES, Quadratic, Sine
 from nonlocal_opt.optim.hyperparameters import positive_int
-from nonlocal_opt.optim.step_context import StepContext
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_device_path, check_projector
 from nonlocal_opt.training import TrainConfig, train
 from nonlocal_opt.training.config import optimizer_hyperparameters
@@ -124,7 +123,7 @@ def test_finite_difference_hvp_matches_the_exact_hessian():
 
     landscape = Quadratic(eigenvalues=[0.5, 2.0, 3.0], seed=1).double()
     opt = nonlocal_opt.compose(landscape.parameters(), "rbo", projector="newton")
-    ctx = StepContext(opt, make_closure(opt, landscape))
+    ctx = opt.step_context(make_closure(opt, landscape))
     with torch.no_grad():
         point = ctx.evaluate(extra=False)
         v = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
@@ -238,7 +237,7 @@ def test_phi_never_increases_along_the_iterations(projector, mlp_problem):
             for p, p0 in zip(params, theta0):
                 p.copy_(p0)
         opt = nonlocal_opt.compose(params, "rbo", projector=projector, lr=6.0, rho=1.0, max_iters=k, **no_early_stop)
-        ctx = StepContext(opt, make_closure(opt, loss_fn))
+        ctx = opt.step_context(make_closure(opt, loss_fn))
         with torch.no_grad():
             start = ctx.evaluate(extra=False)
             centre = ctx.manifold.centre(start, ctx)

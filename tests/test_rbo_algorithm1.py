@@ -7,7 +7,6 @@ import torch
 
 import nonlocal_opt
 from nonlocal_opt.landscapes import GaussianBumps, Quadratic, Riemann, Sine
-from nonlocal_opt.optim.step_context import StepContext
 
 from conftest import make_closure
 
@@ -137,7 +136,7 @@ def test_apply_skips_any_nonfinite_coordinate_or_verdict_but_not_a_large_finite_
     parameters stay at ``θ`` — and steps with a finite direction even when its coordinates would
     overflow a plain sum (float32, 3e38 each)."""
     param = torch.nn.Parameter(torch.zeros(4, dtype=torch.float32))
-    ctx = StepContext(nonlocal_opt.compose([param], "rbo", lr=1.0), None)
+    ctx = nonlocal_opt.compose([param], "rbo", lr=1.0).step_context()
     start, large = torch.full((4,), 7.0), torch.full((4,), 3e38)
     with torch.no_grad():
         for bad, verdict in ((float("inf"), True), (-float("inf"), True), (float("nan"), True), (0.0, False)):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from nonlocal_opt.comparison.data import BatchStream, Splits
 from nonlocal_opt.comparison.specs import ComparisonConfig, OptimizerSpec, step_grid
-from nonlocal_opt.optim.composed import stats
+from nonlocal_opt.integrations.wrappers import stats
 from nonlocal_opt.optim.radius_schedules import radius_scheduler
 from nonlocal_opt.training.models import build_model
 

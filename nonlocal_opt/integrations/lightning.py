@@ -15,15 +15,19 @@ try:
 except ImportError as error:  # lightning is not a dependency of nonlocal-opt
     raise ImportError("nonlocal_opt.integrations.lightning needs Lightning: pip install lightning") from error
 
-from nonlocal_opt.optim.composed import stats
+from nonlocal_opt.integrations.wrappers import stats
 
 
 class StepLossLogger(pl.Callback):
     """After every optimizer step, ``pl_module.log(name, loss, **log_kwargs)`` with the loss at ``θ_t``
     (``nonlocal_opt.stats(optimizer)["loss"]``; under DDP already averaged over the processes).
 
-    ``optimizer``: the index of the composed optimizer among those ``configure_optimizers`` returns. A batch
-    that ends without a step (Lightning's ``accumulate_grad_batches``) logs nothing.
+    A batch that ends without a step (Lightning's ``accumulate_grad_batches``) logs nothing.
+
+    Args:
+        name: the name logged.
+        optimizer: the index of the composed optimizer among those ``configure_optimizers`` returns.
+        **log_kwargs: passed on to ``pl_module.log`` (``prog_bar``, ``sync_dist``, ...).
     """
 
     def __init__(self, name: str = "train_loss", optimizer: int = 0, **log_kwargs: Any) -> None:
@@ -31,10 +35,25 @@ class StepLossLogger(pl.Callback):
         self._logged_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start counting at the trainer's step (a resumed run logs its next step, not its last).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the module trained.
+        """
         self._logged_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Log the loss at ``θ_t`` once the batch has taken a step.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the module trained; it logs.
+            outputs: what ``training_step`` returned.
+            batch: the batch.
+            batch_idx: its index.
+        """
         if trainer.global_step == self._logged_step:
             return
         self._logged_step = trainer.global_step

@@ -27,7 +27,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def layers_of(params: Iterable[torch.Tensor]) -> list[_BatchNorm]:
     """The BatchNorm modules whose own parameters are among ``params`` (matched by identity), once compiled
     code has run in this process (:func:`compiled_code_ran`); else none: eager models are served by the
-    hook, and scanning the live objects costs tens of milliseconds."""
+    hook, and scanning the live objects costs tens of milliseconds.
+
+    Args:
+        params: the parameters an optimizer steps.
+    """
     if not compiled_code_ran():
         return []
     ours = {id(p) for p in params}
@@ -45,7 +49,11 @@ class BatchNormFreezer:
     """Pauses the running statistics of the training-mode BatchNorm layers a closure runs: the ``known``
     ones (:func:`layers_of`) and those the first paused pass finds with a global forward pre-hook. The
     hook slows every module call of that pass, so one freezer serves one step (one closure, one model):
-    later passes pause the layers found directly."""
+    later passes pause the layers found directly.
+
+    Args:
+        known: layers to pause besides those the first paused pass finds (:func:`layers_of`).
+    """
 
     def __init__(self, known: Iterable[_BatchNorm] = ()) -> None:
         self.known = list(known)

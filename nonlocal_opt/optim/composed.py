@@ -4,17 +4,16 @@ and a manifold (docs/composing.md)."""
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from nonlocal_opt.optim.batchnorm import compiled_code_ran, layers_of
-from nonlocal_opt.optim.flat_params import FlatParams, global_norm, local, sharded_norm
+from nonlocal_opt.optim.host_checks import run_host_checks
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext, refuse_host_accumulation
+from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
+from nonlocal_opt.optim.step_resources import StepResources
 
 OPTIMIZER_HYPERPARAMETERS = {
     "freeze_bn_stats": Hyperparameter(
@@ -53,11 +52,14 @@ OPTIMIZER_HYPERPARAMETERS = {
 }
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
-TRUE, FALSE = torch.tensor(True), torch.tensor(False)  # the host path's verdicts (never written to)
 
 
 def base_keywords(base: BaseFactory) -> set[str] | None:
-    """The keyword arguments ``base(params, ...)`` accepts; ``None`` when it takes ``**kwargs``."""
+    """The keyword arguments ``base(params, ...)`` accepts; ``None`` when it takes ``**kwargs`` (or has no signature).
+
+    Args:
+        base: the base optimizer class or factory.
+    """
     try:
         parameters = list(inspect.signature(base).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -67,49 +69,12 @@ def base_keywords(base: BaseFactory) -> set[str] | None:
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_reads: bool, flat: FlatParams) -> torch.Tensor:
-    """Whether every entry of ``tensors`` is finite, in every process's shard. On the host path from their
-    total 2-norm ``norm`` (one fused sweep): a finite norm settles it, an infinite one may be an overflow of
-    large finite entries, so then the entries are checked. On the device path with ``aminmax`` (one sweep;
-    it propagates NaN), no host read."""
-    if host_reads:
-        if math.isfinite(norm.item()):
-            return TRUE
-        here = all(bool(torch.isfinite(t).all()) for t in tensors)
-        return TRUE if bool(flat.sum(torch.tensor(float(not here), device=flat.device)) == 0) else FALSE
-    extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
-    here = torch.isfinite(extremes).all()
-    return here if flat.group is None else flat.sum((~here).to(flat.dtype)) == 0
-
-
-def saved_copies(tensors: list[torch.Tensor], params: list[torch.Tensor], state: Mapping[Any, dict], spare: list[list[torch.Tensor]]
-                 ) -> tuple[list[torch.Tensor], dict[Any, dict[str, torch.Tensor]]]:
-    """Copies of ``tensors`` and of every tensor in the base ``state`` of ``params``, for the device path's
-    restore. Each of the ``spare`` lists (one tensor per parameter, shaped like ``tensors``) holds the
-    copy of the parameters, or of one state entry that every parameter has in their shape (momentum,
-    Adam's moments); the rest are cloned."""
-    spare = list(spare)
-    if spare:
-        saved_params = spare.pop(0)
-        torch._foreach_copy_(saved_params, tensors)
-    else:
-        saved_params = [t.clone() for t in tensors]
-    saved_state: dict[Any, dict[str, torch.Tensor]] = {p: {} for p in params if p in state}
-    entries = {k for p in saved_state for k, v in state[p].items() if isinstance(v, torch.Tensor)}
-    for key in sorted(entries):
-        now = [local(state[p][key]) if p in saved_state and isinstance(state[p].get(key), torch.Tensor) else None for p in params]
-        if spare and all(v is not None and v.shape == t.shape and v.dtype == t.dtype for v, t in zip(now, tensors)):
-            kept = spare.pop(0)
-            torch._foreach_copy_(kept, now)
-        else:
-            kept = [None if v is None else v.clone() for v in now]
-        for p, v in zip(params, kept):
-            if v is not None:
-                saved_state[p][key] = v
-    return saved_params, saved_state
-
-
 def base_label(base: BaseFactory) -> str:
+    """``module.qualname`` of ``base``, for messages.
+
+    Args:
+        base: the base optimizer class or factory.
+    """
     return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}".lstrip(".")
 
 
@@ -125,7 +90,22 @@ class ComposedOptimizer(torch.optim.Optimizer):
     ``state_dict()`` holds the rule's and the base's state. ``stats`` describes the last step;
     ``last_projection`` holds copies of its projection (a ``ProjectionRecord``) when the optimizer was
     made with ``record_projection=True``, else ``None``.
+
+    Args:
+        params: the parameters, or parameter groups (dicts with ``"params"`` and hyperparameters).
+        rule: the descent rule.
+        base: the base optimizer class (or any callable ``base(param_groups, **hyperparameters)``).
+        projector: the projector, for a projecting rule.
+        manifold: the constraint manifold, for a projecting rule.
+        **hyperparameters: the optimizer's (``OPTIMIZER_HYPERPARAMETERS``), the components' and the base's.
+
+    Attributes:
+        resources: what the optimizer hands every step's context (a ``StepResources``).
+        step_context_type: the class of that context (a ``StepContext``; the contract kits set a subclass
+            that refuses reads of private members).
     """
+
+    step_context_type: type[StepContext] = StepContext
 
     def __init__(
         self,
@@ -138,7 +118,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
     ):
         self.rule, self.projector, self.manifold = rule, projector, manifold
         self.base_factory = base
-        components = [c for c in (rule, projector, manifold) if c is not None]
         named = zip(("rule", "projector", "manifold"), (rule, projector, manifold))
         self.hyperparameter_specs: dict[str, Hyperparameter] = merge_specs(
             ("the optimizer", OPTIMIZER_HYPERPARAMETERS),
@@ -158,12 +137,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         defaults = {key: spec.default for key, spec in self.hyperparameter_specs.items()}
         defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
-        self._scratch: dict[str, list[torch.Tensor]] = {}
-        self._batchnorm: tuple[tuple[int, ...], list] = ((), [])
-        self._zero_grad_calls = 0  # how a step tells a closure that zeroes gradients from one that accumulates
-        self._closure_pass: int | None = None  # the pass whose closure call runs now (0: the first); see first_pass()
         self.last_projection: ProjectionRecord | None = None
-        self._components = components
         self._ready = False
         super().__init__(params, defaults)
         try:
@@ -179,6 +153,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "from a rule; choose a base whose step() works on the gradients in p.grad"
             )
         self.base.param_groups = self.param_groups
+        self.resources = StepResources(rule, projector, manifold, self.base)
         self.defaults = {**self.base.defaults, **self.defaults}
         self._ready = True
         for group in self.param_groups:
@@ -200,13 +175,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
             )
 
     def _check_components(self, group: Mapping[str, Any]) -> None:
-        for component in self._components:
+        for component in self.resources.components:
             component.check_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``, counted (see ``StepContext.loss``). A closure calls it once per
-        pass, so ``set_to_none=True`` skips torch's profiler record around it."""
-        self._zero_grad_calls += 1
+        """``torch.optim.Optimizer.zero_grad``, counted in ``resources.zero_grad_calls`` (see ``StepContext.loss``).
+        A closure calls it once per pass, so ``set_to_none=True`` skips torch's profiler record around it.
+
+        Args:
+            set_to_none: set ``p.grad`` to ``None`` rather than to zeros.
+        """
+        self.resources.zero_grad_calls += 1
         if not set_to_none:
             super().zero_grad(set_to_none)
             return
@@ -215,7 +194,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after checking its hyperparameters (unknown or invalid ones raise ``ValueError``)."""
+        """Add a group after checking its hyperparameters.
+
+        Args:
+            param_group: a dict with ``"params"`` and any hyperparameters (the others take the defaults).
+
+        Raises:
+            ValueError: an unknown or invalid hyperparameter, or a combination a component refuses.
+        """
         settings = {k: v for k, v in param_group.items() if k != "params"}
         validate(self.hyperparameter_specs, {k: v for k, v in settings.items() if k in self.hyperparameter_specs}, self._owner())
         self._check_base_keys({k: v for k, v in settings.items() if k not in self.hyperparameter_specs})
@@ -231,7 +217,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the rule's and the base's state; the base keeps sharing ``param_groups``."""
+        """Restore the rule's and the base's state; the base keeps sharing ``param_groups``.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (``"base_state"`` may be missing: no base state).
+        """
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base_state", {})
         self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
@@ -239,35 +229,27 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.base.param_groups = self.param_groups
 
     # -- stepping ----------------------------------------------------------------------------------
-    def _batchnorm_layers(self, params: list[torch.Tensor]) -> list:
-        """The BatchNorm layers of ``params`` (:func:`~nonlocal_opt.optim.batchnorm.layers_of`), looked up
-        again only when the parameters change."""
-        key = (*(id(p) for p in params), compiled_code_ran())  # looked up again once compiled code runs
-        if self._batchnorm[0] != key:
-            self._batchnorm = (key, layers_of(params))
-        return self._batchnorm[1]
+    def step_context(self, closure: Callable[..., Any] | None = None) -> StepContext:
+        """The context ``step`` hands its rule, for tools and tests that run a projector or part of a rule by hand.
 
-    def _buffers(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Tensors like ``params`` kept under ``name``, made anew when the parameters changed shape."""
-        kept = self._scratch.get(name)
-        if kept is None or [t.shape for t in kept] != [p.shape for p in params] or kept[0].dtype != params[0].dtype:
-            kept = self._scratch[name] = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        return kept
-
-    def _flat_buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """One tensor of ``shape`` (dtype and device of ``like``) kept under ``name``, made anew when they change."""
-        kept = self._scratch.get(name)
-        if kept is None or kept[0].shape != shape or kept[0].dtype != like.dtype or kept[0].device != like.device:
-            kept = self._scratch[name] = [like.new_empty(shape)]
-        return kept[0]
+        Args:
+            closure: the closure its passes call (``None``: none; ``evaluate`` then raises).
+        """
+        return self.step_context_type(self.resources, self.param_groups, self.state, closure)
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
-        """One step. ``closure()`` zeroes grads, runs forward and backward, returns the loss.
+        """One step. Exception-safe: when anything raises before the base optimizer steps, the parameters
+        are put back at ``θ_t`` and no state has changed (rules write their state after the base step).
 
-        Returns the loss at the start of the step (``None`` for closure-free rules called without one).
-        Exception-safe: when anything raises before the base optimizer steps, the parameters are put back
-        at ``θ_t`` and no state has changed (rules write their state after the base step).
+        Args:
+            closure: zeroes grads, runs forward and backward, returns the loss (may accept ``fresh_batch``).
+
+        Returns:
+            The loss at the start of the step (``None`` for closure-free rules called without one).
+
+        Raises:
+            RuntimeError: a rule that evaluates the loss several times was called without a closure.
         """
         if closure is None and self.rule.requires_closure:
             raise RuntimeError(
@@ -276,9 +258,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "and returns the loss"
             )
         if self.rule.requires_closure:
-            refuse_host_accumulation(self.rule.name)
+            run_host_checks(self.rule.name)
         self.last_projection = None
-        ctx = StepContext(self, closure)
+        ctx = self.step_context(closure)
         try:
             loss = self.rule.step(ctx)
         except BaseException:  # KeyboardInterrupt, out of memory, an error in the closure: back to θ_t
@@ -289,57 +271,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._last_stats = ctx.stats
         self.last_projection = ctx.projection
         return loss
-
-    def _base_step(
-        self, flat: FlatParams, finite: torch.Tensor | bool, stats: dict[str, Any], host_reads: bool, spare: Sequence[list[torch.Tensor]] = ()
-    ) -> torch.Tensor:
-        """``base.step()`` with the gradients in ``p.grad``, skipped unless ``finite`` and every gradient is;
-        returns the 0-d bool tensor "step taken".
-
-        On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the
-        device path (no host synchronisation) the step runs and ``torch.where`` puts back the
-        parameters and base state, from copies made in ``spare`` (per-parameter tensors the step no
-        longer needs) as far as it goes; only a step that creates base state (a first step) reads the
-        verdict, to drop that state again. Norms and verdicts cover every shard (``flat.sum``).
-        """
-        stepped = [(i, p, t, g) for i, (p, t, g) in enumerate(zip(flat.params, flat.tensors, flat.grads())) if g is not None]
-        if not stepped:
-            stats["nonfinite"] = 0.0
-            return TRUE
-        max_norms = {group["max_grad_norm"] for group in self.param_groups}
-        if len(max_norms) != 1:
-            raise ValueError(f"max_grad_norm clips one global norm and must be the same in every parameter group; got {max_norms}")
-        max_norm = max_norms.pop()
-        indices, params, tensors, grads = (list(column) for column in zip(*stepped))
-        norm = None
-        if host_reads or max_norm is not None:
-            norm = global_norm(grads) if flat.group is None else sharded_norm(grads, flat)
-        if max_norm is not None:  # torch.nn.utils.clip_grads_with_norm_, on this process's part of each gradient
-            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        if host_reads:
-            taken = bool(all_finite(grads, norm, host_reads, flat)) and bool(finite)  # every shard takes part in the test
-            if taken:
-                self.base.step()
-            stats["nonfinite"] = float(not taken)
-            return TRUE if taken else FALSE
-        finite = all_finite(grads, norm, host_reads, flat) & finite
-        state = self.base.state
-        keys = {p: set(state[p]) if p in state else set() for p in params}
-        saved_params, saved_state = saved_copies(tensors, params, state, [[s[i] for i in indices] for s in spare])
-        self.base.step()
-        created = [p for p in params if p in state and set(state[p]) - keys[p]]
-        if created and not bool(finite):
-            for p in created:
-                for key in set(state[p]) - keys[p]:
-                    del state[p][key]
-        for t, old in zip(tensors, saved_params):
-            torch.where(finite, t, old, out=t)
-        for p, kept in saved_state.items():
-            for key, old in kept.items():
-                now = local(state[p][key])
-                torch.where(finite, now, old, out=now)
-        stats["nonfinite"] = ~finite
-        return finite
 
     @property
     def stats(self) -> dict[str, float]:
@@ -353,32 +284,4 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"ComposedOptimizer({self._owner()[8:-1]}, base={base_label(self.base_factory)}, groups={len(self.param_groups)})"
-
-
-def unwrap(optimizer: Any) -> ComposedOptimizer:
-    """The ``ComposedOptimizer`` inside host wrappers that keep it as ``.optimizer`` (Accelerate's
-    ``AcceleratedOptimizer``) or ``._optimizer`` (Lightning's ``LightningOptimizer``), at any depth."""
-    seen = optimizer
-    for _ in range(16):
-        if isinstance(seen, ComposedOptimizer):
-            return seen
-        seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
-        if seen is None:
-            break
-    raise TypeError(
-        f"{type(optimizer).__name__} is not a nonlocal-opt optimizer and wraps none (looked through .optimizer and ._optimizer)"
-    )
-
-
-def first_pass(optimizer: Any) -> bool:
-    """Whether code running now runs once per step of ``optimizer`` (or of the composed optimizer it wraps,
-    see :func:`unwrap`): ``False`` only inside the second and later closure calls of a step. Guard the side
-    effects of a closure with it, e.g. ``self.log`` in a Lightning ``training_step`` under automatic
-    optimization, which runs once per pass; the first pass is at ``θ_t``."""
-    return unwrap(optimizer)._closure_pass in (None, 0)
-
-
-def stats(optimizer: Any) -> dict[str, float]:
-    """``ComposedOptimizer.stats`` of ``optimizer`` or of the composed optimizer it wraps (see :func:`unwrap`)."""
-    return unwrap(optimizer).stats
 

@@ -22,17 +22,30 @@ def _dtensor_type() -> type | tuple[()]:
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds: the local shard of a ``DTensor`` (a view that writes
-    through), ``tensor`` itself otherwise."""
+    through), ``tensor`` itself otherwise.
+
+    Args:
+        tensor: a tensor or ``DTensor``.
+    """
     return tensor.to_local() if isinstance(tensor, _dtensor_type()) else tensor
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``‖(t_1, …, t_n)‖₂`` over every entry of every tensor (one dtype and device), as a 0-d tensor."""
+    """``‖(t_1, …, t_n)‖₂`` over every entry of every tensor, as a 0-d tensor.
+
+    Args:
+        tensors: tensors of one dtype and device.
+    """
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
 def sharded_norm(tensors: Sequence[torch.Tensor], flat: FlatParams) -> torch.Tensor:
-    """:func:`global_norm` over the whole of sharded tensors: the local sums of squares, all-reduced."""
+    """:func:`global_norm` over the whole of sharded tensors: the local sums of squares, all-reduced.
+
+    Args:
+        tensors: this process's shard of each tensor.
+        flat: the flat view whose :meth:`FlatParams.sum` adds up the shards.
+    """
     return flat.sum(torch.stack(torch._foreach_norm(tensors)).square().sum()).sqrt()
 
 
@@ -42,6 +55,12 @@ def shard_group(params: Sequence[torch.Tensor]) -> Any:
     Supported: every parameter a ``DTensor`` sharded (``Shard``) on one 1-D device mesh, as
     ``fully_shard`` makes them. Anything else that mixes sharded and whole tensors is refused: a
     reduction over ``R^d`` would count the whole tensors once per process.
+
+    Args:
+        params: the parameters.
+
+    Raises:
+        ValueError: a mix of sharded and whole parameters, or a layout other than ``Shard`` on one 1-D mesh.
     """
     dtensor = _dtensor_type()
     sharded = [isinstance(p, dtensor) for p in params]
@@ -74,6 +93,25 @@ class FlatParams:
     local shards under FSDP2, else the parameters), and every flat vector is built from ``tensors``.
     A sum over ``R^d`` is then a sum of partial sums over the processes: :meth:`sum`. ``shards``:
     accept sharded parameters (the caller reduces every such sum with :meth:`sum`).
+
+    Args:
+        param_groups: the optimizer's parameter groups (parameters without ``requires_grad`` are left out).
+        shards: accept sharded parameters.
+
+    Attributes:
+        groups: the parameters of each group.
+        params: the parameters, in order.
+        tensors: this process's part of each parameter.
+        group: the process group of the shards (``None``: not sharded).
+        shard_rank: this process's rank in ``group`` (0 when not sharded).
+        dtype: the parameters' dtype.
+        device: the parameters' device.
+        numels: the number of entries of each of ``tensors``.
+        numel: their total, ``d`` (this process's part of it).
+
+    Raises:
+        ValueError: no trainable parameter, mixed dtypes or devices, or an unsupported sharding.
+        NotImplementedError: sharded parameters without ``shards``.
     """
 
     def __init__(self, param_groups: Sequence[dict[str, Any]], shards: bool = False):
@@ -102,7 +140,11 @@ class FlatParams:
         self._flat_tensors: list[torch.Tensor] | None = None  # made by the first write (see _pieces)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The pieces of the flat vector ``flat``, shaped like the parameters (views: writes go through)."""
+        """The pieces of a flat vector, shaped like the parameters (views: writes go through).
+
+        Args:
+            flat: a flat vector of :attr:`numel` entries.
+        """
         return [v.view_as(p) for v, p in zip(flat.split_with_sizes(self.numels), self.tensors)]
 
     def _pieces(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | tuple[torch.Tensor, ...]]:
@@ -122,8 +164,12 @@ class FlatParams:
         return [None if p.grad is None else p.grad.to_local() for p in self.params]
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sums over ``R^d`` from this process's partial sums (a small tensor of them): all-reduced over the
-        shard group when the parameters are sharded, ``partial`` itself otherwise."""
+        """Sums over ``R^d`` from this process's partial sums: all-reduced over the shard group when the
+        parameters are sharded, ``partial`` itself otherwise.
+
+        Args:
+            partial: this process's partial sums (a small tensor of them).
+        """
         if self.group is None:
             return partial
         total = partial.clone()
@@ -131,29 +177,50 @@ class FlatParams:
         return total
 
     def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``θ``: a flat tensor holding the current parameter values (written into ``out`` when given)."""
+        """``θ``: a flat tensor holding the current parameter values.
+
+        Args:
+            out: a flat tensor to write into (``None``: a new one).
+        """
         return torch.cat([p.detach().reshape(-1) for p in self.tensors], out=out)
 
     def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``g = ∇f(θ)`` as a flat tensor (written into ``out`` when given); a parameter without ``.grad`` contributes zeros."""
+        """``g = ∇f(θ)`` as a flat tensor; a parameter without ``.grad`` contributes zeros.
+
+        Args:
+            out: a flat tensor to write into (``None``: a new one).
+        """
         grads = [(g.detach() if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(self.tensors, self.grads())]
         return torch.cat(grads, out=out) if out is not None else torch.cat(grads).to(self.dtype)
 
     def write(self, theta: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Copy ``θ`` into the parameters, in place: a flat vector, or one tensor per parameter."""
+        """Copy ``θ`` into the parameters, in place.
+
+        Args:
+            theta: a flat vector, or one tensor per parameter.
+        """
         if isinstance(theta, torch.Tensor):
             torch._foreach_copy_(*self._pieces(theta))
         else:
             torch._foreach_copy_(self.tensors, list(theta))
 
     def write_sum(self, theta: torch.Tensor, offset: torch.Tensor) -> None:
-        """Write ``θ + offset`` (two flat vectors) into the parameters without forming it."""
+        """Write ``θ + offset`` into the parameters without forming it.
+
+        Args:
+            theta: a flat vector.
+            offset: a flat vector.
+        """
         params, pieces = self._pieces(theta)
         torch._foreach_copy_(params, pieces)
         torch._foreach_add_(params, self._pieces(offset)[1])
 
     def write_grad(self, flat: torch.Tensor) -> None:
-        """Copy the flat vector ``flat`` into ``p.grad`` (allocated where it is ``None``)."""
+        """Copy a flat vector into ``p.grad`` (allocated where it is ``None``).
+
+        Args:
+            flat: a flat vector of :attr:`numel` entries.
+        """
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
@@ -162,7 +229,11 @@ class FlatParams:
     def per_coordinate(self, values: Sequence[float]) -> float | torch.Tensor:
         """Spread one value per parameter group over the coordinates of that group.
 
-        Returns the plain float when every group has the same value (the common case).
+        Args:
+            values: one value per parameter group.
+
+        Returns:
+            The plain float when every group has the same value (the common case), else a flat tensor.
         """
         if len(set(values)) == 1:
             return float(values[0])

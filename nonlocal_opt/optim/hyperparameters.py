@@ -14,37 +14,69 @@ def _is_number(value: Any) -> bool:
 
 
 def non_negative(value: Any) -> str | None:
+    """Validator: a finite number ``≥ 0``.
+
+    Args:
+        value: the value to check.
+
+    Returns:
+        ``None`` when valid, else the problem as a short phrase (as every validator here).
+    """
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         return "must be a finite number >= 0"
     return None
 
 
 def positive(value: Any) -> str | None:
+    """Validator: a finite number ``> 0``.
+
+    Args:
+        value: the value to check.
+    """
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         return "must be a finite number > 0"
     return None
 
 
 def positive_int(value: Any) -> str | None:
+    """Validator: an integer ``≥ 1`` (not a bool).
+
+    Args:
+        value: the value to check.
+    """
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         return "must be an integer >= 1"
     return None
 
 
 def non_negative_int(value: Any) -> str | None:
+    """Validator: an integer ``≥ 0`` (not a bool).
+
+    Args:
+        value: the value to check.
+    """
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         return "must be an integer >= 0"
     return None
 
 
 def unit_interval(value: Any) -> str | None:
+    """Validator: a number in ``[0, 1]``.
+
+    Args:
+        value: the value to check.
+    """
     if not _is_number(value) or not 0 <= value <= 1:
         return "must be a number in [0, 1]"
     return None
 
 
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    """Allow ``None`` in addition to what ``check`` accepts."""
+    """A validator that allows ``None`` in addition to what ``check`` accepts.
+
+    Args:
+        check: a validator.
+    """
 
     def check_or_none(value: Any) -> str | None:
         return None if value is None else check(value)
@@ -53,6 +85,11 @@ def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
 
 
 def boolean(value: Any) -> str | None:
+    """Validator: ``True`` or ``False``.
+
+    Args:
+        value: the value to check.
+    """
     return None if isinstance(value, bool) else "must be True or False"
 
 
@@ -60,7 +97,11 @@ def boolean(value: Any) -> str | None:
 class Hyperparameter:
     """One scalar hyperparameter: its default, the paper symbol it stands for, and a validator.
 
-    The validator returns ``None`` for a valid value, else a short phrase such as ``"must be >= 0"``.
+    Args:
+        default: the value a parameter group gets when none is given.
+        symbol: the paper's symbol (``"—"`` for none).
+        doc: what it sets, in a phrase.
+        check: the validator: ``None`` for a valid value, else a short phrase such as ``"must be >= 0"``.
     """
 
     default: Any
@@ -70,7 +111,16 @@ class Hyperparameter:
 
 
 def validate(specs: Mapping[str, Hyperparameter], values: Mapping[str, Any], owner: str) -> None:
-    """Raise ``ValueError`` naming the first unknown or invalid hyperparameter in ``values``."""
+    """Check ``values`` against their specs.
+
+    Args:
+        specs: the declared hyperparameters.
+        values: the given ones.
+        owner: who declares them, for the message.
+
+    Raises:
+        ValueError: naming the first unknown or invalid hyperparameter.
+    """
     for key, value in values.items():
         if key not in specs:
             known = ", ".join(sorted(specs)) or "none"
@@ -81,7 +131,14 @@ def validate(specs: Mapping[str, Hyperparameter], values: Mapping[str, Any], own
 
 
 def merge_specs(*named_specs: tuple[str, Mapping[str, Hyperparameter]]) -> dict[str, Hyperparameter]:
-    """Union of several components' hyperparameters; a name declared twice must mean the same."""
+    """Union of several components' hyperparameters.
+
+    Args:
+        *named_specs: ``(owner, specs)`` pairs.
+
+    Raises:
+        ValueError: a name is declared twice with different specs.
+    """
     merged: dict[str, Hyperparameter] = {}
     owners: dict[str, str] = {}
     for owner, specs in named_specs:

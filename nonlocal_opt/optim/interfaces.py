@@ -38,9 +38,12 @@ class _Component(ABC):
     Optimizers with a component that does not declare it refuse sharded parameters."""
 
     def check_group(self, group: Mapping[str, object]) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Reject combinations of hyperparameters (one parameter group, the base's and every
-        component's defaults filled in) with ``ValueError``; single values are already checked by
-        their ``Hyperparameter`` validators."""
+        """Reject combinations of hyperparameters with ``ValueError``; single values are already checked
+        by their ``Hyperparameter`` validators.
+
+        Args:
+            group: one parameter group, the base's and every component's defaults filled in.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -225,4 +228,11 @@ class DescentRule(_Component):
 
     @abstractmethod
     def step(self, ctx: StepContext) -> torch.Tensor | None:
-        """Perform one optimizer step; return the loss at the start of the step (or ``None``)."""
+        """Perform one optimizer step, through ``ctx`` only; end with ``ctx.apply``.
+
+        Args:
+            ctx: the step's context, the whole API a rule may use (docs/plugins.md, "The step context").
+
+        Returns:
+            The loss at the start of the step (or ``None`` without a closure).
+        """

@@ -86,10 +86,20 @@ class RadiusScheduler:
         self._apply()
 
     def progress(self, step: int) -> float:
-        """``s = min(t/T, 1)``."""
+        """``s = min(t/T, 1)``.
+
+        Args:
+            step: ``t``, the units of ``T`` taken so far.
+        """
         return min(step / self.total_steps, 1.0)
 
     def radius(self, rho0: float, step: int) -> float:
+        """``ρ_t``, which each schedule defines.
+
+        Args:
+            rho0: ``ρ_0``, the group's radius when the schedule was made.
+            step: ``t``.
+        """
         raise NotImplementedError
 
     def _apply(self) -> None:
@@ -101,7 +111,11 @@ class RadiusScheduler:
 
     def step(self, steps: int = 1) -> None:
         """Advance ``steps`` units of ``T`` (one optimizer step by default; a budget counted in passes advances
-        by a step's passes) and write the new ``ρ`` (call after ``optimizer.step()``)."""
+        by a step's passes) and write the new ``ρ`` (call after ``optimizer.step()``).
+
+        Args:
+            steps: the units of ``T`` to advance.
+        """
         self.last_step += steps
         self._apply()
 
@@ -116,7 +130,11 @@ class RadiusScheduler:
         return {key: value for key, value in self.__dict__.items() if key != "optimizer"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the schedule and write its current ``ρ`` (and coupled ``lr``) into the param groups."""
+        """Restore the schedule and write its current ``ρ`` (and coupled ``lr``) into the param groups.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         self.__dict__.update(state)
         self._apply()
 
@@ -137,7 +155,15 @@ class LinearRadius(RadiusScheduler):
 
 class StepRadius(RadiusScheduler):
     """Geometric steps: ``ρ_t = ρ_0 (ρ_f/ρ_0)^{k/n}``, ``k = min(⌊(n + 1) t/T⌋, n)``: ``n = drops``
-    equal drops at ``t = T/(n+1), …, nT/(n+1)`` (needs ``ρ_0, ρ_f > 0``)."""
+    equal drops at ``t = T/(n+1), …, nT/(n+1)`` (needs ``ρ_0, ρ_f > 0``).
+
+    Args:
+        optimizer: an optimizer whose param groups carry ``rho``.
+        total_steps: ``T``.
+        rho_final: ``ρ_f``.
+        couple_lr: scale each group's ``lr`` with ``ρ_t/ρ_0``.
+        drops: ``n``, the number of drops.
+    """
 
     geometric = True
 

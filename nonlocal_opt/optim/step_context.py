@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import attrs
@@ -14,29 +13,9 @@ import torch
 
 from nonlocal_opt.optim.batchnorm import BatchNormFreezer
 from nonlocal_opt.optim.flat_params import FlatParams, global_norm, sharded_norm
+from nonlocal_opt.optim.host_checks import HostGradientError
 from nonlocal_opt.optim.points import Centre, GraphPoint, ProjectionResult, copied
-
-
-class HostGradientError(RuntimeError):
-    """Gradient accumulation by the host, which a multi-pass step cannot take part in: the closure added to
-    gradients the host left in ``p.grad``, or Accelerate's gradient accumulation is on."""
-
-
-def refuse_host_accumulation(rule: str) -> None:
-    """Raise :class:`HostGradientError` when Accelerate's gradient accumulation is on in this process: its
-    ``GradientState`` (one per process, set by ``Accelerator(gradient_accumulation_steps=k)``) is what
-    ``accelerator.accumulate()`` and the wrapped optimizer's ``step`` read to skip steps."""
-    state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
-    steps = state().num_steps if state is not None and state._shared_state else 1
-    if steps > 1:
-        raise HostGradientError(
-            f"gradient accumulation by the host is on (Accelerate's gradient_accumulation_steps={steps}): "
-            f"accelerator.accumulate() skips opt.step, and with it the closure, on {steps - 1} of every {steps} batches, "
-            f"and accelerator.backward divides the loss by {steps}; rule {rule!r} runs the closure several times per step "
-            "and needs each step's whole gradient from it. Create the Accelerator without gradient_accumulation_steps and "
-            "accumulate inside the closure (opt.zero_grad(), then accelerator.backward(loss_i / k) for each of the k "
-            "micro-batches, and return the mean loss)"
-        )
+from nonlocal_opt.optim.step_resources import StepResources
 
 
 def process_count() -> int:
@@ -47,7 +26,11 @@ def process_count() -> int:
 
 
 def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
-    """Whether ``closure`` takes the keyword ``fresh_batch`` (see :meth:`StepContext.evaluate`)."""
+    """Whether ``closure`` takes the keyword ``fresh_batch`` (see :meth:`StepContext.evaluate`).
+
+    Args:
+        closure: the closure of a step, or ``None`` (no closure: ``False``).
+    """
     if closure is None:
         return False
     try:
@@ -60,7 +43,13 @@ def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
 class ProjectionRecord:
     """One projection of a step: the centre ``c_t`` the rule moved from (``None`` if it gave none),
     the proposed centre ``c̃`` and the projector's result (its ``centre`` as the projector returned it,
-    before the rule moves it with the parameters the base lands on)."""
+    before the rule moves it with the parameters the base lands on).
+
+    Args:
+        centre: ``c_t``, or ``None``.
+        target: ``c̃``.
+        result: what the projector returned.
+    """
 
     centre: Centre | None
     target: Centre
@@ -68,25 +57,51 @@ class ProjectionRecord:
 
 
 class StepContext:
-    """One step's view of the optimizer: flat parameters, hyperparameters, state, closure calls,
-    projection, the base optimizer's step, stats. It does not expose the optimizer itself.
+    """One step's view of the optimizer, and the whole of what a rule, projector or manifold may use
+    during ``optimizer.step(closure)``: flat parameters, hyperparameters, state, closure calls, the
+    projection, the base optimizer's step, stats. It does not expose the optimizer: what it needs of it
+    comes from the :class:`~nonlocal_opt.optim.step_resources.StepResources` the optimizer hands over.
+    ``ComposedOptimizer.step_context(closure)`` makes one as ``step()`` does.
 
     Closure protocol: ``closure()`` zeroes the gradients, runs forward and backward on the current
     mini-batch and returns the loss. A closure may also accept ``fresh_batch=True``, asking it to
     draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
+
+    Args:
+        resources: what the optimizer lends the step (components, scratch storage, pass counting, the
+            guarded base step).
+        param_groups: the optimizer's parameter groups, holding every hyperparameter.
+        state: the optimizer's per-parameter state (the rule's :attr:`state` is its first parameter's).
+        closure: the closure of ``step(closure)``, or ``None``.
+
+    Attributes:
+        rule_name: the name of the rule taking the step.
+        manifold: the composed manifold (``None`` for a point rule).
+        projector: the composed projector (``None`` for a point rule).
+        flat: the flat view ``θ ∈ R^d`` of the parameters (a :class:`~nonlocal_opt.optim.flat_params.FlatParams`).
+        host_reads: whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python
+            branch): the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
+            ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``.
+        world_size: processes the loss of a pass is averaged over: under DDP each closure returns its own
+            process's loss while the gradient is already averaged, so every scalar a rule computes from
+            the loss would differ between replicas.
+        grad_evals: closure calls so far in this step.
+        centre: ``c_t``, the centre the rule moved from, as given to :meth:`project` (read by projectors
+            that move the centre).
+        projection: copies of the step's projection when :attr:`recording`, else ``None``.
+        stats: the step's stats (``grad_evals``, ``nonfinite``, ``proj_iters``, ...; a rule may add its own).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, closure: Callable[..., Any] | None):
-        """``optimizer``: the ``ComposedOptimizer`` taking the step (kept private)."""
-        self._optimizer = optimizer
-        self._closure = closure
+    def __init__(self, resources: StepResources, param_groups: Sequence[Mapping[str, Any]],
+                 state: MutableMapping[torch.Tensor, dict[str, Any]], closure: Callable[..., Any] | None):
+        self._resources, self._param_groups, self._state, self._closure = resources, param_groups, state, closure
         self._hp: dict[str, Any] = {}  # hyperparameters read this step (they do not change within a step)
-        self.rule_name: str = optimizer.rule.name
-        self.manifold = optimizer.manifold
-        self.projector = optimizer.projector
-        self.flat = FlatParams(optimizer.param_groups, shards=True)
+        self.rule_name: str = resources.rule.name
+        self.manifold = resources.manifold
+        self.projector = resources.projector
+        self.flat = FlatParams(param_groups, shards=True)
         if self.flat.group is not None:
-            refusing = [f"{type(c).__name__} ({c.name!r})" for c in optimizer._components if not c.shardable]
+            refusing = [f"{type(c).__name__} ({c.name!r})" for c in resources.components if not c.shardable]
             if refusing:
                 raise NotImplementedError(
                     f"parameters sharded with FSDP2 (DTensor) need components that sum over the shards; {', '.join(refusing)} "
@@ -94,28 +109,29 @@ class StepContext:
                 )
         device_path = self.hp("device_path")
         self.host_reads: bool = self.flat.device.type == "cpu" if device_path is None else not device_path
-        """Whether plugins may read tensor values on the host (``.item()``, ``bool()``, a Python branch):
-        the host path. Off (the device path) they keep scalars as 0-d tensors and decide with
-        ``torch.where``, so a step never waits for the device. Set by the optimizer's ``device_path``."""
         distributed = self.hp("distributed")
         self.world_size = process_count() if distributed is None or distributed else 1
-        """Processes the loss of a pass is averaged over: under DDP each closure returns its own process's
-        loss while the gradient is already averaged, so every scalar a rule computes from the loss would
-        differ between replicas."""
         self.grad_evals = 0
-        self.batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
-        self.centre: Centre | None = None  # c_t the rule moved from, set by project(..., centre=c_t)
+        self.centre: Centre | None = None
         self.projection: ProjectionRecord | None = None
+        self.stats: dict[str, Any] = {"grad_evals": 0}
+        self._batchnorm: BatchNormFreezer | None = None  # made by the first extra pass, kept for the step
         self._start: torch.Tensor | list[torch.Tensor] | None = None  # θ_t, to put back if the step raises
         self._applied = False
-        self.stats: dict[str, Any] = {"grad_evals": 0}
 
     # -- hyperparameters and state ------------------------------------------------------------------
     def hp(self, name: str) -> Any:
-        """A hyperparameter shared by the whole ball: it must be equal in every parameter group."""
+        """A hyperparameter shared by the whole ball.
+
+        Args:
+            name: a key of ``param_groups``.
+
+        Raises:
+            ValueError: its value differs between parameter groups.
+        """
         if name in self._hp:
             return self._hp[name]
-        values = {group[name] for group in self._optimizer.param_groups}
+        values = {group[name] for group in self._param_groups}
         if len(values) != 1:
             raise ValueError(
                 f"hyperparameter {name!r} must be the same in every parameter group for "
@@ -125,8 +141,15 @@ class StepContext:
         return self._hp[name]
 
     def per_coordinate(self, name: str) -> float | torch.Tensor:
-        """A hyperparameter that may differ between groups, spread over the flat coordinates."""
-        return self.flat.per_coordinate([group[name] for group in self._optimizer.param_groups])
+        """A hyperparameter that may differ between groups, spread over the flat coordinates.
+
+        Args:
+            name: a key of ``param_groups``.
+
+        Returns:
+            A float when every group has the same value, else a flat tensor of one value per coordinate.
+        """
+        return self.flat.per_coordinate([group[name] for group in self._param_groups])
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -140,31 +163,52 @@ class StepContext:
 
     # -- sums over R^d ------------------------------------------------------------------------------
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sums over ``R^d`` from this process's partial sums (a 0-d or small 1-d tensor): one all-reduce over
-        the shards under FSDP2, ``partial`` itself otherwise. Every dot product or norm a plugin forms
-        over flat vectors goes through it (or :meth:`dot` / :meth:`norm`)."""
+        """Sums over ``R^d`` from this process's partial sums: one all-reduce over the shards under FSDP2,
+        ``partial`` itself otherwise. Every dot product or norm a plugin forms over flat vectors goes
+        through it (or :meth:`dot` / :meth:`norm`).
+
+        Args:
+            partial: this process's partial sums (a 0-d or small 1-d tensor).
+        """
         return self.flat.sum(partial)
 
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``xᵀy`` over ``R^d``, as a 0-d tensor."""
+        """``xᵀy`` over ``R^d``, as a 0-d tensor.
+
+        Args:
+            x: a flat vector (this process's part of it).
+            y: a flat vector like ``x``.
+        """
         return self.flat.sum(x.dot(y))
 
     def norm(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``‖x‖₂`` over ``R^d`` of a flat vector or of one tensor per parameter, as a 0-d tensor."""
+        """``‖x‖₂`` over ``R^d``, as a 0-d tensor.
+
+        Args:
+            x: a flat vector, or one tensor per parameter (this process's part of each).
+        """
         if self.flat.group is None:
             return torch.linalg.vector_norm(x) if isinstance(x, torch.Tensor) else global_norm(x)
         return sharded_norm(x if isinstance(x, list) else [x], self.flat)
 
     def finite(self, *losses: Any) -> bool | torch.Tensor:
-        """Whether every one of ``losses`` (0-d tensors or numbers) is finite: a ``bool`` on the host path, a
-        0-d bool tensor on the device path (no host read)."""
+        """Whether every one of ``losses`` is finite: a ``bool`` on the host path, a 0-d bool tensor on the
+        device path (no host read).
+
+        Args:
+            *losses: 0-d tensors or numbers.
+        """
         if self.host_reads:
             return all(math.isfinite(float(loss)) for loss in losses)
         return torch.isfinite(torch.stack([torch.as_tensor(loss, device=self.flat.device) for loss in losses])).all()
 
     def keep_start(self, theta: torch.Tensor | list[torch.Tensor]) -> None:
-        """Tell the step where it started (``θ_t``, flat or one tensor per parameter) before moving the
-        parameters elsewhere; :meth:`evaluate` at the current parameters does it by itself."""
+        """Tell the step where it started before moving the parameters other than through :meth:`evaluate`
+        (which does it by itself): :meth:`restore_start` puts it back if the step raises.
+
+        Args:
+            theta: ``θ_t``, flat or one tensor per parameter; left untouched until the base steps.
+        """
         self._start = theta
 
     def restore_start(self) -> None:
@@ -174,18 +218,26 @@ class StepContext:
                 self.flat.write(self._start)
 
     def buffers(self, name: str) -> list[torch.Tensor]:
-        """Scratch tensors shaped like the parameters, kept by the optimizer from step to step under
-        ``name`` (not in ``state_dict``): a rule's per-step work allocates nothing of size ``d``."""
-        return self._optimizer._buffers(name, self.flat.tensors)
+        """Scratch tensors shaped like :attr:`params`, kept by the optimizer from step to step (not in
+        ``state_dict``): a rule's per-step work allocates nothing of size ``d``.
+
+        Args:
+            name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
+        """
+        return self._resources.buffers(name, self.flat.tensors)
 
     def scratch(self, name: str, rows: int | None = None) -> torch.Tensor:
         """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
-        kept by the optimizer from step to step under ``name`` (not in ``state_dict``; names are shared by
-        the rule, projector and manifold, so prefix them with the component's name). A fresh ``R^d`` tensor
-        per step costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not
-        outlive the step: the next step overwrites them."""
+        kept by the optimizer from step to step (not in ``state_dict``). A fresh ``R^d`` tensor per step
+        costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not outlive
+        the step: the next step overwrites them.
+
+        Args:
+            name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
+            rows: the number of rows of a matrix; ``None``: one vector.
+        """
         shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
-        return self._optimizer._flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
+        return self._resources.flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
 
     def start_grad_out(self) -> torch.Tensor:
         """Where a projecting rule gathers ``∇f(θ_t)``: the projector's own storage when it offers some
@@ -202,11 +254,12 @@ class StepContext:
     @property
     def state(self) -> dict[str, Any]:
         """The rule's optimizer-wide state (kept in the first parameter's state, so ``state_dict`` saves it)."""
-        return self._optimizer.state[self.flat.params[0]]
+        return self._state[self.flat.params[0]]
 
     # -- closure calls ----------------------------------------------------------------------------
     @property
     def has_closure(self) -> bool:
+        """Whether ``step`` was given a closure."""
         return self._closure is not None
 
     @property
@@ -224,14 +277,17 @@ class StepContext:
         grad_out: torch.Tensor | None = None,
         theta_out: torch.Tensor | None = None,
     ) -> GraphPoint:
-        """Run the closure at ``θ`` (the current parameters when ``None``) and return ``(θ, f(θ), ∇f(θ))``.
+        """Run the closure at ``θ`` and return ``p = (θ, f(θ), ∇f(θ))``; one pass, counted in ``grad_evals``.
 
-        ``offset``: evaluate at ``θ + offset``, written into the parameters without forming it; the
-        returned point's ``theta`` is then ``None``. ``grad_out``: a preallocated flat tensor to gather
-        ``∇f(θ)`` into; ``theta_out``: one to gather the current parameters into (each saves an allocation).
-
-        ``extra=True`` marks a pass beyond the first of the step: BatchNorm running statistics are
-        left alone unless ``freeze_bn_stats`` is off. Every call counts one pass in ``grad_evals``.
+        Args:
+            theta: a flat ``θ`` to write into the parameters; ``None``: the current parameters.
+            offset: evaluate at ``θ + offset``, written into the parameters without forming it; the
+                returned point's ``theta`` is then ``None``.
+            extra: a pass beyond the first of the step: BatchNorm running statistics are left alone
+                unless ``freeze_bn_stats`` is off. ``False`` only for the step's first pass.
+            fresh_batch: ask the closure to draw the next mini-batch first (see :attr:`accepts_fresh_batch`).
+            grad_out: a flat tensor to gather ``∇f(θ)`` into (saves an allocation).
+            theta_out: a flat tensor to gather the current parameters into, when ``theta`` is ``None``.
         """
         if offset is not None:
             self.flat.write_sum(theta, offset)
@@ -246,8 +302,20 @@ class StepContext:
         return GraphPoint(theta=theta, loss=loss, grad=self.flat.gather_grad(grad_out))
 
     def loss(self, theta: torch.Tensor | None = None, *, extra: bool = True, fresh_batch: bool = False) -> Any:
-        """Run the closure at ``θ`` (the current parameters when ``None``), leaving ``∇f`` in ``p.grad``;
-        return what it returns. One pass, counted in ``grad_evals`` (keywords as in :meth:`evaluate`)."""
+        """Run the closure at ``θ``, leaving ``∇f`` in ``p.grad``; one pass, counted in ``grad_evals``.
+
+        Args:
+            theta: a flat ``θ`` to write into the parameters; ``None``: the current parameters.
+            extra: as in :meth:`evaluate`.
+            fresh_batch: as in :meth:`evaluate`.
+
+        Returns:
+            What the closure returns (averaged over the processes when :attr:`world_size` > 1).
+
+        Raises:
+            RuntimeError: the step has no closure.
+            HostGradientError: the closure of a multi-pass rule's first pass added to gradients the host left.
+        """
         if theta is not None:
             self.flat.write(theta)
         if self._closure is None:
@@ -257,15 +325,15 @@ class StepContext:
             )
         # A multi-pass rule's first pass must start from zeroed gradients (a single-pass rule may
         # accumulate: its one pass is the step's gradient, as with any torch optimizer).
-        held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._optimizer.rule.requires_closure else []
-        zeroed = self._optimizer._zero_grad_calls
-        self._optimizer._closure_pass = self.grad_evals
+        held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._resources.rule.requires_closure else []
+        zeroed = self._resources.zero_grad_calls
+        self._resources.closure_pass = self.grad_evals
         try:
             with torch.enable_grad(), self._batchnorm_paused(extra):
                 loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
         finally:
-            self._optimizer._closure_pass = None
-        if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._optimizer._zero_grad_calls == zeroed:
+            self._resources.closure_pass = None
+        if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._resources.zero_grad_calls == zeroed:
             raise HostGradientError(
                 "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
                 "(Lightning's accumulate_grad_batches, accelerator.accumulate()) is not supported by multi-pass rules; "
@@ -283,16 +351,24 @@ class StepContext:
     def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:
         if not (extra and self.hp("freeze_bn_stats")):
             return contextlib.nullcontext()
-        if self.batchnorm is None:
-            self.batchnorm = BatchNormFreezer(self._optimizer._batchnorm_layers(self.flat.params))
-        return self.batchnorm.paused()
+        if self._batchnorm is None:
+            self._batchnorm = BatchNormFreezer(self._resources.batchnorm_layers(self.flat.params))
+        return self._batchnorm.paused()
 
     # -- projection -------------------------------------------------------------------------------
     def project(self, target: Centre, start: GraphPoint, centre: Centre | None = None) -> ProjectionResult:
-        """Run the composed projector from ``start`` towards ``target`` and record its stats.
+        """Run the composed projector from ``start`` towards ``target`` and record its stats
+        (``proj_iters``, ``proj_residual``, ``offset_error``; a copy in :attr:`projection` when :attr:`recording`).
 
-        ``centre`` is the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors
-        that move the centre rather than project it (``tangent``) read it as ``ctx.centre``.
+        Args:
+            target: the proposed centre ``c̃``.
+            start: the contact point ``p_t`` (evaluated).
+            centre: the current centre ``c_t`` the rule moved from (``c̃ = c_t + δ̃``); projectors that
+                move the centre rather than project it read it as :attr:`centre`.
+
+        Raises:
+            RuntimeError: the optimizer has no projector, or the projector returned a centre while
+                declaring ``uses_centre = False``.
         """
         if self.projector is None:
             raise RuntimeError(f"rule {self.rule_name!r} projects, but was composed without a projector")
@@ -321,18 +397,21 @@ class StepContext:
         finite: torch.Tensor | bool = True,
         spare: Sequence[torch.Tensor | list[torch.Tensor]] = (),
     ) -> torch.Tensor:
-        """Let the base optimizer step from ``θ`` with ``direction`` as the gradient.
+        """Let the base optimizer step from ``θ`` with ``direction`` as the gradient, clipped to
+        ``max_grad_norm``. The base step is skipped — parameters and base state unchanged,
+        ``stats['nonfinite'] = 1`` — unless ``finite`` holds and every gradient is finite.
 
-        ``θ``: the parameters to step from (the step's start, after passes at other points), flat or one
-        tensor per parameter; ``None`` keeps the current ones. ``direction``: a flat tensor written into ``p.grad``; ``None`` keeps
-        the gradients the closure left. ``max_grad_norm`` clips them. The base step is skipped —
-        parameters and base state unchanged, ``stats['nonfinite'] = 1`` — unless ``finite`` (the
-        rule's verdict on its passes) holds and every gradient is finite. Returns "step taken" as a
-        0-d bool tensor.
+        Args:
+            direction: a flat tensor written into ``p.grad``; ``None`` keeps the gradients the closure left.
+            theta: the parameters to step from (the step's start, after passes at other points), flat or
+                one tensor per parameter; ``None`` keeps the current ones.
+            finite: the rule's verdict on its passes (:meth:`finite`).
+            spare: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
+                tensor per parameter; distinct storage), which the device path's skip may fill with its
+                copies of the parameters and base state instead of allocating them.
 
-        ``spare``: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
-        tensor per parameter; distinct storage), which the device path's skip may fill with its copies of
-        the parameters and base state instead of allocating them.
+        Returns:
+            "Step taken" as a 0-d bool tensor.
         """
         if theta is not None:
             self.flat.write(theta)
@@ -340,5 +419,5 @@ class StepContext:
             self.flat.write_grad(direction)
         self._applied = True
         storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
-        return self._optimizer._base_step(self.flat, finite, self.stats, self.host_reads, storage)
+        return self._resources.base_step(self._param_groups, self.flat, finite, self.stats, self.host_reads, storage)
 

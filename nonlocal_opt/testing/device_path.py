@@ -48,6 +48,13 @@ def check_device_path(
 
     The rule and manifold are chosen as by :func:`~nonlocal_opt.testing.check_projector`. Early
     stopping is off in both runs (``tol``/``rtol`` set to ``None`` where declared): it needs host reads.
+
+    Args:
+        name_or_instance: a registered projector name or a ``Projector``.
+        rule: the rule to run it under (``None``: the first registered rule, by sorted name, on the manifold).
+        manifold: the manifold (``None``: the projector's first).
+        hyperparameters: added to every run.
+        steps: the steps of the rule.
     """
     composition = Composition.for_projector(name_or_instance, rule, manifold)
     hp = {key: None for key in ("tol", "rtol") if key in composition.projector.hyperparameters} | dict(hyperparameters or {})

@@ -18,7 +18,13 @@ from nonlocal_opt.landscapes import Landscape
 
 @attrs.frozen
 class NearestPoint:
-    """Brute-force nearest point ``θ*`` of Γ to a centre, its distance ``d_Γ(c)``, and whether it is unique."""
+    """Brute-force nearest point ``θ*`` of Γ to a centre, its distance ``d_Γ(c)``, and whether it is unique.
+
+    Args:
+        theta: ``θ*``.
+        distance: ``d_Γ(c)``.
+        unique: whether no other local minimum of the distance is within 1e-9 of it.
+    """
 
     theta: torch.Tensor
     distance: float
@@ -47,7 +53,15 @@ def nearest_point(value: Callable, centre: Centre, radius: float, grid: int | No
     """``argmin_θ ‖(θ, f(θ)) − c‖`` over the box ``θ_c ± radius`` (``radius`` ≥ the distance from ``c`` to
     some point of Γ, so the box holds the answer): dense grid, its ``candidates`` best local minima
     refined by :func:`_zoom`; unique when no other local minimum is within 1e-9 of the best distance.
-    ``value`` maps points of shape ``(..., dim)`` to ``f`` (``Landscape.value``); 1-D and 2-D only."""
+    1-D and 2-D only.
+
+    Args:
+        value: maps points of shape ``(..., dim)`` to ``f`` (``Landscape.value``).
+        centre: the point ``c`` of ``R^{d+1}``.
+        radius: half the width of the box searched, at least the distance from ``c`` to some point of Γ.
+        grid: points of the grid per axis (``None``: 8001 in 1-D, 301 in 2-D).
+        candidates: local minima of the grid refined.
+    """
     dim = centre.theta.numel()
     n = grid or (8001 if dim == 1 else 301)
     line = torch.linspace(-radius, radius, n, dtype=centre.theta.dtype)
@@ -66,12 +80,23 @@ def nearest_point(value: Callable, centre: Centre, radius: float, grid: int | No
 
 
 def distance(landscape: Landscape, theta: torch.Tensor, centre: Centre) -> float:
-    """``‖(θ, f(θ)) − c‖``."""
+    """``‖(θ, f(θ)) − c‖``.
+
+    Args:
+        landscape: ``f``.
+        theta: ``θ``.
+        centre: ``c``.
+    """
     return float(_squared_distance(landscape.value, theta, centre).sqrt())
 
 
 def value_and_grad(landscape: Landscape, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``f(θ)`` and ``∇f(θ)`` by autograd."""
+    """``f(θ)`` and ``∇f(θ)`` by autograd.
+
+    Args:
+        landscape: ``f``.
+        theta: ``θ``.
+    """
     theta = theta.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         value = landscape.value(theta)
@@ -80,11 +105,23 @@ def value_and_grad(landscape: Landscape, theta: torch.Tensor) -> tuple[torch.Ten
 
 
 def phi(landscape: Landscape, theta: torch.Tensor, centre: Centre) -> float:
-    """``φ(θ) = ½‖θ − θ_c‖² + ½(f(θ) − y_c)²``."""
+    """``φ(θ) = ½‖θ − θ_c‖² + ½(f(θ) − y_c)²``.
+
+    Args:
+        landscape: ``f``.
+        theta: ``θ``.
+        centre: ``c = (θ_c, y_c)``.
+    """
     return 0.5 * float(_squared_distance(landscape.value, theta, centre))
 
 
 def phi_grad_norm(landscape: Landscape, theta: torch.Tensor, centre: Centre) -> float:
-    """``‖∇φ(θ)‖ = ‖(θ − θ_c) + (f(θ) − y_c) ∇f(θ)‖``."""
+    """``‖∇φ(θ)‖ = ‖(θ − θ_c) + (f(θ) − y_c) ∇f(θ)‖``.
+
+    Args:
+        landscape: ``f``.
+        theta: ``θ``.
+        centre: ``c = (θ_c, y_c)``.
+    """
     value, grad = value_and_grad(landscape, theta)
     return float(torch.linalg.vector_norm((theta - centre.theta) + (value - centre.height) * grad))

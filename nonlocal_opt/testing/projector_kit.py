@@ -50,7 +50,17 @@ TO_TOLERANCE = {"max_iters": 500, "tol": 1e-9, "rtol": None}
 
 @attrs.frozen
 class Case:
-    """A landscape, the contact points ``θ_t`` to start from, the radius ``ρ`` and the step ``η``."""
+    """A landscape, the contact points ``θ_t`` to start from, the radius ``ρ`` and the step ``η``.
+
+    Args:
+        name: the case's name in reports.
+        landscape: makes the landscape.
+        starts: the contact points ``θ_t``.
+        rho: ``ρ``.
+        eta: ``η``.
+        rough: Riemann's function: only for safeguarded projectors.
+        slow: ``φ`` is badly conditioned: no accuracy claim at a default budget, checked to tolerance only.
+    """
 
     name: str
     landscape: Callable[[], Landscape]
@@ -116,11 +126,18 @@ class _Run:
         return loss
 
     def context(self) -> StepContext:
-        return StepContext(self.opt, self.closure)
+        """A step context of the run's optimizer with its counting closure."""
+        return self.opt.step_context(self.closure)
 
 
 def rolling_move(centre: Centre, point: GraphPoint, eta: float) -> Centre:
-    """``c̃ = c − η τ(p)``, ``τ(p) = (g, ‖g‖²)``: the ball's centre rolled down the graph."""
+    """``c̃ = c − η τ(p)``, ``τ(p) = (g, ‖g‖²)``: the ball's centre rolled down the graph.
+
+    Args:
+        centre: ``c``.
+        point: ``p``, evaluated (``g = point.grad``).
+        eta: the step ``η``.
+    """
     grad = point.grad
     return Centre(theta=centre.theta - eta * grad, height=centre.height - eta * grad.dot(grad))
 
@@ -214,7 +231,16 @@ def excess_distances(
 ) -> list[tuple[float, float]]:
     """Per step of ``steps``: ``(‖c̃ − p_t‖ − d_Γ(c̃), ‖c̃ − p_{t+1}‖ − d_Γ(c̃))``, how much farther the
     proposed centre ``c̃`` is from the contact point the projection started from, and from the one it
-    returned, than from Γ (``d_Γ`` brute-forced). The second is 0 at the footpoint, quadratic in the error."""
+    returned, than from Γ (``d_Γ`` brute-forced). The second is 0 at the footpoint, quadratic in the error.
+
+    Args:
+        case: the landscape, run from its first start.
+        projector: a registered projector name or a ``Projector``.
+        rule: the rule to run it under (``None``: the first registered rule, by sorted name, on the manifold).
+        manifold: the manifold (``None``: the projector's first).
+        hyperparameters: added to every run.
+        steps: the steps of the rule.
+    """
     composition = Composition.for_projector(projector, rule, manifold)
     excess = []
     for landscape, theta, record in _records(composition, case, hyperparameters or {}, steps):
@@ -234,7 +260,19 @@ def offset_drift(
     steps: int = 200,
 ) -> list[float]:
     """``|d_Γ(c_{t+1}) − r| / r`` after each of ``steps`` steps for a projector that carries its centre
-    (``ProjectionResult.centre``; ``d_Γ`` brute-forced), ``r = ‖c_0 − p_0‖`` the radius of the first ball."""
+    (``ProjectionResult.centre``; ``d_Γ`` brute-forced), ``r = ‖c_0 − p_0‖`` the radius of the first ball.
+
+    Args:
+        case: as in :func:`excess_distances`.
+        projector: a registered projector name or a ``Projector`` that returns the centre to carry.
+        rule: as in :func:`excess_distances`.
+        manifold: as in :func:`excess_distances`.
+        hyperparameters: as in :func:`excess_distances`.
+        steps: as in :func:`excess_distances`.
+
+    Raises:
+        ValueError: the projector carries no centre.
+    """
     composition = Composition.for_projector(projector, rule, manifold)
     drifts, radius = [], None
     for landscape, theta, record in _records(composition, case, hyperparameters or {}, steps):
@@ -273,11 +311,27 @@ def check_projector(
     default_rtol: float = 0.4,
     raise_on_failure: bool = True,
 ) -> Report:
-    """Run the contract checks (module docstring) on a registered projector name or a ``Projector``.
+    """Run the contract checks (module docstring) on a projector, under the guarded step context
+    (:mod:`~nonlocal_opt.testing.public_contract`).
 
-    ``hyperparameters`` are added to every run (the defaults and to tolerance), e.g. a convergent
-    ``step_size``. Returns a :class:`~nonlocal_opt.testing.reports.Report`; raises ``AssertionError``
-    with the report when a check fails and ``raise_on_failure`` is true.
+    Args:
+        name_or_instance: a registered projector name or a ``Projector``.
+        rule: the rule to run it under (``None``: the first registered rule, by sorted name, on the manifold).
+        manifold: the manifold (``None``: the projector's first).
+        hyperparameters: added to every run (the defaults and to tolerance), e.g. a convergent ``step_size``.
+        cases: the single-projection cases.
+        run_cases: the cases of the ``contact`` / ``offset`` runs.
+        steps: the steps of those runs.
+        atol: the absolute tolerance of ``convergence`` and ``accuracy``.
+        default_rtol: the fraction of the distance to ``θ*`` a projection at the defaults may leave.
+        raise_on_failure: raise when a check fails.
+
+    Returns:
+        The :class:`~nonlocal_opt.testing.reports.Report`.
+
+    Raises:
+        AssertionError: with the report, when a check fails and ``raise_on_failure`` is true.
+        PrivateMemberError: the projector read a private member of the step context (whatever ``raise_on_failure``).
     """
     composition = Composition.for_projector(name_or_instance, rule, manifold)
     projector, hyperparameters = composition.projector, dict(hyperparameters or {})

@@ -215,13 +215,26 @@ def check_rule(
     descent: float = 0.5,
     raise_on_failure: bool = True,
 ) -> Report:
-    """Run the contract checks (module docstring) on a registered rule name or a ``DescentRule``.
+    """Run the contract checks (module docstring) on a rule, under the guarded step context
+    (:mod:`~nonlocal_opt.testing.public_contract`). The caller's global RNG state is left as it was.
 
-    ``hyperparameters`` go to every composition, on top of the base's own in ``bases`` (label →
-    (registered name or class, hyperparameters); ``BASES``: ``lr`` 0.5; ``lr`` 0.1 and ``momentum``
-    0.9; ``lr`` 0.1). Returns a :class:`~nonlocal_opt.testing.reports.Report`; raises
-    ``AssertionError`` with the report when a check fails and ``raise_on_failure`` is true. The
-    caller's global RNG state is left as it was.
+    Args:
+        name_or_instance: a registered rule name or a ``DescentRule``.
+        projector: the projector of a projecting rule (``None``: its default).
+        manifold: the manifold of a projecting rule (``None``: its default).
+        hyperparameters: for every composition, on top of the base's own in ``bases``.
+        bases: label → (registered name or class, hyperparameters); ``BASES``: ``lr`` 0.5; ``lr`` 0.1 and
+            ``momentum`` 0.9; ``lr`` 0.1.
+        descent_steps: the steps of the ``descent`` run.
+        descent: the largest ``f(θ_N)/f(θ_0)`` allowed.
+        raise_on_failure: raise when a check fails.
+
+    Returns:
+        The :class:`~nonlocal_opt.testing.reports.Report`.
+
+    Raises:
+        AssertionError: with the report, when a check fails and ``raise_on_failure`` is true.
+        PrivateMemberError: the rule read a private member of the step context (whatever ``raise_on_failure``).
     """
     composition = Composition.for_rule(name_or_instance, projector, manifold)
     checks: list[Check] = []

@@ -8,7 +8,8 @@ from typing import Any
 
 import attrs
 
-from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS, ComposedOptimizer, base_keywords, unwrap
+from nonlocal_opt.integrations.wrappers import unwrap
+from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS, ComposedOptimizer, base_keywords
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, merge_specs, validate
 from nonlocal_opt.optim.radius_schedules import SCHEDULES, RadiusScheduler, radius_scheduler, rho_final_problem
 from nonlocal_opt.plugins.compose import DEFAULT_BASE, compose, resolve, rule_and_base
