@@ -300,6 +300,12 @@ def test_bad_specs_are_refused_with_the_field_named(spec, message):
         load_specs([spec])
 
 
+def test_the_specs_on_the_comparison_page_load():
+    blocks = re.findall(r"```json\n(.*?)```", (ROOT / "docs" / "comparison.md").read_text(), re.S)
+    specs = [spec for block in blocks for spec in load_specs(json.loads(block))]
+    assert {"sam", "gsam", "wsam", "friendly-sam"} <= {spec.rule for spec in specs}  # the SAM variants' example too
+
+
 def test_the_core_names_no_plugin():
     names = set(nonlocal_opt.available("rule")) | set(nonlocal_opt.available("projector")) | set(nonlocal_opt.available("manifold"))
     for path in (ROOT / "nonlocal_opt" / "comparison").glob("*.py"):
