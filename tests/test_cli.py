@@ -33,8 +33,8 @@ def run(capsys, *argv):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, local, rbo, sam; or a base optimizer run as it "
-                                   "is: adadelta, adagrad, adam,"),
+        (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, rbo, sam, wsam; "
+                                   "or a base optimizer run as it is: adadelta, adagrad, adam,"),
         (["--optimizer", "sgd", "--base", "adamw"], "--optimizer sgd runs the base optimizer sgd as it is, and --base adamw names "
                                                     "another: pass --optimizer adamw alone"),
         (["--base", "adam"], "--optimizer adamw runs the base optimizer adamw as it is, and --base adam names another: pass "
@@ -86,7 +86,8 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     bases = ", ".join(sorted(registrations("base")))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"nonlocal-opt: error: unknown rule 'adamx'; available: entropy-sgd, local, rbo, sam; or a base optimizer run as it is: {bases}"
+        "nonlocal-opt: error: unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, rbo, sam, wsam; "
+        f"or a base optimizer run as it is: {bases}"
     ]
 
 
