@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import PeakMemory, UserError, machine, markdown_table, run_script
+from torch.utils._pytree import tree_leaves
 
 import nonlocal_opt
 
@@ -189,10 +190,11 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
 
 def peak_bytes(model: torch.nn.Module, opt: Any, closure: Callable[[], torch.Tensor]) -> int:
     """Peak bytes of live tensors during one step, counting what the step starts with: parameters,
-    gradients, optimizer state and the scratch buffers a composed optimizer keeps between steps."""
+    gradients, optimizer state (tensors in lists too, such as an EMA per parameter) and the scratch buffers
+    a composed optimizer keeps between steps."""
     held = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
     states = [getattr(o, "state", {}) for o in (opt, getattr(opt, "base", None), getattr(opt, "opt", None)) if o is not None]
-    held += [v for state in states for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    held += [v for state in states for entry in state.values() for v in tree_leaves(entry) if isinstance(v, torch.Tensor)]
     resources = getattr(opt, "resources", None)
     held += resources.scratch_tensors() if resources is not None else []
     with PeakMemory(held) as tracker:
