@@ -9,7 +9,7 @@ import torch
 
 import nonlocal_opt
 
-from conftest import make_closure, sam_gradients
+from conftest import as_views_of_one_buffer, make_closure, sam_gradients
 
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -115,21 +115,13 @@ def test_sam_needs_a_closure():
         nonlocal_opt.compose(model.parameters(), rule="sam").step()
 
 
-def _as_views_of_one_buffer(model):
-    """Re-point every parameter at a slice of one flat tensor, as flat-parameter wrappers do."""
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    for p, piece in zip(model.parameters(), flat.split([p.numel() for p in model.parameters()])):
-        p.data = piece.view_as(p)
-    return flat
-
-
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_parameters_sharing_one_storage_follow_the_formulas_too(adaptive):
     """Parameters that are views of one buffer cannot be re-pointed at ``w + ε`` (the buffer would not
     see it): ``w`` is copied aside and written back instead, with the same result."""
     model, loss_of = _problem()
     twin = copy.deepcopy(model)
-    flat = _as_views_of_one_buffer(model)
+    flat = as_views_of_one_buffer(model)
     rho = 0.5 if adaptive else 0.05
     opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=rho, adaptive=adaptive, **BASE)
     for _ in range(5):
@@ -146,7 +138,7 @@ def test_a_parameter_without_gradient_is_left_alone(shared):
     unused = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     model.register_parameter("unused", unused)
     if shared:
-        _as_views_of_one_buffer(model)
+        as_views_of_one_buffer(model)
     before = model.unused.detach().clone()
     opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=0.05, **BASE)
     for _ in range(3):

@@ -91,7 +91,8 @@ class WSAMRule(DescentRule):
             if not bool(taken):
                 return passes.loss
         else:
+            zero = sharpness[0].new_zeros(())
             for s in sharpness:
-                torch.where(taken, s, 0.0, out=s)
+                torch.where(taken, s, zero, out=s)
         torch._foreach_add_([p for p, has in zip(ctx.params, present) if has], sharpness)  # w − η c (g_p − g)
         return passes.loss
