@@ -201,3 +201,24 @@ def test_a_compiled_model_sees_the_perturbed_parameters():
     done = subprocess.run([sys.executable, "-c", COMPILED], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) < 1e-6, done.stdout
+
+
+@pytest.mark.parametrize("rule", ["sam", "gsam", "wsam", "friendly-sam"])
+def test_a_closure_that_zeroes_gradients_in_place_steps_alike_on_both_paths(rule):
+    """``zero_grad(set_to_none=False)`` (or DDP's bucket views) makes the second pass write into the first pass's
+    gradient tensors: the device path's skip must not keep its copies there, which would overwrite ``g_p``."""
+    finals = []
+    for device_path in (False, True):
+        model, loss_of = _problem()
+        opt = nonlocal_opt.compose(model.parameters(), rule, rho=0.05, device_path=device_path, **BASE)
+
+        def closure(opt=opt, model=model, loss_of=loss_of):
+            opt.zero_grad(set_to_none=False)
+            loss = loss_of(model)
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=1e-12)
