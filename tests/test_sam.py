@@ -222,3 +222,26 @@ def test_a_closure_that_zeroes_gradients_in_place_steps_alike_on_both_paths(rule
             opt.step(closure)
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sam", "gsam", "wsam", "friendly-sam"])
+def test_the_host_path_lets_the_first_gradients_go_before_the_second_pass(rule):
+    """The second pass allocates its gradients while the first pass's are gone: one vector less at the peak."""
+    import weakref
+
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), rule, rho=0.05, **BASE)
+    first, alive = [], []
+
+    def closure():
+        opt.zero_grad()
+        if first:
+            alive.append(any(ref() is not None for ref in first))
+        loss = loss_of(model)
+        loss.backward()
+        if not first:
+            first.extend(weakref.ref(p.grad) for p in model.parameters())
+        return loss
+
+    opt.step(closure)
+    assert alive == [False]

@@ -111,11 +111,16 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
     scratch = [b for b, m in zip(ctx.buffers("scratch"), moved) if m] if eta is not None else []
     eta = None if eta is None else [e for e, m in zip(eta, moved) if m]
     rho = ctx.hp("rho")
+    # The first pass's gradients are spent once ε is formed: the host path lets them go before the second
+    # pass; the device path's skip may keep its copies of the base state in them (when every parameter has one).
+    spent = first if not ctx.host_reads and all(present) else None
+    del first
     repoint = ctx.flat.group is None and all(owns_storage(p) for p in w)
     if repoint:
         if w:
             torch._foreach_copy_(kept, w)
             perturb_(kept, direction, w, scratch, rho, eta, ctx)  # w + ε beside w
+        del direction
         with pointing_at([p for p, m in zip(ctx.flat.params, moved) if m], kept):
             perturbed = torch.as_tensor(ctx.loss())
     else:
@@ -123,14 +128,13 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
         ctx.keep_start(buffers)
         if w:
             perturb_(w, direction, kept, scratch, rho, eta, ctx)
+        del direction
         perturbed = torch.as_tensor(ctx.loss())
         ctx.flat.write(buffers)
-    del direction
-    # The first pass's gradients are spent: the device path's skip may keep a copy of the base state in
-    # them (when every parameter has one and the second pass did not reuse their storage).
-    second = {g.data_ptr() for g in ctx.grads() if g is not None}
-    reusable = not ctx.host_reads and all(present) and not any(g.data_ptr() in second for g in first)
-    return Passes(loss, perturbed, present, moved, [buffers, first] if reusable else [buffers])
+    if spent is not None:  # unless the second pass wrote into them (a closure that zeroes gradients in place)
+        second = {g.data_ptr() for g in ctx.grads() if g is not None}
+        spent = None if any(g.data_ptr() in second for g in spent) else spent
+    return Passes(loss, perturbed, present, moved, [buffers] if spent is None else [buffers, spent])
 
 
 def passes_keeping_gradient(ctx, name: str) -> tuple[Passes, Tensors, Tensors, Tensors]:
