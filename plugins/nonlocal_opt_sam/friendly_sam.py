@@ -65,10 +65,9 @@ class FriendlySAMRule(DescentRule):
             return [g for g, m in zip(first, moved) if m]
 
         passes = perturbed_passes(ctx, ascent_direction)
-        moved = [has and flag for has, flag in zip(passes.present, ctx.per_tensor("perturb"))]
         taken = ctx.apply(finite=passes.finite(ctx), spare=passes.spare)
         created = list(ema)
-        for i, m in enumerate(moved):
+        for i, m in enumerate(passes.perturbed):
             if not m:
                 continue
             if ema[i] is None:

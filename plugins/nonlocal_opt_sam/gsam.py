@@ -7,7 +7,7 @@ import torch
 from nonlocal_opt import DescentRule, Hyperparameter
 from nonlocal_opt.optim.hyperparameters import non_negative
 from nonlocal_opt_sam.ascent import PERTURB, RHO, Tensors
-from nonlocal_opt_sam.two_pass import kept_gradient, perturbed_passes, present_gradients
+from nonlocal_opt_sam.two_pass import passes_keeping_gradient
 
 
 def dot(x: Tensors, y: Tensors, ctx) -> torch.Tensor:
@@ -47,10 +47,7 @@ class GSAMRule(DescentRule):
         Returns:
             The loss at ``w``.
         """
-        kept, ascent_direction = kept_gradient(ctx, "gsam.g")
-        passes = perturbed_passes(ctx, ascent_direction)
-        g = [b for b, has in zip(kept, passes.present) if has]
-        g_p = present_gradients(ctx, passes.present)
+        passes, g, g_p, kept = passes_keeping_gradient(ctx, "gsam.g")
         if g:
             squared = dot(g_p, g_p, ctx)
             projection = torch.where(squared > 0, dot(g, g_p, ctx) / squared, torch.zeros_like(squared))

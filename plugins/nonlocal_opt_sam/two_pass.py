@@ -54,12 +54,14 @@ class Passes:
         loss: ``f(w)``.
         perturbed_loss: ``f(w + ε)``.
         present: per tensor of ``ctx.params``, whether the first pass gave it a gradient.
+        perturbed: per tensor of ``ctx.params``, whether it has a gradient and its group ``perturb``.
         spare: tensors per parameter the step no longer needs (for ``ctx.apply``'s ``spare``).
     """
 
     loss: torch.Tensor
     perturbed_loss: torch.Tensor
     present: list[bool]
+    perturbed: list[bool]
     spare: list[Tensors]
 
     def finite(self, ctx, *more: torch.Tensor) -> bool | torch.Tensor:
@@ -109,11 +111,16 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
     scratch = [b for b, m in zip(ctx.buffers("scratch"), moved) if m] if eta is not None else []
     eta = None if eta is None else [e for e, m in zip(eta, moved) if m]
     rho = ctx.hp("rho")
+    # The first pass's gradients are spent once ε is formed: the host path lets them go before the second
+    # pass; the device path's skip may keep its copies of the base state in them (when every parameter has one).
+    spent = first if not ctx.host_reads and all(present) else None
+    del first
     repoint = ctx.flat.group is None and all(owns_storage(p) for p in w)
     if repoint:
         if w:
             torch._foreach_copy_(kept, w)
             perturb_(kept, direction, w, scratch, rho, eta, ctx)  # w + ε beside w
+        del direction
         with pointing_at([p for p, m in zip(ctx.flat.params, moved) if m], kept):
             perturbed = torch.as_tensor(ctx.loss())
     else:
@@ -121,46 +128,29 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
         ctx.keep_start(buffers)
         if w:
             perturb_(w, direction, kept, scratch, rho, eta, ctx)
+        del direction
         perturbed = torch.as_tensor(ctx.loss())
         ctx.flat.write(buffers)
-    del direction
-    # The first pass's gradients are spent: the device path's skip may keep a copy of the base state in
-    # them (when every parameter has one and the second pass did not reuse their storage).
-    second = {g.data_ptr() for g in ctx.grads() if g is not None}
-    reusable = not ctx.host_reads and all(present) and not any(g.data_ptr() in second for g in first)
-    return Passes(loss, perturbed, present, [buffers, first] if reusable else [buffers])
+    if spent is not None:  # unless the second pass wrote into them (a closure that zeroes gradients in place)
+        second = {g.data_ptr() for g in ctx.grads() if g is not None}
+        spent = None if any(g.data_ptr() in second for g in spent) else spent
+    return Passes(loss, perturbed, present, moved, [buffers] if spent is None else [buffers, spent])
 
 
-def present_gradients(ctx, present: list[bool]) -> Tensors:
-    """``g_p``, the second pass's gradients of the tensors the first pass gave one.
-
-    Args:
-        ctx: The step's context.
-        present: per tensor of ``ctx.params``, whether the first pass gave it a gradient.
-
-    Raises:
-        RuntimeError: the second pass left no gradient where the first left one.
-    """
-    second = [g for g, has in zip(ctx.grads(), present) if has]
-    if any(g is None for g in second):
-        raise RuntimeError(
-            f"{ctx.rule_name!r}: the pass at w + ε left no gradient for a parameter the pass at w gave one: "
-            "the closure must compute the same loss at both points"
-        )
-    return second
-
-
-def kept_gradient(ctx, name: str) -> tuple[Tensors, AscentDirection]:
-    """The buffer ``name`` and an ascent direction ``d = g`` that copies ``g`` there first (the rules that
-    need ``g`` after the second pass).
+def passes_keeping_gradient(ctx, name: str) -> tuple[Passes, Tensors, Tensors, Tensors]:
+    """:func:`perturbed_passes` with ``d = g``, for the rules that need ``g`` after the second pass: ``g`` is
+    copied into the buffer ``name`` first.
 
     Args:
         ctx: The step's context.
         name: The buffer's name.
 
     Returns:
-        The buffer (one tensor per tensor of ``ctx.params``; ``g`` where the first pass gave a gradient), and
-        the ``ascent_direction`` for :func:`perturbed_passes`.
+        The :class:`Passes`; ``g`` and ``g_p`` of the tensors the first pass gave a gradient (``g`` in the
+        buffer, ``g_p`` in ``p.grad``); and the whole buffer (one tensor per tensor of ``ctx.params``).
+
+    Raises:
+        RuntimeError: the second pass left no gradient where the first left one.
     """
     buffer = ctx.buffers(name)
 
@@ -169,4 +159,11 @@ def kept_gradient(ctx, name: str) -> tuple[Tensors, AscentDirection]:
             torch._foreach_copy_([b for b, g in zip(buffer, first) if g is not None], [g for g in first if g is not None])
         return [g for g, m in zip(first, moved) if m]
 
-    return buffer, copy_then_ascend
+    passes = perturbed_passes(ctx, copy_then_ascend)
+    g_p = [g for g, has in zip(ctx.grads(), passes.present) if has]
+    if any(g is None for g in g_p):
+        raise RuntimeError(
+            f"{ctx.rule_name!r}: the pass at w + ε left no gradient for a parameter the pass at w gave one: "
+            "the closure must compute the same loss at both points"
+        )
+    return passes, [b for b, has in zip(buffer, passes.present) if has], g_p, buffer

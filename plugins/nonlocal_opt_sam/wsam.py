@@ -9,7 +9,7 @@ import torch
 from nonlocal_opt import DescentRule, Hyperparameter
 from nonlocal_opt.optim.hyperparameters import boolean
 from nonlocal_opt_sam.ascent import PERTURB, RHO
-from nonlocal_opt_sam.two_pass import kept_gradient, perturbed_passes, present_gradients
+from nonlocal_opt_sam.two_pass import passes_keeping_gradient
 
 
 def below_one(value: Any) -> str | None:
@@ -67,11 +67,8 @@ class WSAMRule(DescentRule):
         Returns:
             The loss at ``w``.
         """
-        kept, ascent_direction = kept_gradient(ctx, "wsam.g")
-        passes = perturbed_passes(ctx, ascent_direction)
+        passes, g, g_p, kept = passes_keeping_gradient(ctx, "wsam.g")
         present = passes.present
-        g = [b for b, has in zip(kept, present) if has]
-        g_p = present_gradients(ctx, present)
         gamma = ctx.hp("gamma")
         c = gamma / (1 - gamma)
         if not ctx.hp("decoupled"):
@@ -91,7 +88,8 @@ class WSAMRule(DescentRule):
             if not bool(taken):
                 return passes.loss
         else:
+            zero = sharpness[0].new_zeros(())
             for s in sharpness:
-                torch.where(taken, s, 0.0, out=s)
+                torch.where(taken, s, zero, out=s)
         torch._foreach_add_([p for p, has in zip(ctx.params, present) if has], sharpness)  # w − η c (g_p − g)
         return passes.loss
