@@ -41,12 +41,14 @@ def rbo_gn(k: int, rho: float) -> dict:
 
 
 # The families and their sweeps (sized from earlier measurements: SGD-m lr 0.03, AdamW 1e-3, SAM ρ 0.02–0.2,
-# RBO-GN η ≤ 0.3). SAM/ASAM keep their base's known learning rate and sweep ρ only.
+# RBO-GN η ≤ 0.3). SAM, Friendly-SAM and ASAM keep their base's known learning rate and sweep ρ only.
 FAMILIES = [
     {"name": "sgd-m", "rule": "local", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.01, 0.03, 0.1]}},
     {"name": "adamw", "rule": "local", "base": "adamw", "fixed": {"weight_decay": 0.01}, "sweep": {"lr": [3e-4, 1e-3, 3e-3]}},
     {"name": "sam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
     {"name": "sam/adamw", "rule": "sam", "base": "adamw", "fixed": {"weight_decay": 0.01, "lr": 1e-3},
+     "sweep": {"rho": [0.02, 0.05, 0.2]}},
+    {"name": "friendly-sam/sgd-m", "rule": "friendly-sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03},
      "sweep": {"rho": [0.02, 0.05, 0.2]}},
     {"name": "asam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "adaptive": True},
      "sweep": {"rho": [0.2, 1.0]}},
@@ -62,7 +64,7 @@ FAMILIES = [
 ]
 LONG = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1", "entropy-sgd")
 CONV = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1")
-QUICK = ("sgd-m", "sam/sgd-m", "rbo-gn K=2 ρ=1")
+QUICK = ("sgd-m", "sam/sgd-m", "friendly-sam/sgd-m", "rbo-gn K=2 ρ=1")
 
 
 def picked(source: Path, names: tuple[str, ...], noise: float) -> list[dict]:
@@ -169,7 +171,7 @@ def write_markdown(reports: dict, path: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few minutes: 6 000 training images, 300 passes, three families")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: 6 000 training images, 300 passes, four families")
     parser.add_argument("--parts", default=None, help="comma-separated parts to run (default: all, in order)")
     parser.add_argument("--out", type=Path, default=OUT_ROOT / "equal_compute", help="results directory")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (or synthetic, for smoke tests)")

@@ -1,5 +1,6 @@
-"""Step cost side by side in one process: step time relative to a plain SGD (or AdamW) step, per pass,
-and extra peak memory in parameter-sized vectors, for our rules and peer SAM implementations.
+"""Step cost side by side in one process: step time relative to a plain SGD (or AdamW) step, per pass and
+relative to our SAM, and extra peak memory in parameter-sized vectors, for our rules (every SAM variant
+among them) and peer SAM implementations.
 
 Every optimizer trains its own copy of one MLP on one fixed random batch; rounds are interleaved (each
 round times ``--steps`` steps of every optimizer in turn) and the median over ``--rounds`` rounds is
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import PeakMemory, UserError, machine, markdown_table, run_script
+from torch.utils._pytree import tree_leaves
 
 import nonlocal_opt
 
@@ -123,6 +125,11 @@ def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Cal
         "local": (ours("local"), 1),
         "sam": (ours("sam", rho=0.05), 2),
         "asam": (ours("sam", rho=0.5, adaptive=True), 2),
+        "asam, eta=0.01": (ours("sam", rho=0.5, adaptive=True, eta=0.01), 2),
+        "gsam": (ours("gsam", rho=0.05, alpha=0.4), 2),
+        "wsam": (ours("wsam", rho=0.05, gamma=0.9), 2),  # decoupled, the default
+        "wsam, coupled": (ours("wsam", rho=0.05, gamma=0.9, decoupled=False), 2),
+        "friendly-sam": (ours("friendly-sam", rho=0.05, sigma=1.0, lmbda=0.9), 2),
         "two-pass SAM": (lambda params: TwoPassSAM(params, base, rho=0.05, **kwargs), 2),
     }
     if has_peer():
@@ -168,13 +175,13 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
             times[label].append((time.perf_counter() - start) / steps)
             faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     peaks = {label: peak_bytes(model, opt, closure) for label, (model, opt, closure, _) in runs.items()}
-    unit = statistics.median(times[base_name])
+    unit, sam = statistics.median(times[base_name]), statistics.median(times["sam"])
     rows = []
     for label, (_, _, _, passes) in runs.items():
         step = statistics.median(times[label])
         rows.append({
             "model": model_name, "batch": batch, "base": base_name, "optimizer": label, "passes": passes,
-            "step_ms": 1e3 * step, "ratio": step / unit, "ratio_per_pass": step / unit / passes,
+            "step_ms": 1e3 * step, "ratio": step / unit, "ratio_per_pass": step / unit / passes, "ratio_to_sam": step / sam,
             "extra_peak_vectors": (peaks[label] - peaks[base_name]) / (4 * d),
             "page_faults_per_step": faults[label] / (rounds * steps),
         })
@@ -183,10 +190,11 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
 
 def peak_bytes(model: torch.nn.Module, opt: Any, closure: Callable[[], torch.Tensor]) -> int:
     """Peak bytes of live tensors during one step, counting what the step starts with: parameters,
-    gradients, optimizer state and the scratch buffers a composed optimizer keeps between steps."""
+    gradients, optimizer state (tensors in lists too, such as an EMA per parameter) and the scratch buffers
+    a composed optimizer keeps between steps."""
     held = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
     states = [getattr(o, "state", {}) for o in (opt, getattr(opt, "base", None), getattr(opt, "opt", None)) if o is not None]
-    held += [v for state in states for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    held += [v for state in states for entry in state.values() for v in tree_leaves(entry) if isinstance(v, torch.Tensor)]
     resources = getattr(opt, "resources", None)
     held += resources.scratch_tensors() if resources is not None else []
     with PeakMemory(held) as tracker:
@@ -240,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int, device_path: bool = False) -> str:
     """The table of :func:`measure` as markdown."""
     rows = measure(model_name, batch, base_name, rounds, steps, device_path)
-    header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "extra peak (vectors)", "page faults/step"]
+    header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "× sam step", "extra peak (vectors)",
+              "page faults/step"]
     return markdown_table(header, [[r["optimizer"], r["passes"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
-                                    f"{r['ratio_per_pass']:.2f}", f"{r['extra_peak_vectors']:.1f}",
+                                    f"{r['ratio_per_pass']:.2f}", f"{r['ratio_to_sam']:.2f}", f"{r['extra_peak_vectors']:.1f}",
                                     f"{r['page_faults_per_step']:.0f}"] for r in rows])
 
 

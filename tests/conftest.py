@@ -92,6 +92,14 @@ class PlainSGD(torch.optim.Optimizer):
                     p.add_(p.grad, alpha=-group["lr"])
 
 
+def as_views_of_one_buffer(model):
+    """Re-point every parameter at a slice of one flat tensor, as flat-parameter wrappers do."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for p, piece in zip(model.parameters(), flat.split([p.numel() for p in model.parameters()])):
+        p.data = piece.view_as(p)
+    return flat
+
+
 def sam_gradients(model, loss_of, rho, adaptive):
     """SAM / ASAM from the formulas, as an oracle: ``ε = ρ T² g / (‖T g‖ + 1e-12)``, ``T = |w|`` or 1, one
     norm over all tensors; returns ``(w, ∇f(w + ε))`` and leaves the model at ``w + ε``."""

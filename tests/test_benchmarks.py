@@ -172,7 +172,9 @@ def test_step_cost_compares_with_peer_sams_in_one_run():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
     assert {"sgd", "sam", "asam", "two-pass SAM", "rbo gauss-newton K=10", "entropy-sgd L=10"} <= set(rows)
+    assert {"asam, eta=0.01", "gsam", "wsam", "wsam, coupled", "friendly-sam"} <= set(rows)  # every SAM variant next to SAM
     assert rows["sgd"].split("|")[4].strip() == "1.00"  # the unit of every ratio
+    assert rows["sam"].split("|")[6].strip() == "1.00"  # the unit of the ratios to SAM
 
 
 def test_gpu_script_skips_cleanly_without_a_gpu():

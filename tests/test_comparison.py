@@ -68,6 +68,13 @@ def without_timings(value):
     ({"name": "sgd", "rule": "local", "fixed": {"lr": 0.05}}, 1),
     ({"name": "adamw", "rule": "adamw", "fixed": {"lr": 0.01}}, 1),  # a base's name: the base run as it is
     (SAM, 2),
+    *(({"name": name, "rule": rule, "base": base, "fixed": {"lr": lr, "rho": 0.05, **extra}}, 2) for name, rule, base, lr, extra in [
+        ("asam-eta", "sam", "sgd", 0.05, {"adaptive": True, "eta": 0.01}),
+        ("gsam", "gsam", "sgd", 0.05, {"alpha": 0.4}),
+        ("wsam-decoupled", "wsam", "adamw", 0.01, {"gamma": 0.9, "decoupled": True}),
+        ("wsam-coupled", "wsam", "sgd", 0.05, {"gamma": 0.9, "decoupled": False}),
+        ("friendly-sam", "friendly-sam", "sgd", 0.05, {"sigma": 1.0, "lmbda": 0.9}),
+    ]),
     ({"name": "rbo-gn1", "rule": "rbo", "projector": "gauss-newton", "fixed": {"lr": 0.05, "rho": 1.0, "max_iters": 1}}, 2),
 ])
 def test_passes_are_charged_from_the_rules_own_count(spec, per_step):
@@ -291,6 +298,12 @@ def test_run_keys_change_with_anything_the_run_depends_on():
 def test_bad_specs_are_refused_with_the_field_named(spec, message):
     with pytest.raises(SpecError, match=message):
         load_specs([spec])
+
+
+def test_the_specs_on_the_comparison_page_load():
+    blocks = re.findall(r"```json\n(.*?)```", (ROOT / "docs" / "comparison.md").read_text(), re.S)
+    specs = [spec for block in blocks for spec in load_specs(json.loads(block))]
+    assert {"sam", "gsam", "wsam", "friendly-sam"} <= {spec.rule for spec in specs}  # the SAM variants' example too
 
 
 def test_the_core_names_no_plugin():

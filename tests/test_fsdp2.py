@@ -17,6 +17,13 @@ import pytest
 RUNS = {
     "sam over sgd-momentum, clipped": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9, max_grad_norm=0.5),
     "asam over adamw": dict(rule="sam", base="adamw", lr=1e-2, rho=0.5, adaptive=True),
+    "asam with eta over sgd-momentum": dict(rule="sam", lr=0.1, rho=0.5, momentum=0.9, adaptive=True, eta=0.01),
+    "sam over sgd-momentum, biases unperturbed": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9, unperturbed="bias"),
+    "gsam over sgd-momentum": dict(rule="gsam", lr=0.1, rho=0.05, alpha=0.4, momentum=0.9),
+    "gsam over adamw, biases unperturbed": dict(rule="gsam", base="adamw", lr=1e-2, rho=0.1, unperturbed="bias"),
+    "wsam decoupled over adamw": dict(rule="wsam", base="adamw", lr=1e-2, rho=0.1, gamma=0.9, decoupled=True),
+    "wsam coupled over sgd-momentum": dict(rule="wsam", lr=0.1, rho=0.05, gamma=0.9, decoupled=False, momentum=0.9),
+    "friendly-sam over sgd-momentum": dict(rule="friendly-sam", lr=0.1, rho=0.05, sigma=1.0, lmbda=0.9, momentum=0.9),
     "entropy-sgd, noise off": dict(rule="entropy-sgd", lr=1.0, inner_steps=4, noise=0.0, scale_outer_by_gamma=False),
     "rbo gauss-newton": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=0.5),
     "rbo gauss-newton over adamw, device path": dict(
@@ -28,6 +35,8 @@ RUNS = {
     "rbo tangent": dict(rule="rbo", projector="tangent", lr=0.5, rho=0.5),
     "local over sgd": dict(rule="local", lr=0.1),
 }
+
+SHARPNESS_AWARE = ("sam", "gsam", "wsam", "friendly-sam")
 
 SCRIPT = textwrap.dedent(
     """
@@ -67,9 +76,18 @@ SCRIPT = textwrap.dedent(
             yield torch.randn(16, 6, generator=data, dtype=torch.float64), torch.randint(0, 3, (16,), generator=data)
 
 
+    def groups(model, unperturbed):  # all parameters, or those named *unperturbed in a second group with perturb=False
+        if unperturbed is None:
+            return model.parameters()
+        named = list(model.named_parameters())
+        return [{"params": [p for n, p in named if not n.endswith(unperturbed)]},
+                {"params": [p for n, p in named if n.endswith(unperturbed)], "perturb": False}]
+
+
     def train(model, settings, part):
         settings = dict(settings)
-        opt = nonlocal_opt.compose(model.parameters(), settings.pop("rule"), **settings)
+        params = groups(model, settings.pop("unperturbed", None))
+        opt = nonlocal_opt.compose(params, settings.pop("rule"), **settings)
         losses = []
         for x, y in batches():
             x, y = x[part], y[part]
@@ -86,7 +104,8 @@ SCRIPT = textwrap.dedent(
 
     results = {}
     for name, settings in runs.items():
-        reference, ref_losses = train(build(), {**settings, "distributed": False}, slice(None))
+        reference_model = build()
+        reference, ref_losses = train(reference_model, {**settings, "distributed": False}, slice(None))
         model = build()
         for layer in (model[0], model[2]):
             fully_shard(layer)
@@ -94,7 +113,7 @@ SCRIPT = textwrap.dedent(
         opt, losses = train(model, settings, slice(8 * rank, 8 * rank + 8))
         local_sizes = [p.to_local().numel() for p in model.parameters()]
         whole = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-        expected = torch.nn.utils.parameters_to_vector(reference.param_groups[0]["params"]).detach()
+        expected = torch.nn.utils.parameters_to_vector(reference_model.parameters()).detach()
         results[name] = {
             "difference": (whole - expected).abs().max().item(),
             "moved": (whole - torch.nn.utils.parameters_to_vector(build().parameters())).abs().max().item(),
@@ -151,6 +170,8 @@ def test_fsdp2_shards_match_one_process_on_whole_batches(fsdp2_results, name):
         assert run["difference"] <= 1e-9, run
         assert run["loss_difference"] <= 1e-9, run  # the loss at θ_t, averaged over the processes
         assert run["grad_evals"][0] == run["grad_evals"][1]
+        if RUNS[name]["rule"] in SHARPNESS_AWARE:
+            assert run["grad_evals"][0] == 2, "a sharpness-aware step costs 2 passes"
     sizes = [results[name]["local_sizes"] for results in fsdp2_results]
     assert sizes[0] != sizes[1], "odd layer sizes shard unevenly"
 

@@ -15,12 +15,15 @@ import nonlocal_opt
 
 RULES = {
     "sam": dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4),
+    "gsam": dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4),
+    "wsam": dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4, decoupled=False),  # decoupled: the sharpness term is not clipped
+    "friendly-sam": dict(lr=0.1, rho=0.05, momentum=0.9, weight_decay=5e-4),
     "entropy-sgd": dict(
         lr=1.0, inner_steps=3, gamma=0.03, scoping=0.1, noise=1e-3, seed=3, momentum=0.9, nesterov=True,
         scale_outer_by_gamma=False,
     ),
 }
-PASSES = {"sam": 2, "entropy-sgd": 3}
+PASSES = {"sam": 2, "gsam": 2, "wsam": 2, "friendly-sam": 2, "entropy-sgd": 3}
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "optimizers.md"
 
 
@@ -186,7 +189,7 @@ def hyperparameter_rows(rule_name):
     ]
 
 
-@pytest.mark.parametrize("rule_name", ["local", "rbo", "sam", "entropy-sgd"])
+@pytest.mark.parametrize("rule_name", nonlocal_opt.available("rule"))
 def test_docs_list_every_hyperparameter_symbol_and_default(rule_name):
     lines = set(DOC.read_text(encoding="utf-8").splitlines())
     missing = [row for row in hyperparameter_rows(rule_name) if row not in lines]

@@ -9,7 +9,7 @@ import torch
 
 import nonlocal_opt
 
-from conftest import make_closure, sam_gradients
+from conftest import as_views_of_one_buffer, make_closure, sam_gradients
 
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -115,21 +115,13 @@ def test_sam_needs_a_closure():
         nonlocal_opt.compose(model.parameters(), rule="sam").step()
 
 
-def _as_views_of_one_buffer(model):
-    """Re-point every parameter at a slice of one flat tensor, as flat-parameter wrappers do."""
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    for p, piece in zip(model.parameters(), flat.split([p.numel() for p in model.parameters()])):
-        p.data = piece.view_as(p)
-    return flat
-
-
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_parameters_sharing_one_storage_follow_the_formulas_too(adaptive):
     """Parameters that are views of one buffer cannot be re-pointed at ``w + ε`` (the buffer would not
     see it): ``w`` is copied aside and written back instead, with the same result."""
     model, loss_of = _problem()
     twin = copy.deepcopy(model)
-    flat = _as_views_of_one_buffer(model)
+    flat = as_views_of_one_buffer(model)
     rho = 0.5 if adaptive else 0.05
     opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=rho, adaptive=adaptive, **BASE)
     for _ in range(5):
@@ -146,7 +138,7 @@ def test_a_parameter_without_gradient_is_left_alone(shared):
     unused = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     model.register_parameter("unused", unused)
     if shared:
-        _as_views_of_one_buffer(model)
+        as_views_of_one_buffer(model)
     before = model.unused.detach().clone()
     opt = nonlocal_opt.compose(model.parameters(), rule="sam", rho=0.05, **BASE)
     for _ in range(3):
@@ -209,3 +201,47 @@ def test_a_compiled_model_sees_the_perturbed_parameters():
     done = subprocess.run([sys.executable, "-c", COMPILED], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) < 1e-6, done.stdout
+
+
+@pytest.mark.parametrize("rule", ["sam", "gsam", "wsam", "friendly-sam"])
+def test_a_closure_that_zeroes_gradients_in_place_steps_alike_on_both_paths(rule):
+    """``zero_grad(set_to_none=False)`` (or DDP's bucket views) makes the second pass write into the first pass's
+    gradient tensors: the device path's skip must not keep its copies there, which would overwrite ``g_p``."""
+    finals = []
+    for device_path in (False, True):
+        model, loss_of = _problem()
+        opt = nonlocal_opt.compose(model.parameters(), rule, rho=0.05, device_path=device_path, **BASE)
+
+        def closure(opt=opt, model=model, loss_of=loss_of):
+            opt.zero_grad(set_to_none=False)
+            loss = loss_of(model)
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sam", "gsam", "wsam", "friendly-sam"])
+def test_the_host_path_lets_the_first_gradients_go_before_the_second_pass(rule):
+    """The second pass allocates its gradients while the first pass's are gone: one vector less at the peak."""
+    import weakref
+
+    model, loss_of = _problem()
+    opt = nonlocal_opt.compose(model.parameters(), rule, rho=0.05, **BASE)
+    first, alive = [], []
+
+    def closure():
+        opt.zero_grad()
+        if first:
+            alive.append(any(ref() is not None for ref in first))
+        loss = loss_of(model)
+        loss.backward()
+        if not first:
+            first.extend(weakref.ref(p.grad) for p in model.parameters())
+        return loss
+
+    opt.step(closure)
+    assert alive == [False]

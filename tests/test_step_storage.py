@@ -39,6 +39,12 @@ class NewStorages(TorchDispatchMode):
 COMPOSITIONS = {
     "local": dict(rule="local", lr=0.1),
     "sam": dict(rule="sam", lr=0.1, rho=0.05),
+    "asam with eta": dict(rule="sam", lr=0.1, rho=0.05, adaptive=True, eta=0.01),
+    "gsam": dict(rule="gsam", lr=0.1, rho=0.05),
+    "wsam": dict(rule="wsam", lr=0.1, rho=0.05),
+    "wsam coupled": dict(rule="wsam", lr=0.1, rho=0.05, decoupled=False),
+    "friendly-sam": dict(rule="friendly-sam", lr=0.1, rho=0.05),
+    "friendly-sam, device path": dict(rule="friendly-sam", lr=0.1, rho=0.05, device_path=True),
     "entropy-sgd": dict(rule="entropy-sgd", lr=0.1, inner_steps=4),
     "rbo gauss-newton": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=6, rtol=None),
     "rbo gauss-newton, device path": dict(rule="rbo", projector="gauss-newton", lr=0.5, rho=1.0, max_iters=6, rtol=None,

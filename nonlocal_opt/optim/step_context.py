@@ -151,6 +151,14 @@ class StepContext:
         """
         return self.flat.per_coordinate([group[name] for group in self._param_groups])
 
+    def per_tensor(self, name: str) -> list[Any]:
+        """A hyperparameter that may differ between groups, one value per tensor of :attr:`params`.
+
+        Args:
+            name: a key of ``param_groups``.
+        """
+        return [group[name] for group, params in zip(self._param_groups, self.flat.groups) for _ in params]
+
     @property
     def params(self) -> list[torch.Tensor]:
         """The parameters, one tensor each, in the order of ``flat``: what this process holds of them
