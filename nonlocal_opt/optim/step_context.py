@@ -416,7 +416,9 @@ class StepContext:
             finite: the rule's verdict on its passes (:meth:`finite`).
             spare: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
                 tensor per parameter; distinct storage), which the device path's skip may fill with its
-                copies of the parameters and base state instead of allocating them.
+                copies of the parameters and base state instead of allocating them. A vector whose storage
+                is one of the gradients being stepped (a closure that zeroed gradients in place reused it) is
+                not used.
 
         Returns:
             "Step taken" as a 0-d bool tensor.
@@ -427,5 +429,8 @@ class StepContext:
             self.flat.write_grad(direction)
         self._applied = True
         storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
+        if storage and not self.host_reads:  # the device path's skip writes its copies there: never over a gradient
+            stepped = {g.data_ptr() for g in self.flat.grads() if g is not None}
+            storage = [tensors for tensors in storage if not any(t.data_ptr() in stepped for t in tensors)]
         return self._resources.base_step(self._param_groups, self.flat, finite, self.stats, self.host_reads, storage)
 

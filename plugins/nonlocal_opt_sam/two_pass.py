@@ -131,9 +131,6 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
         del direction
         perturbed = torch.as_tensor(ctx.loss())
         ctx.flat.write(buffers)
-    if spent is not None:  # unless the second pass wrote into them (a closure that zeroes gradients in place)
-        second = {g.data_ptr() for g in ctx.grads() if g is not None}
-        spent = None if any(g.data_ptr() in second for g in spent) else spent
     return Passes(loss, perturbed, present, moved, [buffers] if spent is None else [buffers, spent])
 
 
