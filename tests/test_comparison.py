@@ -34,7 +34,9 @@ from nonlocal_opt.comparison import runner as runner_module
 from nonlocal_opt.comparison import sweep as sweep_module
 from nonlocal_opt.comparison.curves import at_index, index_at
 from nonlocal_opt.comparison.data import BatchStream, load_splits, synthetic_dataset
+from nonlocal_opt.comparison.quick import QUICK_SETTINGS, quick_specs
 from nonlocal_opt.plugins.manager import get_plugin_manager
+from nonlocal_opt.plugins.registry import registrations
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", train_subset=512, test_subset=256, val_size=128, batch_size=32, evals=4)
@@ -358,6 +360,43 @@ def test_cli_runs_writes_json_and_figures(tmp_path, capsys):
     assert all(math.isfinite(r["passes"]) for r in data["runs"].values())
     for axis in ("passes", "seconds", "updates"):
         assert (tmp_path / f"fig_{axis}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_quick_runs_every_registered_rules_specs_at_the_quick_settings_unless_a_flag_says_otherwise(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    assert main(["compare", "--quick", "--dataset", "synthetic", "--budget", "12", "--train-subset", "512", "--test-subset", "256",
+                 "--val-size", "128", "--batch-size", "32", "--no-progress", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    settings = data["settings"]
+    # given flags win; the others take the quick value, not the full comparison's default
+    assert (settings["budget"], settings["train_subset"], settings["val_size"]) == (12, 512, 128)
+    assert (settings["evals"], settings["final_seeds"]) == (QUICK_SETTINGS["evals"], list(QUICK_SETTINGS["final_seeds"]))
+    contributed = [(r.name, spec["name"]) for r in registrations("rule").values() for spec in r.cls.comparison_specs]
+    assert {name for _, name in contributed} == set(data["specs"])
+    assert {rule for rule, _ in contributed} >= {"local", "sam", "friendly-sam", "rbo", "entropy-sgd"}  # a SAM variant too
+    finals = [r for r in data["runs"].values() if r["phase"] == "final"]
+    assert {r["name"] for r in finals} == {name for _, name in contributed}
+    assert all(r["seed"] == 1 and (r["diverged"] or r["passes"] >= 12) for r in finals)
+    capsys.readouterr()
+    assert main(["compare", "--out", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--specs FILE" in err and "--quick" in err
+
+
+def test_quick_specs_name_the_rule_whose_spec_is_wrong():
+    class Sloppy(ThreePassRule):
+        name = "sloppy-test"
+        comparison_specs = ({"name": "sloppy", "base": "sgd", "fixed": {"lr": 0.1, "no_such_hp": 1}},)
+
+    class Plugin:
+        @nonlocal_opt.hookimpl
+        def nonlocal_opt_register_descent_rules(self, register):
+            register(Sloppy)
+
+    wrong = r"rule 'sloppy-test' \(plugin 'sloppy-plugin'\).*no_such_hp"
+    with registered(Plugin(), "sloppy-plugin"), pytest.raises(SpecError, match=wrong):
+        quick_specs()
+    assert "sloppy" not in {spec.name for spec in quick_specs()}
 
 
 # --- the study script ----------------------------------------------------------------------------------------

@@ -225,6 +225,9 @@ class DescentRule(_Component):
     (``compose(params, "adamw")``) means this rule over that base. At most one registered rule declares it."""
     alias: ClassVar[str | None] = None
     requires_closure: ClassVar[bool] = True
+    comparison_specs: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """What the rule adds to ``nonlocal-opt compare --quick``: optimizer specs as in a spec file
+    (``name``, ``base``, ``fixed``, ``sweep``, ...), without ``rule``, which is the rule's own name."""
 
     @abstractmethod
     def step(self, ctx: StepContext) -> torch.Tensor | None:

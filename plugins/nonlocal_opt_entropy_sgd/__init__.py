@@ -58,6 +58,10 @@ class EntropySGDRule(DescentRule):
     presets = {
         "paper": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 20, "scale_outer_by_gamma": False, "scoping": 1e-3, "fresh_batches": True},
     }
+    comparison_specs = (
+        {"name": "entropy-sgd L=5", "base": "sgd", "fixed": {"lr": 1.0, "gamma": 3e-3, "inner_steps": 5, "scoping": 1e-3,
+                                                           "scale_outer_by_gamma": False, "fresh_batches": True, "seed": 0}},
+    )
 
     def step(self, ctx):
         """``L`` Langevin steps from ``x`` (``L`` passes), then the base's step with the outer gradient.

@@ -19,6 +19,10 @@ class LocalRule(DescentRule):
     runs_bare_base = True
     shardable = True
     presets = {"paper": {"lr": 0.01}}
+    comparison_specs = (
+        {"name": "sgd-m", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.03, 0.1]}},
+        {"name": "adamw", "base": "adamw", "fixed": {"weight_decay": 0.01}, "sweep": {"lr": [1e-3, 3e-3]}},
+    )
 
     def step(self, ctx):
         """One pass (when there is a closure), then the base's step with the gradients it left.

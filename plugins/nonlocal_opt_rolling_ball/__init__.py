@@ -112,6 +112,10 @@ class RollingBallRule(DescentRule):
     default_projector = "footpoint"
     manifolds = ("offset",)
     presets = {"paper": {"lr": 6.0, "rho": 1.0}}
+    comparison_specs = (
+        {"name": "rbo-gn K=2 ρ=1", "base": "sgd", "projector": "gauss-newton", "fixed": {"max_iters": 2, "rho": 1.0},
+         "sweep": {"lr": [0.1, 0.3]}},
+    )
 
     def check_group(self, group):
         """Refuse a group without a positive ``lr`` (the step ``η`` of the centre).

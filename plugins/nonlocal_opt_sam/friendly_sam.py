@@ -29,6 +29,9 @@ class FriendlySAMRule(DescentRule):
         "lmbda": Hyperparameter(0.9, "λ", "EMA factor of m ← λ m + (1 − λ) g", unit_interval),
         "perturb": PERTURB,
     }
+    comparison_specs = (
+        {"name": "friendly-sam/sgd-m", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2]}},
+    )
 
     def step(self, ctx):
         """Two passes at ``w`` and ``w + ε(g − σ m)``; the base steps from ``w`` with ``g_p``; then ``m`` moves.

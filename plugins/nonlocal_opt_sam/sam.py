@@ -30,6 +30,7 @@ class SAMRule(DescentRule):
         "perturb": PERTURB,
     }
     presets = {"paper": {"lr": 0.01, "rho": 0.05}}
+    comparison_specs = ({"name": "sam/sgd-m", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2]}},)
 
     def check_group(self, group):
         """Refuse ``eta`` without ``adaptive``.
