@@ -33,7 +33,7 @@ from nonlocal_opt.comparison import (
 from nonlocal_opt.comparison import runner as runner_module
 from nonlocal_opt.comparison import sweep as sweep_module
 from nonlocal_opt.comparison.curves import at_index, index_at
-from nonlocal_opt.comparison.data import BatchStream, load_splits, synthetic_dataset
+from nonlocal_opt.comparison.data import BatchStream, crop_flip, load_splits, synthetic_dataset
 from nonlocal_opt.comparison.quick import QUICK_SETTINGS, quick_specs
 from nonlocal_opt.plugins.manager import get_plugin_manager
 from nonlocal_opt.plugins.registry import registrations
@@ -279,6 +279,41 @@ def test_run_keys_change_with_anything_the_run_depends_on():
     assert RunSpec(spec, {**spec.points()[0], "rho": 0.1}, 1, 0.0, "final").key(config()) != key
     assert RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config(budget=41)) != key
     assert RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config(final_seeds=(1, 7))) == key  # choice, not content
+    assert RunSpec(spec, spec.points()[0], 1, 0.0, "final").key(config(augment="crop-flip")) != key
+
+
+def test_a_results_file_from_before_augmentation_existed_resumes_without_retraining(tmp_path, monkeypatch):
+    specs = load_specs([SAM])
+    first = run_comparison(config(budget=20), specs, tmp_path / "r.json", progress=False)
+    data = json.loads((tmp_path / "r.json").read_text())
+    del data["settings"]["augment"]  # as a file written before the setting existed
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    monkeypatch.setattr(sweep_module, "train_run", lambda *args: pytest.fail("a stored run was trained again"))
+    assert run_comparison(config(budget=20), specs, tmp_path / "r.json", progress=False).runs == first.runs
+    with pytest.raises(StorageError, match=r"augment: file 'none', now 'crop-flip'"):
+        ResultStore(tmp_path / "r.json", config(budget=20, augment="crop-flip"), specs)
+
+
+def test_crop_flip_is_a_padded_shift_or_its_mirror_drawn_from_every_choice():
+    images = torch.randn(400, 2, 8, 8)
+    out = crop_flip(images, torch.Generator().manual_seed(3))
+    assert torch.equal(out, crop_flip(images, torch.Generator().manual_seed(3)))
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))  # P = 8 // 8
+    seen = []
+    for image, result in zip(padded, out):
+        matches = [(dy, dx, flip) for dy in range(3) for dx in range(3) for flip in (False, True)
+                   if torch.equal(result, (lambda w: w.flip(-1) if flip else w)(image[:, dy:dy + 8, dx:dx + 8]))]
+        assert len(matches) == 1
+        seen += matches
+    assert set(seen) == {(dy, dx, f) for dy in range(3) for dx in range(3) for f in (False, True)}
+    assert 0.4 < sum(f for _, _, f in seen) / len(seen) < 0.6
+
+
+def test_augmented_runs_train_and_see_other_batches_than_plain_runs():
+    plain = one_run(SGDM | {"sweep": {}, "fixed": {"lr": 0.1, "momentum": 0.9}})
+    augmented = one_run(SGDM | {"sweep": {}, "fixed": {"lr": 0.1, "momentum": 0.9}}, augment="crop-flip")
+    assert augmented["diverged"] is None and augmented["passes"] == plain["passes"]
+    assert augmented["curve"]["val_acc"][-1] > 0.3 and augmented["curve"]["train_loss"] != plain["curve"]["train_loss"]
 
 
 # --- specs -------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from nonlocal_opt.cli.parsing import parse_float_list
 from nonlocal_opt.comparison.quick import QUICK_SETTINGS
-from nonlocal_opt.comparison.specs import ComparisonConfig
+from nonlocal_opt.comparison.specs import AUGMENTATIONS, ComparisonConfig
 
 DEFAULT_BUDGET = 4690
 
@@ -78,6 +78,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=parse_float_list, default=[0.25, 0.5, 1.0], help="budget fractions reported")
     parser.add_argument("--evals", type=int, default=argparse.SUPPRESS,
                         help=f"evaluations at B/evals, 2B/evals, ... plus 10, 20, 50, 100, ... updates ({_quick_default('evals')})")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default="none",
+                        help="training batches: none, or crop-flip (a random crop of the zero-padded image and a horizontal flip)")
     parser.add_argument("--select-by", choices=("best", "final"), default="best",
                         help="tuning score: best or final validation accuracy of a run")
     parser.add_argument("--tune-at-noise", type=float, default=None, help="tune at this noise level only and reuse the pick at every level")
@@ -112,7 +114,7 @@ def run_compare(args) -> int:
     config = ComparisonConfig(
         dataset=args.dataset, model=args.model, batch_size=args.batch_size, label_noise=tuple(args.label_noise),
         split_seed=args.split_seed, tuning_seeds=tuple(args.tuning_seeds), fractions=tuple(args.fractions),
-        select_by=args.select_by, tune_at_noise=args.tune_at_noise, data_dir=args.data_dir,
+        select_by=args.select_by, tune_at_noise=args.tune_at_noise, data_dir=args.data_dir, augment=args.augment,
         **chosen | {"final_seeds": tuple(chosen["final_seeds"])},
     )
     from nonlocal_opt.training.models import MODELS

@@ -68,14 +68,36 @@ def load_splits(config: ComparisonConfig, noise: float) -> Splits:
                   test.images, test.labels, train_index, val_index, train.num_classes)
 
 
+def crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per image of ``x`` (``N×C×H×W``): pad every side with ``P = max(1, H // 8)`` zeros, keep an
+    ``H×W`` window at an offset drawn uniformly from ``{0, …, 2P}²``, and mirror it left to right with
+    probability ½ (``P = 3`` for 28×28, ``4`` for 32×32).
+
+    Args:
+        x: a batch of images.
+        generator: the source of the offsets and flips.
+    """
+    n, _, height, width = x.shape
+    pad = max(1, height // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.arange(width)
+    cols = torch.where(flip.unsqueeze(1), cols.flip(0), cols) + dx.unsqueeze(1)  # a flip reverses the window's columns
+    rows = torch.arange(height) + dy.unsqueeze(1)
+    picked = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # N×H×W×C
+    return picked.permute(0, 3, 1, 2).contiguous()
+
+
 class BatchStream:
     """Mini-batches of ``(x, y)`` from in-memory tensors: a fresh permutation per epoch from ``generator``,
-    the last incomplete batch of an epoch dropped. ``read`` counts the batches handed out."""
+    the last incomplete batch of an epoch dropped; ``augment`` passes each batch through :func:`crop_flip`
+    with the same generator. ``read`` counts the batches handed out."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, augment: bool = False):
         if batch_size > len(y):
             raise SpecError(f"batch_size {batch_size} is larger than the {len(y)} training samples")
-        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+        self.x, self.y, self.batch_size, self.generator, self.augment = x, y, batch_size, generator, augment
         self.per_epoch = len(y) // batch_size
         self.read, self._position, self._order = 0, self.per_epoch, None
 
@@ -86,4 +108,5 @@ class BatchStream:
         index = self._order[self._position * self.batch_size : (self._position + 1) * self.batch_size]
         self._position += 1
         self.read += 1
-        return self.x[index], self.y[index]
+        x = self.x[index]
+        return (crop_flip(x, self.generator) if self.augment else x), self.y[index]

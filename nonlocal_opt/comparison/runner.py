@@ -22,7 +22,20 @@ from nonlocal_opt.training.models import build_model
 
 # Settings that change what a run computes (the others only choose or summarise runs).
 RUN_SETTINGS = ("budget", "dataset", "model", "batch_size", "val_size", "split_seed", "evals", "fractions",
-                "train_subset", "test_subset")
+                "train_subset", "test_subset", "augment")
+# Run settings added after results files existed, with the value those files' runs had: a run at that value
+# leaves the setting out of its identity, so its key and the files that hold it stay valid.
+ADDED_RUN_SETTINGS = {"augment": "none"}
+
+
+def run_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``RUN_SETTINGS`` of a comparison's settings, an added one left out at its original value.
+
+    Args:
+        settings: ``ComparisonConfig.to_dict()``, or the settings a results file stores.
+    """
+    return {k: settings.get(k, ADDED_RUN_SETTINGS.get(k)) for k in RUN_SETTINGS
+            if k not in ADDED_RUN_SETTINGS or settings.get(k, ADDED_RUN_SETTINGS[k]) != ADDED_RUN_SETTINGS[k]}
 EVAL_CHUNK = 2048
 
 
@@ -38,9 +51,8 @@ class RunSpec:
     phase: str
 
     def identity(self, config: ComparisonConfig) -> dict[str, Any]:
-        settings = config.to_dict()
         optimizer = {k: v for k, v in self.spec.to_dict().items() if k not in ("name", "sweep", "fixed")}
-        return {"settings": {k: settings[k] for k in RUN_SETTINGS}, "optimizer": optimizer, "hp": self.hp,
+        return {"settings": run_settings(config.to_dict()), "optimizer": optimizer, "hp": self.hp,
                 "seed": self.seed, "noise": self.noise, "phase": self.phase}
 
     def key(self, config: ComparisonConfig) -> str:
@@ -87,7 +99,8 @@ def train_run(config: ComparisonConfig, run: RunSpec, splits: Splits) -> dict[st
     if run.spec.schedule is not None:
         sch = run.spec.schedule
         schedule = radius_scheduler(sch["name"], opt, config.budget, sch["rho_final"], bool(sch.get("couple_lr", False)))
-    stream = BatchStream(splits.train_x, splits.train_y, config.batch_size, torch.Generator().manual_seed(run.seed))
+    stream = BatchStream(splits.train_x, splits.train_y, config.batch_size, torch.Generator().manual_seed(run.seed),
+                         augment=config.augment == "crop-flip")
     test = run.phase == "final"
     curve = Curve(test)
     pass_points, step_points = config.pass_grid(), step_grid(config.budget)

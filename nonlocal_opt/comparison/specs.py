@@ -19,6 +19,7 @@ from nonlocal_opt.plugins.compose import compose
 SPEC_KEYS = ("name", "rule", "base", "projector", "manifold", "fixed", "sweep", "schedule")
 SCHEDULE_KEYS = ("name", "rho_final", "couple_lr")
 SELECT_BY = ("best", "final")
+AUGMENTATIONS = ("none", "crop-flip")
 
 
 class SpecError(ValueError):
@@ -162,7 +163,8 @@ class ComparisonConfig:
     """Settings shared by every run of a comparison. ``budget`` = ``B`` passes per run; ``val_size``
     samples are held out of the (noisy) training set for tuning and early stopping; ``tuning_seeds``
     and ``final_seeds`` must be disjoint; ``tune_at_noise``: tune once at this noise level and reuse
-    the pick at every level (``None``: tune at each level)."""
+    the pick at every level (``None``: tune at each level); ``augment``: ``"crop-flip"`` draws a random
+    crop of the zero-padded image and a horizontal flip per training sample (``comparison.data.crop_flip``)."""
 
     budget: int
     dataset: str = "fashion-mnist"
@@ -180,6 +182,7 @@ class ComparisonConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     data_dir: str | None = None
+    augment: str = "none"
 
     def __attrs_post_init__(self) -> None:
         for field in ("budget", "batch_size", "val_size", "evals"):
@@ -203,6 +206,8 @@ class ComparisonConfig:
             raise SpecError(f"fractions must be in (0, 1], got {list(self.fractions)}")
         if self.select_by not in SELECT_BY:
             raise SpecError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise SpecError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.tune_at_noise is not None and float(self.tune_at_noise) not in noise:
             raise SpecError(f"tune_at_noise {self.tune_at_noise} is not one of the label noise levels {list(noise)}")
         object.__setattr__(self, "label_noise", noise)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nonlocal_opt.comparison.runner import RUN_SETTINGS
+from nonlocal_opt.comparison.runner import ADDED_RUN_SETTINGS, RUN_SETTINGS
 from nonlocal_opt.comparison.specs import ComparisonConfig, OptimizerSpec
 
 FORMAT = "nonlocal-opt comparison 1"
@@ -46,7 +46,8 @@ class ResultStore:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StorageError(f"{self.path} is not a comparison results file; pass another --out")
         stored, current = data.get("settings", {}), self.config.to_dict()
-        differ = sorted(k for k in RUN_SETTINGS if stored.get(k) != current.get(k))
+        stored = {k: stored.get(k, ADDED_RUN_SETTINGS.get(k)) for k in RUN_SETTINGS}  # a file from before a setting existed
+        differ = sorted(k for k in RUN_SETTINGS if stored[k] != current[k])
         if differ:
             detail = "; ".join(f"{k}: file {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
             raise StorageError(f"{self.path} holds results of a different comparison ({detail}); "
