@@ -11,6 +11,11 @@ Parts (each its own resumable results file under ``--out``; run in this order):
 
 ``--publish`` writes docs/results/equal_compute.json and docs/img/results/equal_compute_*.png;
 ``--report-only`` summarises what the results files hold without running anything.
+
+Each part records the commit that produced it and the machine seconds it took, over every sitting, in
+``OUT/provenance.json``. A part runs only from a clean tree, and resumes at a later commit only when no
+code changed in between; ``--publish`` refuses parts of different code or of a dirty tree. ``--quick``
+runs from any tree and records whether it was dirty.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_ROOT, machine
+from provenance import ProvenanceError, dirty_code, head_commit, resume_commit, same_code
 
 from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison, summarize
 from nonlocal_opt.comparison.curves import markdown_table
@@ -169,6 +175,42 @@ def write_markdown(reports: dict, path: Path) -> Path:
     return path
 
 
+def run_part(name: str, config: ComparisonConfig, specs, args) -> None:
+    """Run or resume part ``name``; the long part runs each noise level at that level's picks, one
+    results file per level."""
+    files = part_files(name, config, args.out / f"{name}.json", args.out)
+    for (_, level, path), noise in zip(files, config.label_noise):  # one file per noise level for the long part
+        level_specs = specs() if name != "long" else picked(args.out / "mlp.json", LONG if not args.quick else QUICK, noise)
+        run_comparison(level, load_specs(level_specs), path, progress=not args.no_progress)
+
+
+def part_files(name: str, config: ComparisonConfig, path: Path, out: Path) -> list[tuple[str, ComparisonConfig, Path]]:
+    """(report name, settings, results file) of part ``name``: one per noise level for the long part."""
+    if name != "long":
+        return [(name, config, path)]
+    levels = [ComparisonConfig.from_dict({**config.to_dict(), "label_noise": [noise]}) for noise in config.label_noise]
+    return [(f"long_noise{noise:g}", level, out / f"long_noise{noise:g}.json") for noise, level in zip(config.label_noise, levels)]
+
+
+def quick_commit() -> str | None:
+    """``HEAD`` for a ``--quick`` run, which may run from a dirty tree or outside git (``None``)."""
+    try:
+        return head_commit()
+    except ProvenanceError:
+        return None
+
+
+def publishable(reports: dict) -> None:
+    """Refuse to publish parts without a commit, from a dirty tree, or of different code."""
+    for name, part in reports.items():
+        if not part["commit"] or part["dirty"]:
+            raise ProvenanceError(f"part {name} was not produced by a clean commit; rerun it without --quick from a clean tree")
+    dirty = dirty_code()
+    if dirty:
+        raise ProvenanceError(f"the code has uncommitted changes ({', '.join(dirty[:5])}); commit them before publishing")
+    same_code(sorted({part["commit"] for part in reports.values()}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes: 6 000 training images, 300 passes, four families")
@@ -191,34 +233,42 @@ def main() -> int:
         print(f"error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(plan)}", file=sys.stderr)
         return 2
     print(machine())
+    ledger_path = args.out / "provenance.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     reports = {}
     for name in chosen:
         config, specs = plan[name]
         path = args.out / f"{name}.json"
         if not args.report_only:
+            entry = ledger.setdefault(name, {"seconds": 0.0})
+            try:
+                entry["commit"] = quick_commit() if args.quick else resume_commit(entry.get("commit"))
+            except ProvenanceError as error:
+                print(f"error: part {name}: {error}", file=sys.stderr)
+                return 2
+            entry["dirty"] = args.quick and bool(entry["commit"] and dirty_code())
             start = time.perf_counter()
-            if name == "long":
-                # each noise level runs at that level's picks: one results file per level
-                for noise in config.label_noise:
-                    level = ComparisonConfig.from_dict({**config.to_dict(), "label_noise": [noise]})
-                    level_specs = load_specs(picked(args.out / "mlp.json", LONG if not args.quick else QUICK, noise))
-                    run_comparison(level, level_specs, args.out / f"long_noise{noise:g}.json", progress=not args.no_progress)
-            else:
-                run_comparison(config, load_specs(specs()), path, progress=not args.no_progress)
-            print(f"part {name}: {time.perf_counter() - start:.0f} s")
-        if name == "long":
-            for noise in config.label_noise:
-                level_path = args.out / f"long_noise{noise:g}.json"
-                if level_path.exists():
-                    level = ComparisonConfig.from_dict({**config.to_dict(), "label_noise": [noise]})
-                    reports[f"long_noise{noise:g}"] = report(f"long_noise{noise:g}", level, level_path, args)
-        elif path.exists():
-            reports[name] = report(name, config, path, args)
+            try:
+                run_part(name, config, specs, args)
+            finally:
+                entry["seconds"] += time.perf_counter() - start
+                ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+            print(f"part {name}: {time.perf_counter() - start:.0f} s (all sittings: {entry['seconds']:.0f} s)")
+        produced = ledger.get(name, {})
+        for key, level, level_path in part_files(name, config, path, args.out):
+            if level_path.exists():
+                reports[key] = report(key, level, level_path, args) | {
+                    "commit": produced.get("commit"), "dirty": produced.get("dirty"), "machine_seconds": produced.get("seconds")}
     combined = args.out / "equal_compute.json"
     combined.write_text(json.dumps({"machine": machine(), "parts": reports}, sort_keys=True, separators=(",", ":")))
     print(f"wrote {combined}")
     print(f"wrote {write_markdown(reports, args.out / 'equal_compute.md')}")
     if args.publish:
+        try:
+            publishable(reports)
+        except ProvenanceError as error:
+            print(f"error: not published: {error}", file=sys.stderr)
+            return 2
         shutil.copy(combined, ROOT / "docs" / "results" / "equal_compute.json")
         for part in reports.values():
             for figure in part["figures"]:

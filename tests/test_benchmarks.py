@@ -182,3 +182,47 @@ def test_gpu_script_skips_cleanly_without_a_gpu():
     done = run("gpu_step.py")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no CUDA device: skipped" in done.stdout
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, capture_output=True,
+                          text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_a_part_is_tied_to_the_commit_of_its_code(tmp_path, monkeypatch):
+    """``benchmarks/provenance.py`` on a real repository: a part starts at ``HEAD`` from a clean tree only,
+    resumes at a later commit that changed no code (keeping its commit), is refused after a code change,
+    and parts of different code are not published together."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    provenance = importlib.import_module("provenance")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    git(tmp_path, "init", "-q")
+    (tmp_path / "nonlocal_opt").mkdir()
+    (tmp_path / "nonlocal_opt" / "rule.py").write_text("A = 1\n")
+    (tmp_path / "README.md").write_text("notes\n")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "code")
+    first = git(tmp_path, "rev-parse", "HEAD")
+    assert provenance.resume_commit(None) == first
+
+    (tmp_path / "nonlocal_opt" / "rule.py").write_text("A = 2\n")
+    with pytest.raises(provenance.ProvenanceError, match=r"uncommitted changes \(nonlocal_opt/rule\.py\)"):
+        provenance.resume_commit(first)
+    git(tmp_path, "checkout", "-q", "--", "nonlocal_opt/rule.py")
+    (tmp_path / "nonlocal_opt" / "new.py").write_text("")  # untracked code is code too
+    with pytest.raises(provenance.ProvenanceError, match=r"nonlocal_opt/new\.py"):
+        provenance.resume_commit(first)
+    (tmp_path / "nonlocal_opt" / "new.py").unlink()
+
+    (tmp_path / "README.md").write_text("more notes\n")  # docs change between sittings
+    git(tmp_path, "commit", "-qam", "docs")
+    assert provenance.resume_commit(first) == first
+    provenance.same_code([first, git(tmp_path, "rev-parse", "HEAD")])
+
+    (tmp_path / "nonlocal_opt" / "rule.py").write_text("A = 3\n")
+    git(tmp_path, "commit", "-qam", "code change")
+    with pytest.raises(provenance.ProvenanceError, match=rf"came from commit {first[:12]}.*nonlocal_opt/rule\.py"):
+        provenance.resume_commit(first)
+    with pytest.raises(provenance.ProvenanceError, match="whose code differs"):
+        provenance.same_code([first, git(tmp_path, "rev-parse", "HEAD")])

@@ -459,3 +459,12 @@ def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
         assert long_hp and all(hp == mlp[noise][name]["hp"] for name, hp in long_hp.items())
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # everything cached
     assert again.returncode == 0 and json.loads((tmp_path / "equal_compute.json").read_text())["parts"].keys() == data["parts"].keys()
+    ledger = json.loads((tmp_path / "provenance.json").read_text())
+    assert set(ledger) == {"mlp", "long"} and all(entry["seconds"] > 0 for entry in ledger.values())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert all(part["commit"] == head and part["machine_seconds"] > 0 for part in data["parts"].values())
+    published = ROOT / "docs" / "results" / "equal_compute.json"
+    before = published.read_bytes()
+    refused = subprocess.run([*command, "--report-only", "--publish"], capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 2 and "not published" in refused.stderr and "--quick" in refused.stderr
+    assert published.read_bytes() == before
