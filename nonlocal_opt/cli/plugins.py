@@ -1,17 +1,44 @@
 """``nonlocal-opt plugins``: the registered rules, bases, projectors and manifolds, who provides them, their
-hyperparameters and presets."""
+hyperparameters and presets, and the plugins that failed to load; plugin warnings as one line each."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import sys
+import warnings
+from collections.abc import Iterator
 
 from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS
-from nonlocal_opt.plugins.registry import registrations
+from nonlocal_opt.plugins.failures import PluginWarning
+from nonlocal_opt.plugins.registry import broken_plugins, registrations
+
+
+@contextlib.contextmanager
+def plugin_warnings_as_lines(prog: str) -> Iterator[None]:
+    """Inside the block a ``PluginWarning`` is printed to stderr as ``PROG: warning: MESSAGE``, one line,
+    without the file and source line; other warnings as usual.
+
+    Args:
+        prog: the program's name, e.g. ``nonlocal-opt``.
+    """
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_plugin_warning(message, category, *args, **kwargs):
+            if issubclass(category, PluginWarning):
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_plugin_warning
+        yield
 
 
 def run_plugins(args: argparse.Namespace) -> int:
-    """Print every registration with its provider, hyperparameters (default, symbol, meaning) and presets.
+    """Print every registration with its provider, hyperparameters (default, symbol, meaning) and presets,
+    then the broken plugins with the reason each failed to load.
 
     Args:
         args: the parsed ``plugins`` arguments (none).
@@ -42,4 +69,9 @@ def run_plugins(args: argparse.Namespace) -> int:
             describe(entry.cls.hyperparameters)
             for preset, values in entry.cls.presets.items():
                 print(f"    preset {preset}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
+    broken = broken_plugins()
+    if broken:
+        print("broken plugins (skipped)")
+    for entry in broken:
+        print(f"  {entry.plugin}  — {entry.provider}: {entry.reason}")
     return 0
