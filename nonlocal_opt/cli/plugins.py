@@ -18,12 +18,14 @@ from nonlocal_opt.plugins.registry import broken_plugins, registrations
 @contextlib.contextmanager
 def plugin_warnings_as_lines(prog: str) -> Iterator[None]:
     """Inside the block a ``PluginWarning`` is printed to stderr as ``PROG: warning: MESSAGE``, one line,
-    without the file and source line; other warnings as usual.
+    without the file and source line, each time it is given (the plugin manager gives it once per broken
+    plugin); other warnings as usual.
 
     Args:
         prog: the program's name, e.g. ``nonlocal-opt``.
     """
     with warnings.catch_warnings():
+        warnings.simplefilter("always", PluginWarning)
         show = warnings.showwarning
 
         def show_plugin_warning(message, category, *args, **kwargs):
@@ -52,11 +54,12 @@ def run_plugins(args: argparse.Namespace) -> int:
         keywords = [f"{key}={p.default!r}" for key, p in inspect.signature(cls).parameters.items() if p.default is not p.empty]
         print(f"      {', '.join(keywords)}")
 
+    listing = {kind: sorted(registrations(kind).items()) for kind in ("rule", "base", "projector", "manifold")}
     print("optimizer (every composition)")
     describe(OPTIMIZER_HYPERPARAMETERS)
-    for kind in ("rule", "base", "projector", "manifold"):
+    for kind, entries in listing.items():
         print(f"{kind}s")
-        for name, entry in sorted(registrations(kind).items()):
+        for name, entry in entries:
             print(f"  {name}  — {entry.provider}")
             if kind == "rule" and entry.cls.runs_bare_base:
                 print("    a base's name given as the rule (e.g. --optimizer adamw) means this rule over that base")

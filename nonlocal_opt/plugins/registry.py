@@ -134,7 +134,7 @@ def _plugin_registrations(plugin: str, impls: list[tuple[str, pluggy.HookImpl]])
 def collect_registrations(impls: list[tuple[str, pluggy.HookImpl]]) -> Collection:
     """Run the registration hooks ``impls``, plugin by plugin. A plugin whose hook raises, or registers
     a class of the wrong kind, without a name, with unimplemented methods, or one name twice, is broken:
-    reported once as a ``PluginWarning``, none of its registrations kept. A name two plugins register for
+    none of its registrations is kept. A name two plugins register for
     one kind is ``Collection.duplicate``.
 
     Args:
@@ -151,19 +151,18 @@ def collect_registrations(impls: list[tuple[str, pluggy.HookImpl]]) -> Collectio
             entries = _plugin_registrations(plugin, plugin_impls)
         except InvalidRegistration as error:
             broken.append(BrokenPlugin(plugin, str(error), *distribution(plugin)))
+            continue
         except Exception as error:  # a plugin's own failure, whatever it is, must not stop the others
             broken.append(BrokenPlugin(plugin, f"a registration hook raised {failure(error)}", *distribution(plugin)))
-        else:
-            for entry in entries:
-                earlier = found[entry.kind].setdefault(entry.name, entry)
-                if earlier is not entry and duplicate is None:
-                    duplicate = PluginError(
-                        f"duplicate {entry.kind} name {entry.name!r}: registered by {earlier.provider} "
-                        f"({earlier.cls.__qualname__}) and by {entry.provider} ({entry.cls.__qualname__}); "
-                        f"uninstall one of the two, or block it with {DISABLE_ENV_VAR}"
-                    )
             continue
-        report(broken[-1])
+        for entry in entries:
+            earlier = found[entry.kind].setdefault(entry.name, entry)
+            if earlier is not entry and duplicate is None:
+                duplicate = PluginError(
+                    f"duplicate {entry.kind} name {entry.name!r}: registered by {earlier.provider} "
+                    f"({earlier.cls.__qualname__}) and by {entry.provider} ({entry.cls.__qualname__}); "
+                    f"uninstall one of the two, or block it with {DISABLE_ENV_VAR}"
+                )
     return Collection(found, broken, duplicate)
 
 
@@ -173,12 +172,15 @@ _COLLECTED: dict[tuple[tuple[str, str, int], ...], tuple[list[Any], Collection]]
 
 
 def _collection() -> Collection:
-    """The collection of the loaded plugins' registrations."""
+    """The collection of the loaded plugins' registrations; its broken plugins reported (once per load)."""
     impls = _hookimpls()
     key = tuple((k, impl.plugin_name, id(impl.plugin)) for k, impl in impls)
     if key not in _COLLECTED:
         _COLLECTED[key] = ([impl.plugin for _, impl in impls], collect_registrations(impls))
-    return _COLLECTED[key][1]
+    collection = _COLLECTED[key][1]
+    for broken in collection.broken:
+        report(broken)
+    return collection
 
 
 def registrations(kind: str) -> dict[str, Registration]:
