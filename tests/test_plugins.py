@@ -210,16 +210,17 @@ def test_registering_a_non_projector_breaks_only_that_plugin(fresh_plugins):
             register(HangingFootpoint)
             register(int)
 
+    reason = "registered <class 'int'>, which is not a Projector subclass"
     with registered(BadPlugin(), "bad-test"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             projectors = nonlocal_opt.available("projector")
             assert nonlocal_opt.available("projector") == projectors
-        assert broken_plugins() == [BrokenPlugin("bad-test", "registered <class 'int'>, which is not a Projector subclass")]
+        assert broken_plugins() == [BrokenPlugin("bad-test", reason)]
     assert broken_plugins() == []
     (warning,) = caught
-    assert warning.category is PluginWarning and str(warning.message).startswith("plugin 'bad-test' failed to load and is skipped: registered <class 'int'>, "
-                                           "which is not a Projector subclass")
+    assert warning.category is PluginWarning
+    assert str(warning.message).startswith(f"plugin 'bad-test' failed to load and is skipped: {reason} (")
     assert "footpoint" in projectors and "hanging-footpoint" not in projectors  # nothing of the broken plugin is kept
 
 
