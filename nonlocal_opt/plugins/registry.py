@@ -64,12 +64,12 @@ class Collection:
         found: ``{kind: {name: Registration}}`` from every plugin whose hooks ran cleanly.
         broken: the plugins whose hooks raised or registered something invalid (none of their
             registrations is in ``found``).
-        duplicate: the error for a name two plugins registered for one kind (``None``: no such name).
+        duplicate: the message for a name two plugins registered for one kind (``None``: no such name).
     """
 
     found: dict[str, dict[str, Registration]]
     broken: list[BrokenPlugin]
-    duplicate: PluginError | None
+    duplicate: str | None
 
 
 class InvalidRegistration(Exception):
@@ -158,11 +158,9 @@ def collect_registrations(impls: list[tuple[str, pluggy.HookImpl]]) -> Collectio
         for entry in entries:
             earlier = found[entry.kind].setdefault(entry.name, entry)
             if earlier is not entry and duplicate is None:
-                duplicate = PluginError(
-                    f"duplicate {entry.kind} name {entry.name!r}: registered by {earlier.provider} "
-                    f"({earlier.cls.__qualname__}) and by {entry.provider} ({entry.cls.__qualname__}); "
-                    f"uninstall one of the two, or block it with {DISABLE_ENV_VAR}"
-                )
+                duplicate = (f"duplicate {entry.kind} name {entry.name!r}: registered by {earlier.provider} "
+                             f"({earlier.cls.__qualname__}) and by {entry.provider} ({entry.cls.__qualname__}); "
+                             f"uninstall one of the two, or block it with {DISABLE_ENV_VAR}")
     return Collection(found, broken, duplicate)
 
 
@@ -194,7 +192,7 @@ def registrations(kind: str) -> dict[str, Registration]:
     _check_kind(kind)
     collection = _collection()
     if collection.duplicate is not None:
-        raise collection.duplicate
+        raise PluginError(collection.duplicate)
     return dict(collection.found[kind])
 
 
