@@ -134,8 +134,7 @@ def _plugin_registrations(plugin: str, impls: list[tuple[str, pluggy.HookImpl]])
 def collect_registrations(impls: list[tuple[str, pluggy.HookImpl]]) -> Collection:
     """Run the registration hooks ``impls``, plugin by plugin. A plugin whose hook raises, or registers
     a class of the wrong kind, without a name, with unimplemented methods, or one name twice, is broken:
-    none of its registrations is kept. A name two plugins register for
-    one kind is ``Collection.duplicate``.
+    none of its registrations is kept. A name two plugins register for one kind is ``Collection.duplicate``.
 
     Args:
         impls: ``(kind, hook implementation)`` pairs, as the plugin manager lists them.
@@ -149,11 +148,9 @@ def collect_registrations(impls: list[tuple[str, pluggy.HookImpl]]) -> Collectio
     for plugin, plugin_impls in by_plugin.items():
         try:
             entries = _plugin_registrations(plugin, plugin_impls)
-        except InvalidRegistration as error:
-            broken.append(BrokenPlugin(plugin, str(error), *distribution(plugin)))
-            continue
         except Exception as error:  # a plugin's own failure, whatever it is, must not stop the others
-            broken.append(BrokenPlugin(plugin, f"a registration hook raised {failure(error)}", *distribution(plugin)))
+            reason = str(error) if isinstance(error, InvalidRegistration) else f"a registration hook raised {failure(error)}"
+            broken.append(BrokenPlugin(plugin, reason, *distribution(plugin)))
             continue
         for entry in entries:
             earlier = found[entry.kind].setdefault(entry.name, entry)
