@@ -171,3 +171,11 @@ def test_a_name_two_plugins_register_is_the_same_clean_error_everywhere(install_
         with pytest.raises(PluginError) as raised:
             lookup()
         assert f"nonlocal-opt: error: {raised.value}" == error
+
+
+@pytest.mark.parametrize("broken", ["raises-on-import", "hook-raises"], indirect=True)
+def test_blocking_it_as_the_warning_says_silences_it(broken, capsys, monkeypatch):
+    monkeypatch.setenv("NONLOCAL_OPT_DISABLE_PLUGINS", broken.plugin)
+    code, out, err = run(capsys, "plugins")
+    assert (code, err) == (0, []) and "broken plugins" not in out and "healthy-footpoint" in out
+    assert broken_plugins() == []
