@@ -4,13 +4,15 @@ those parametrised with another projector (the tox matrix runs ``pytest -m proje
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import pytest
 import torch
 
 import nonlocal_opt
-from nonlocal_opt.plugins.manager import ALLOW_ENV_VAR, DISABLE_ENV_VAR, reset_plugin_manager
+from nonlocal_opt.plugins.manager import ALLOW_ENV_VAR, DISABLE_ENV_VAR, ENTRY_POINT_GROUP, reset_plugin_manager
 
 PROJECTOR_ENV_VAR = "NONLOCAL_OPT_PROJECTOR"
 
@@ -55,6 +57,31 @@ def fresh_plugins(monkeypatch):
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+@pytest.fixture
+def install_distribution(tmp_path, monkeypatch, fresh_plugins):
+    """``install_distribution(name, version, modules, entry_points)``: a real distribution on ``sys.path``, the
+    modules ``{module: source}`` next to a ``.dist-info`` declaring the ``nonlocal_opt`` entry points
+    ``{entry-point name: module}``; the modules are forgotten after the test."""
+    monkeypatch.syspath_prepend(tmp_path)
+    imported = []
+
+    def install(name: str, version: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
+        for module, source in modules.items():
+            (tmp_path / f"{module}.py").write_text(source)
+        info = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        lines = "".join(f"{entry} = {value}\n" for entry, value in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}")
+        imported.extend(entry_points.values())
+        importlib.invalidate_caches()
+
+    yield install
+    for module in imported:
+        sys.modules.pop(module, None)
+    importlib.invalidate_caches()
 
 
 def make_closure(opt, loss_fn):

@@ -3,8 +3,6 @@ environment (a real distribution on ``sys.path`` here) stays out of a run that d
 
 from __future__ import annotations
 
-import importlib
-import sys
 from importlib import metadata
 
 import pytest
@@ -25,17 +23,9 @@ def nonlocal_opt_register_projectors(register):
 
 
 @pytest.fixture
-def third_party(tmp_path, monkeypatch, fresh_plugins):
+def third_party(install_distribution):
     """A distribution with the entry point ``isolated`` on ``sys.path``."""
-    (tmp_path / "nlo_isolated_plugin.py").write_text(PLUGIN_MODULE)
-    info = tmp_path / "nlo_isolated_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nlo-isolated-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nisolated = nlo_isolated_plugin\n")
-    monkeypatch.syspath_prepend(tmp_path)  # also invalidates the import caches
-    yield
-    sys.modules.pop("nlo_isolated_plugin", None)
-    importlib.invalidate_caches()
+    install_distribution("nlo-isolated-plugin", "0.1", {"nlo_isolated_plugin": PLUGIN_MODULE}, {"isolated": "nlo_isolated_plugin"})
 
 
 def first_party() -> set[str]:

@@ -4,9 +4,8 @@ blocking, duplicates."""
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ import nonlocal_opt
 from nonlocal_opt import Centre, ConstraintManifold, Hyperparameter
 from nonlocal_opt.landscapes import Quadratic
 from nonlocal_opt.optim.hyperparameters import positive
+from nonlocal_opt.plugins.failures import BrokenPlugin, PluginWarning
 from nonlocal_opt.plugins.manager import DISABLE_ENV_VAR, get_plugin_manager
+from nonlocal_opt.plugins.registry import broken_plugins
 from nonlocal_opt.testing import DEFAULT_CASES, RUN_CASES, check_projector, check_rule, nearest_point
 
 from conftest import PlainSGD, make_closure
@@ -202,14 +203,25 @@ def test_duplicate_name_names_both_providers():
         nonlocal_opt.available("rule")
 
 
-def test_registering_a_non_rule_is_refused():
+def test_registering_a_non_projector_breaks_only_that_plugin(fresh_plugins):
     class BadPlugin:
         @nonlocal_opt.hookimpl
         def nonlocal_opt_register_projectors(self, register):
+            register(HangingFootpoint)
             register(int)
 
-    with registered(BadPlugin(), "bad-test"), pytest.raises(TypeError, match=r"bad-test.*not a Projector"):
-        nonlocal_opt.available("projector")
+    reason = "registered <class 'int'>, which is not a Projector subclass"
+    with registered(BadPlugin(), "bad-test"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            projectors = nonlocal_opt.available("projector")
+            assert nonlocal_opt.available("projector") == projectors
+        assert broken_plugins() == [BrokenPlugin("bad-test", reason)]
+    assert broken_plugins() == []
+    (warning,) = caught
+    assert warning.category is PluginWarning
+    assert str(warning.message).startswith(f"plugin 'bad-test' failed to load and is skipped: {reason} (")
+    assert "footpoint" in projectors and "hanging-footpoint" not in projectors  # nothing of the broken plugin is kept
 
 
 PLUGIN_MODULE = textwrap.dedent(
@@ -228,21 +240,9 @@ PLUGIN_MODULE = textwrap.dedent(
 
 
 @pytest.fixture
-def installed_entry_point(tmp_path, fresh_plugins):
+def installed_entry_point(install_distribution):
     """A real distribution on sys.path: module + .dist-info with entry_points.txt."""
-    (tmp_path / "nlo_test_plugin.py").write_text(PLUGIN_MODULE)
-    info = tmp_path / "nlo_test_plugin-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nlo-test-plugin\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text("[nonlocal_opt]\nscaled = nlo_test_plugin\n")
-    sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("nlo_test_plugin", None)
-        importlib.invalidate_caches()
+    install_distribution("nlo-test-plugin", "1.2.3", {"nlo_test_plugin": PLUGIN_MODULE}, {"scaled": "nlo_test_plugin"})
 
 
 def test_entry_point_plugin_is_discovered(installed_entry_point):

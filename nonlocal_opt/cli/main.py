@@ -15,7 +15,7 @@ from pathlib import Path
 from nonlocal_opt.cli.compare import add_compare_arguments, run_compare
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.landscape import add_landscape_arguments, run_landscape
-from nonlocal_opt.cli.plugins import run_plugins
+from nonlocal_opt.cli.plugins import plugin_warnings_as_lines, run_plugins
 from nonlocal_opt.cli.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, PROG, add_train_arguments, resume_command, run_train
 
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments after the program name (``None``: ``sys.argv[1:]``).
     """
     from nonlocal_opt.analysis.figures import MissingPlotDependency
+    from nonlocal_opt.plugins.failures import PluginError
     from nonlocal_opt.training import ConfigError, TrainingDiverged
     from nonlocal_opt.training.config import TrainingInterrupted
 
@@ -114,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):
             (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
             args = load_config_file(parser, commands.choices[args.command], args.config, argv)
-        return args.handler(args)
-    except (ConfigError, ConfigFileError, MissingPlotDependency) as error:
+        with plugin_warnings_as_lines(PROG):
+            return args.handler(args)
+    except (ConfigError, ConfigFileError, MissingPlotDependency, PluginError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as error:

@@ -11,7 +11,7 @@ import torch
 
 from nonlocal_opt.optim.composed import BaseFactory, ComposedOptimizer
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.plugins.registry import get, instantiate, registrations
+from nonlocal_opt.plugins.registry import get, instantiate, not_loaded, registrations
 
 DEFAULT_BASE = "sgd"
 
@@ -56,7 +56,7 @@ def rule_and_base(rule: Any, base: Any = None) -> tuple[Any, Any]:
         return rule, base
     if rule not in bases:
         raise ValueError(f"unknown rule {rule!r}; available: {', '.join(sorted(rules)) or 'none'}; "
-                         f"or a base optimizer run as it is: {', '.join(sorted(bases)) or 'none'}")
+                         f"or a base optimizer run as it is: {', '.join(sorted(bases)) or 'none'}{not_loaded()}")
     if base is not None and base != rule:
         raise ValueError(f"{rule!r} names a base optimizer run as it is, and base={base!r} names another: name the base "
                          f"once, e.g. rule {base!r} alone, or a rule (not a base) with base {base!r}")
