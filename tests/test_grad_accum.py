@@ -39,6 +39,17 @@ def _sum(model):
     return lambda batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="sum")
 
 
+def _whole_batch_steps(model, opt, x, y, steps: int) -> None:
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
 def test_split_batch_cuts_every_tensor_alike_and_keeps_the_rest():
     x, y = _data()
     parts = split_batch({"x": x, "pair": (y, "tag")}, 3)
@@ -68,16 +79,9 @@ def test_sam_rbo_and_entropy_sgd_steps_on_micro_batches_equal_whole_batch_steps(
     models = [_model(), _model()]
     opts = [nonlocal_opt.compose(m.parameters(), rule, **settings) for m in models]
     x, y = _data(12)
-
-    def whole():
-        opts[1].zero_grad()
-        loss = torch.nn.functional.cross_entropy(models[1](x), y)
-        loss.backward()
-        return loss
-
     for _ in range(3):
         opts[0].step(MicroBatchClosure(models[0], split_batch((x, y), 3), _sum(models[0])))
-        opts[1].step(whole)
+    _whole_batch_steps(models[1], opts[1], x, y, 3)
     assert nonlocal_opt.stats(opts[0])["grad_evals"] == nonlocal_opt.stats(opts[1])["grad_evals"] > 1
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
@@ -132,16 +136,7 @@ def test_ddp_micro_batches_equal_the_whole_batch_and_only_the_last_synchronises(
     x, y = _data(13)
     whole = torch.nn.functional.cross_entropy(model(x), y)
     expected = torch.autograd.grad(whole, list(model.parameters()))
-    opt = nonlocal_opt.compose(model.parameters(), "sam", lr=0.1, rho=0.05)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
+    _whole_batch_steps(model, nonlocal_opt.compose(model.parameters(), "sam", lr=0.1, rho=0.05), x, y, 3)
     for got in ranks:
         torch.testing.assert_close(got["loss"], whole.detach(), rtol=0, atol=1e-14)
         for g, e in zip(got["grads"], expected):

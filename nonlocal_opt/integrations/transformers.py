@@ -10,6 +10,7 @@ Importing this module imports transformers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -117,10 +118,8 @@ class NonlocalTrainer(transformers.Trainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         optimizer = self.optimizer
-        try:
+        with contextlib.suppress(TypeError):  # not ours: refusal() names it
             optimizer = unwrap(optimizer)
-        except TypeError:
-            pass
         problem = refusal(self.args, optimizer)
         if problem is not None:
             raise (TypeError if not isinstance(optimizer, ComposedOptimizer) else ValueError)(problem)
