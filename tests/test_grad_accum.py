@@ -88,6 +88,20 @@ def test_sam_rbo_and_entropy_sgd_steps_on_micro_batches_equal_whole_batch_steps(
     assert not torch.equal(models[0][0].weight, _model()[0].weight)
 
 
+def test_the_accelerate_recipe_equals_whole_batch_steps():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    models = [_model(), _model()]
+    x, y = _data(10)
+    prepared, opt = accelerator.prepare(models[0], nonlocal_opt.compose(models[0].parameters(), "sam", lr=0.1, rho=0.05))
+    for _ in range(3):
+        opt.step(MicroBatchClosure(prepared, split_batch((x, y), 3), _sum(prepared), backward=accelerator.backward))
+    _whole_batch_steps(models[1], nonlocal_opt.compose(models[1].parameters(), "sam", lr=0.1, rho=0.05), x, y, 3)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist

@@ -57,10 +57,10 @@ class BatchClosure:
 
     ``start(batch)`` begins an optimizer step on ``batch``; ``fresh_batch=True`` first draws the next
     batch from ``fresh_batches``. With ``micro_batches = k > 1`` each call cuts the batch into ``k``
-    micro-batches and back-propagates them one after the other (``--grad-accum k``: the activations of one
-    micro-batch at a time), so every pass still sees the whole batch. Non-finite gradients (an fp16 overflow) are zeroed and the call
-    returns ``inf``, so the step is refused (the base optimizer's update is skipped and the optimizer's
-    ``stats["nonfinite"]`` is 1). After the step,
+    micro-batches and back-propagates them one after the other (``--grad-accum k``: the activations of
+    one micro-batch at a time), so every pass still sees the whole batch. Non-finite gradients (an fp16
+    overflow) are zeroed and the call returns ``inf``, so the step is refused (the base optimizer's
+    update is skipped and the optimizer's ``stats["nonfinite"]`` is 1). After the step,
     ``first_loss`` / ``first_accuracy`` describe the step's first pass (the trainer stops when that
     loss is not finite) and ``overflow`` (a 0-d bool tensor) says whether any pass had a non-finite
     gradient (the fp16 loss scale then backs off).
