@@ -66,7 +66,7 @@ def test_accumulate_is_refused_by_multi_pass_rules(rule):
                 stepped.append(index)
                 opt.step(_closure(opt, prepared, batch, accelerator.backward))
 
-    with pytest.raises(HostGradientError, match=r"gradient_accumulation_steps=2.*accumulate inside the closure"):
+    with pytest.raises(HostGradientError, match=r"gradient_accumulation_steps=2.*accumulate inside the closure.*MicroBatchClosure"):
         train()
     assert stepped == [0, 1]  # Accelerate skipped the first batch's step (and closure); the second one raised
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))

@@ -130,7 +130,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULTS.model, help=f"one of: {', '.join(MODELS)} (None: mlp; a landscape is its own model)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
                         help="epochs to train (with --resume: the total, including those done)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch size (split over processes)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help="global (micro-)batch size, split over processes; a step takes --grad-accum of them")
+    parser.add_argument("--grad-accum", type=int, default=DEFAULTS.grad_accum, metavar="N",
+                        help="micro-batches per optimizer step: every pass of the rule sees all N (N x --batch-size samples)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="initialisation and batch order, an integer in [0, 2**32 - 1]")
     parser.add_argument("--train-subset", type=int, default=DEFAULTS.train_subset, help="train on the first N training samples only")
     parser.add_argument("--limit-train-batches", type=int, default=DEFAULTS.limit_train_batches, help="steps per epoch at most")

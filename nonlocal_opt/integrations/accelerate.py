@@ -37,6 +37,7 @@ def refuse_host_accumulation(rule: str) -> None:
             f"accelerator.accumulate() skips opt.step, and with it the closure, on {steps - 1} of every {steps} batches, "
             f"and accelerator.backward divides the loss by {steps}; rule {rule!r} runs the closure several times per step "
             "and needs each step's whole gradient from it. Create the Accelerator without gradient_accumulation_steps and "
-            "accumulate inside the closure (opt.zero_grad(), then accelerator.backward(loss_i / k) for each of the k "
-            "micro-batches, and return the mean loss)"
+            "accumulate inside the closure: opt.step(nonlocal_opt.integrations.accumulation.MicroBatchClosure(model, "
+            "micro_batches, loss_sum, backward=accelerator.backward)) runs all k micro-batches in every pass "
+            "(docs/integrations.md, Gradient accumulation)"
         )

@@ -3,7 +3,10 @@
 Under automatic optimization Lightning's closure runs ``training_step`` once per pass of a multi-pass rule
 (SAM: 2, RBO with the footpoint projector's 20 iterations: 21 times per step), so ``self.log`` in it records the last
 pass and every side effect in it is repeated. Log with :class:`StepLossLogger`, and guard other side effects
-with ``if nonlocal_opt.first_pass(self.optimizers()):``. Importing this module imports Lightning.
+with ``if nonlocal_opt.first_pass(self.optimizers()):``. Lightning's ``accumulate_grad_batches`` cannot re-run
+the earlier micro-batches in later passes and is refused by the step; accumulate under manual optimization
+with :class:`~nonlocal_opt.integrations.accumulation.MicroBatchClosure` (docs/integrations.md). Importing this
+module imports Lightning.
 """
 
 from __future__ import annotations

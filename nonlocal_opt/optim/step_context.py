@@ -345,8 +345,9 @@ class StepContext:
             raise HostGradientError(
                 "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
                 "(Lightning's accumulate_grad_batches, accelerator.accumulate()) is not supported by multi-pass rules; "
-                "accumulate inside the closure (sum the micro-batch losses, then one backward), and zero the gradients "
-                "in the closure with opt.zero_grad()"
+                "accumulate inside the closure: opt.step(nonlocal_opt.integrations.accumulation.MicroBatchClosure(model, "
+                "micro_batches, loss_sum)), which zeroes the gradients and runs every micro-batch in each pass (under "
+                "Lightning: manual optimization, automatic_optimization = False; docs/integrations.md, Gradient accumulation)"
             )
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals

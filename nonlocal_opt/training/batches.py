@@ -22,19 +22,23 @@ class ShuffledBatches:
 
     Args:
         train_set: The training set.
-        batch_size: The global batch size (incomplete last batches are dropped).
+        batch_size: The global micro-batch size ``--batch-size``.
         seed: The run's ``--seed``.
+        grad_accum: Micro-batches per optimizer step (``--grad-accum``): each batch holds
+            ``grad_accum × batch_size`` samples (incomplete last batches are dropped).
     """
 
-    def __init__(self, train_set: Dataset, batch_size: int, seed: int):
+    def __init__(self, train_set: Dataset, batch_size: int, seed: int, grad_accum: int = 1):
         self.seed = seed
+        step_size = batch_size * grad_accum
         self.shuffle, self.fresh_shuffle = torch.Generator(), torch.Generator()
         self.loaders = [
-            DataLoader(train_set, batch_size, sampler=RandomSampler(train_set, generator=generator), drop_last=True)
+            DataLoader(train_set, step_size, sampler=RandomSampler(train_set, generator=generator), drop_last=True)
             for generator in (self.shuffle, self.fresh_shuffle)
         ]
         if len(self.loaders[0]) == 0:
-            raise ConfigError(f"--batch-size {batch_size} is larger than the {len(train_set)} training samples")
+            given = f"--batch-size {batch_size}" + (f" x --grad-accum {grad_accum} = {step_size}" if grad_accum > 1 else "")
+            raise ConfigError(f"{given} is larger than the {len(train_set)} training samples")
 
     def epoch(self, loader, epoch: int, start: int, stop: int, rng_state: torch.Tensor | None = None) -> Iterator[Any]:
         """Batches ``start, …, stop - 1`` of epoch ``epoch`` (0-based) from ``loader``.

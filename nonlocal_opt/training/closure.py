@@ -9,12 +9,15 @@ On ``n`` processes holding samples ``B_1, …, B_n`` of one global batch ``B``, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from nonlocal_opt.integrations.accumulation import backward_micro_batches, sample_count, split_batch
 
 
 class LossScale:
@@ -53,9 +56,11 @@ class BatchClosure:
     """``closure(fresh_batch=False) -> L``: zero grads, forward, per-sample losses, backward, global reduce.
 
     ``start(batch)`` begins an optimizer step on ``batch``; ``fresh_batch=True`` first draws the next
-    batch from ``fresh_batches``. Non-finite gradients (an fp16 overflow) are zeroed and the call
-    returns ``inf``, so the step is refused (the base optimizer's update is skipped and the optimizer's
-    ``stats["nonfinite"]`` is 1). After the step,
+    batch from ``fresh_batches``. With ``micro_batches = k > 1`` each call cuts the batch into ``k``
+    micro-batches and back-propagates them one after the other (``--grad-accum k``: the activations of
+    one micro-batch at a time), so every pass still sees the whole batch. Non-finite gradients (an fp16
+    overflow) are zeroed and the call returns ``inf``, so the step is refused (the base optimizer's
+    update is skipped and the optimizer's ``stats["nonfinite"]`` is 1). After the step,
     ``first_loss`` / ``first_accuracy`` describe the step's first pass (the trainer stops when that
     loss is not finite) and ``overflow`` (a 0-d bool tensor) says whether any pass had a non-finite
     gradient (the fp16 loss scale then backs off).
@@ -70,11 +75,13 @@ class BatchClosure:
         fresh_batches: Iterator[Any],
         loss_scale: LossScale,
         forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        micro_batches: int = 1,
     ):
         self.accelerator, self.model = accelerator, model
         self.per_sample_loss, self.count_correct = per_sample_loss, count_correct
         self.fresh_batches, self.loss_scale = fresh_batches, loss_scale
         self.forward = forward or model  # e.g. the torch.compile'd model; ``model`` is the one DDP syncs
+        self.micro_batches = micro_batches
         self.fresh_drawn = 0  # batches drawn from ``fresh_batches``
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed = accelerator.num_processes > 1
@@ -87,16 +94,25 @@ class BatchClosure:
         if fresh_batch:
             self.batch = next(self.fresh_batches)
             self.fresh_drawn += 1
-        inputs, targets = self.batch
         for p in self.params:
             p.grad = None
+        self.correct = torch.zeros((), device=self.accelerator.device)
         with torch.enable_grad(), self.accelerator.no_sync(self.model):
-            outputs = self.forward(inputs)
-            local_sum = self.per_sample_loss(outputs, targets).float().sum()
-            (local_sum * self.loss_scale.scale if self.loss_scale.enabled else local_sum).backward()
+            local_sum = backward_micro_batches(split_batch(self.batch, self.micro_batches), self._micro_batch_sum,
+                                               self._backward, contextlib.nullcontext)
         with torch.no_grad():
-            correct = self.count_correct(outputs, targets) if self.count_correct else torch.zeros(())
-            return self._reduce(local_sum.detach(), len(targets), correct)
+            return self._reduce(local_sum, sample_count(self.batch), self.correct)
+
+    def _micro_batch_sum(self, micro_batch) -> torch.Tensor:
+        inputs, targets = micro_batch
+        outputs = self.forward(inputs)
+        if self.count_correct:
+            with torch.no_grad():
+                self.correct = self.correct + self.count_correct(outputs, targets)
+        return self.per_sample_loss(outputs, targets).float().sum()
+
+    def _backward(self, local_sum: torch.Tensor) -> None:
+        (local_sum * self.loss_scale.scale if self.loss_scale.enabled else local_sum).backward()
 
     def _reduce(self, local_sum: torch.Tensor, count: int, correct: torch.Tensor) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

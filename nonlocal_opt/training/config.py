@@ -67,7 +67,8 @@ class TrainConfig:
     lr: float | None = None  # None: the preset's, else the base's own default
     rho: float | None = None  # None: the preset's, else the component's own default
     epochs: int = 1
-    batch_size: int = 128
+    batch_size: int = 128  # the global micro-batch: an optimizer step takes grad_accum of them
+    grad_accum: int = 1  # micro-batches per optimizer step, all seen by every pass of the rule
     seed: int = 0
     logdir: str = "runs/default"
     overrides: dict[str, Any] = attrs.field(factory=dict)  # --set key=value
@@ -99,7 +100,7 @@ class TrainConfig:
         """Raise ``ConfigError`` for values no run can use."""
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        for name in ("epochs", "batch_size", "train_subset", "limit_train_batches", "limit_val_batches"):
+        for name in ("epochs", "batch_size", "grad_accum", "train_subset", "limit_train_batches", "limit_val_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")

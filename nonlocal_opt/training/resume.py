@@ -104,7 +104,7 @@ def check_resume_config(checkpoint: Path, config: dict[str, Any]) -> list[str]:
                           + [f"--set {k[4:]}={config.get(k, '(unset)')}" for k in sorted(sets)])
         notes.append(f"warning: not used on resume: {given}; hyperparameters come from the checkpoint "
                      "(start a new run with --overwrite or another --logdir to change them)")
-    changed = [key for key in ("batch_size", "seed", "train_subset", "label_noise", "limit_train_batches")
+    changed = [key for key in ("batch_size", "grad_accum", "seed", "train_subset", "label_noise", "limit_train_batches")
                if key in saved and key in config and saved[key] != config[key]]
     if changed:
         notes.append("warning: " + ", ".join(f"{_flag(k)} {config[k]} (checkpoint: {saved[k]})" for k in changed)

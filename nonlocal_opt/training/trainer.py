@@ -92,7 +92,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
         task = build_task(config)
         model = batchnorm_across_processes(task.model, accelerator, config)
         optimizer = build_optimizer(config, model.parameters())
-        batches = ShuffledBatches(task.train_set, config.batch_size, config.seed)
+        batches = ShuffledBatches(task.train_set, config.batch_size, config.seed, config.grad_accum)
         model, optimizer, train_loader, fresh_loader = accelerator.prepare(model, optimizer, *batches.loaders)
         forward = torch.compile(model) if config.compile else None
         progress, loss_scale = Progress(), LossScale(enabled=config.mixed_precision == "fp16")
@@ -120,7 +120,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 epoch_start = time.perf_counter()
                 fresh = batches.fresh(fresh_loader, epoch, skip=progress.fresh_drawn)
                 closure = BatchClosure(accelerator, model, task.per_sample_loss, task.count_correct, fresh, loss_scale,
-                                       forward=forward)
+                                       forward=forward, micro_batches=config.grad_accum)
                 closure.fresh_drawn = progress.fresh_drawn
                 display.start_epoch(epoch, progress.batch)
                 for batch in batches.epoch(train_loader, epoch, progress.batch, steps_per_epoch, rng_state):
@@ -158,7 +158,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
 
 def build_accelerator(config: TrainConfig, logdir: Path) -> Accelerator:
     """The run's ``Accelerator``: CUDA when present (unless ``--device cpu``), TensorBoard logging into
-    ``logdir``, ``--batch-size`` as the global batch split over the processes.
+    ``logdir``, ``--batch-size`` as the global (micro-)batch split over the processes.
 
     Args:
         config: The run's config.
