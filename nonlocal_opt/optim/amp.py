@@ -10,7 +10,6 @@ while a multi-pass rule makes new gradients in every pass and uses the first (SA
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,9 +22,10 @@ from nonlocal_opt.optim.flat_params import FlatParams, local
 
 class ScaledPasses:
     """One step's loss scale ``S``: every pass's gradients are unscaled in place, ``g ← g/S``, when its
-    closure returns, and an overflow (a non-finite entry) in any pass is kept in ``found_inf``. From the
-    overflowing pass on, each pass returns an infinite loss, so the rule refuses the step as any
-    non-finite step (parameters and base state unchanged, ``stats["nonfinite"]`` = 1). No host reads.
+    closure returns, and an overflow (a non-finite entry) in any pass is kept in ``found_inf``; the step's
+    base step is then skipped as for any non-finite step (parameters and base state unchanged,
+    ``stats["nonfinite"]`` = 1, :meth:`StepContext.apply <nonlocal_opt.optim.step_context.StepContext.apply>`).
+    No host reads.
 
     Args:
         inv_scale: ``1/S``, a 0-d float32 tensor on the parameters' device.
@@ -54,23 +54,17 @@ class ScaledPasses:
             torch._amp_foreach_non_finite_check_and_unscale_(same, self.found_inf, self.inv_scale)
         self.unscaled = True
 
-    def after_pass(self, flat: FlatParams, loss: Any) -> Any:
-        """Finish a pass: unscale its gradients (unless its closure did), agree on overflows over the shards,
-        and return its loss, infinite once the step has overflowed.
+    def after_pass(self, flat: FlatParams) -> None:
+        """Finish a pass: unscale its gradients (unless its closure did) and agree on overflows over the shards.
 
         Args:
             flat: the flat view of the parameters, whose ``p.grad`` the pass left.
-            loss: what the closure returned.
         """
         if not self.unscaled:
             self.unscale(flat.grads())
         self.unscaled = False
         if flat.group is not None:  # a shard's overflow skips the step in every process
             self.found_inf = flat.sum(self.found_inf).clamp_(max=1.0)
-        if loss is None:
-            return None
-        loss = torch.as_tensor(loss, device=flat.device).detach()
-        return torch.where(self.found_inf > 0, torch.full_like(loss, math.inf), loss)
 
     def overflowed(self) -> torch.Tensor:
         """Whether a pass of the step overflowed, as a 0-d bool tensor."""

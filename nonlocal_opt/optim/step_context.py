@@ -349,7 +349,7 @@ class StepContext:
                 "in the closure with opt.zero_grad()"
             )
         if self._resources.scaled_passes is not None:
-            loss = self._resources.scaled_passes.after_pass(self.flat, loss)
+            self._resources.scaled_passes.after_pass(self.flat)
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
         if self.world_size > 1 and loss is not None:
