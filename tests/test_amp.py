@@ -4,6 +4,11 @@ skips a step whose pass overflowed and backs the scale off; the trainer's scale 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -269,3 +274,77 @@ def test_accelerate_scaler_replaced_after_prepare(fresh_accelerator_state):
     assert opt.scaler is accelerator.scaler and accelerator.scaler.get_scale() == 2.0**10
     opt.step(closure)
     assert nonlocal_opt.stats(opt)["nonfinite"] == 0.0 and nonlocal_opt.stats(opt)["grad_evals"] == 2.0
+
+
+FSDP2_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import nonlocal_opt
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+    def train(model, part, steps, scaler=None, distributed=None):
+        opt = nonlocal_opt.compose(model.parameters(), "sam", lr=0.1, rho=0.05, momentum=0.9, distributed=distributed)
+        nonfinite = []
+        for step in steps:
+            passes = []
+
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x[part]), y[part])
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if step == "overflow in rank 0's shard of the second pass" and rank == 0 and len(passes) == 1:
+                    next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")
+                passes.append(loss)
+                return loss
+
+            if scaler is None:
+                opt.step(closure)
+            else:
+                scaler.step(opt, closure)
+                scaler.update()
+            nonfinite.append(opt.stats["nonfinite"])
+        return nonfinite
+
+
+    reference = build()
+    train(reference, slice(None), range(3), distributed=False)
+    model = build()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    scaler = nonlocal_opt.GradScaler("cpu")
+    nonfinite = train(model, slice(8 * rank, 8 * rank + 8), [0, "overflow in rank 0's shard of the second pass", 1, 2], scaler)
+    whole = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+    expected = torch.nn.utils.parameters_to_vector(reference.parameters()).detach()
+    with open(f"{sys.argv[1]}/results-{rank}.json", "w") as handle:
+        json.dump({"difference": (whole - expected).abs().max().item(), "nonfinite": nonfinite,
+                   "scale": scaler.get_scale()}, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_fsdp2_an_overflow_in_one_shard_skips_the_step_in_every_process(tmp_path):
+    script = tmp_path / "amp_fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"results-{rank}.json").read_text())
+        assert result["nonfinite"] == [0.0, 1.0, 0.0, 0.0] and result["scale"] == 2.0**15, result
+        assert result["difference"] <= 1e-6, result  # = three unscaled steps in one process
