@@ -17,7 +17,9 @@ import torch.nn.functional as F
 import nonlocal_opt
 from nonlocal_opt.integrations.accelerate import use_closure_scaler
 from nonlocal_opt.testing.device_path import NoHostReads
+from nonlocal_opt.training import TrainConfig, train
 from nonlocal_opt.training.closure import LossScale
+from nonlocal_opt.training.data import FASHION_MNIST_DIR
 
 RULES = {
     "sam": {"rho": 0.05},
@@ -226,6 +228,24 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.parametrize("rule", ["sam", "entropy-sgd"])
+def test_trainer_fp16_unscales_every_pass(rule, tmp_path, fresh_accelerator_state):
+    """On the CPU Accelerate trains fp16 in float32, so only the loss scale differs from a plain run."""
+    from accelerate.state import AcceleratorState
+
+    common = dict(model="logreg", batch_size=32, train_subset=256, limit_train_batches=3,
+                  limit_val_batches=1, epochs=1, optimizer=rule, progress_every=0)
+    fp16 = train(TrainConfig(**common, mixed_precision="fp16", logdir=str(tmp_path / "fp16")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    plain = train(TrainConfig(**common, logdir=str(tmp_path / "plain")))
+    assert fp16.refused == 0 and fp16.steps == 3
+    for p, q in zip(fp16.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    saved = torch.load(tmp_path / "fp16" / "checkpoints" / "epoch_1" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert saved == {"scale": 2.0**16, "good_steps": 3, "enabled": True}
 
 
 def accelerated_run(accelerator, rule: str):
