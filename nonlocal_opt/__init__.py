@@ -16,6 +16,7 @@ from typing import Any
 
 from nonlocal_opt.integrations import accelerate
 from nonlocal_opt.integrations.wrappers import first_pass, stats, unwrap
+from nonlocal_opt.optim.amp import GradScaler
 from nonlocal_opt.optim.composed import ComposedOptimizer
 from nonlocal_opt.optim.host_checks import HostGradientError, register_host_check
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
@@ -31,6 +32,7 @@ __all__ = [
     "ComposedOptimizer",
     "ConstraintManifold",
     "DescentRule",
+    "GradScaler",
     "GraphPoint",
     "HostGradientError",
     "Hyperparameter",

@@ -1,13 +1,18 @@
-"""Accelerate: refuse its gradient accumulation before a multi-pass step.
+"""Accelerate: refuse its gradient accumulation before a multi-pass step; let its fp16 scaler step closures.
 
-Registered with the core's host checks (:mod:`nonlocal_opt.optim.host_checks`) when ``nonlocal_opt`` is
-imported. It reads Accelerate's state only where a program has imported Accelerate, and never imports it.
+The refusal is registered with the core's host checks (:mod:`nonlocal_opt.optim.host_checks`) when
+``nonlocal_opt`` is imported. It reads Accelerate's state only where a program has imported Accelerate, and
+never imports it.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import torch
+
+from nonlocal_opt.optim.amp import GradScaler
 from nonlocal_opt.optim.host_checks import HostGradientError
 
 
@@ -41,3 +46,32 @@ def refuse_host_accumulation(rule: str) -> None:
             "micro_batches, loss_sum, backward=accelerator.backward)) runs all k micro-batches in every pass "
             "(docs/integrations.md, Gradient accumulation)"
         )
+
+
+def use_closure_scaler(accelerator: Any) -> None:
+    """Replace the ``torch.amp.GradScaler`` of ``accelerator`` (``mixed_precision="fp16"``) by a
+    :class:`~nonlocal_opt.optim.amp.GradScaler` with its settings and state, in the optimizers it has
+    prepared too: their ``step(closure)`` calls ``scaler.step(opt, closure)``, which torch's scaler refuses.
+    Nothing to do where Accelerate has no scaler (fp16 on the CPU, bf16, no mixed precision).
+
+    Args:
+        accelerator: an ``accelerate.Accelerator``.
+
+    Raises:
+        NotImplementedError: its scaler is another kind (FSDP1's ``ShardedGradScaler``).
+    """
+    old = accelerator.scaler
+    if old is None or isinstance(old, GradScaler):
+        return
+    if type(old) not in (torch.amp.GradScaler, torch.cuda.amp.GradScaler):
+        raise NotImplementedError(
+            f"Accelerate's scaler is a {type(old).__name__}: nonlocal_opt.GradScaler replaces torch.amp.GradScaler only; "
+            "train with DDP or FSDP2 (fully_shard), or in bf16"
+        )
+    new = GradScaler(old._device, enabled=old.is_enabled())
+    if old.is_enabled():
+        new.load_state_dict(old.state_dict())
+    accelerator.scaler = new
+    for prepared in accelerator._optimizers:
+        if prepared.scaler is old:
+            prepared.scaler = new

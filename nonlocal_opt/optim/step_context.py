@@ -349,6 +349,8 @@ class StepContext:
                 "micro_batches, loss_sum)), which zeroes the gradients and runs every micro-batch in each pass (under "
                 "Lightning: manual optimization, automatic_optimization = False; docs/integrations.md, Gradient accumulation)"
             )
+        if self._resources.scaled_passes is not None:
+            self._resources.scaled_passes.after_pass(self.flat)
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
         if self.world_size > 1 and loss is not None:
@@ -414,7 +416,7 @@ class StepContext:
             direction: a flat tensor written into ``p.grad``; ``None`` keeps the gradients the closure left.
             theta: the parameters to step from (the step's start, after passes at other points), flat or
                 one tensor per parameter; ``None`` keeps the current ones.
-            finite: the rule's verdict on its passes (:meth:`finite`).
+            finite: the rule's verdict on its passes (:meth:`finite`); under a ``GradScaler``, and no pass overflowed.
             spare: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
                 tensor per parameter; distinct storage), which the device path's skip may fill with its
                 copies of the parameters and base state instead of allocating them. A vector whose storage
@@ -429,6 +431,8 @@ class StepContext:
         if direction is not None:
             self.flat.write_grad(direction)
         self._applied = True
+        if self._resources.scaled_passes is not None:  # an fp16 overflow in any pass skips the step
+            finite = ~self._resources.scaled_passes.overflowed() & finite
         storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
         if storage and not self.host_reads:  # the device path's skip writes its copies there: never over a gradient
             stepped = {g.data_ptr() for g in self.flat.grads() if g is not None}

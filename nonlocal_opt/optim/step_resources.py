@@ -5,7 +5,7 @@ to pause, and the guarded base step. It holds no reference to the optimizer itse
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,9 @@ from nonlocal_opt.optim.batchnorm import compiled_code_ran, layers_of
 from nonlocal_opt.optim.flat_params import FlatParams
 from nonlocal_opt.optim.guarded_step import guarded_base_step
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
+
+if TYPE_CHECKING:
+    from nonlocal_opt.optim.amp import ScaledPasses
 
 
 class StepResources:
@@ -34,6 +37,8 @@ class StepResources:
             closure that zeroes the gradients from one that adds to those the host left.
         closure_pass: the pass of the step whose closure call runs now (0: the first), ``None`` outside
             closure calls (``nonlocal_opt.first_pass`` reads it).
+        scaled_passes: the fp16 loss scale's per-pass unscaling while a ``GradScaler`` steps the optimizer
+            (a :class:`~nonlocal_opt.optim.amp.ScaledPasses`), else ``None``.
     """
 
     def __init__(self, rule: DescentRule, projector: Projector | None, manifold: ConstraintManifold | None,
@@ -42,6 +47,7 @@ class StepResources:
         self.components = tuple(c for c in (rule, projector, manifold) if c is not None)
         self.zero_grad_calls = 0
         self.closure_pass: int | None = None
+        self.scaled_passes: ScaledPasses | None = None
         self._scratch: dict[str, list[torch.Tensor]] = {}
         self._batchnorm: tuple[tuple[int, ...], list] = ((), [])
 

@@ -18,38 +18,51 @@ import torch
 import torch.distributed as dist
 
 from nonlocal_opt.integrations.accumulation import backward_micro_batches, sample_count, split_batch
+from nonlocal_opt.optim.amp import GradScaler
 
 
 class LossScale:
-    """Dynamic fp16 loss scale ``S``: back-propagate ``S·L``, unscale by ``1/S``; ``S ← S/2`` after an
-    overflow, ``S ← 2S`` after ``interval`` steps without one. ``S = 1`` and inert when disabled."""
+    """The trainer's dynamic fp16 loss scale ``S``: a :class:`~nonlocal_opt.optim.amp.GradScaler` (back-propagate
+    ``S·L``, each pass unscaled by ``1/S``; ``S ← S/2`` after an overflow, ``S ← 2S`` after ``interval`` steps
+    without one) and its checkpoint state. ``S = 1`` and inert when disabled.
 
-    def __init__(self, enabled: bool, scale: float = 2.0**16, interval: int = 2000):
-        self.enabled, self.interval = enabled, interval
-        self.scale = scale if enabled else 1.0
-        self.good_steps = 0
+    Args:
+        enabled: fp16 loss scaling is on.
+        device: the device the scale lives on (the parameters').
+        scale: the initial scale.
+        interval: clean steps before the scale doubles.
+
+    Attributes:
+        scaler: the ``GradScaler``.
+        restored_from_other: the last :meth:`load_state_dict` kept the initial scale (a checkpoint of the other kind).
+    """
+
+    def __init__(self, enabled: bool, device: torch.device | str = "cpu", scale: float = 2.0**16, interval: int = 2000):
+        self.enabled = enabled
+        self.scaler = GradScaler(torch.device(device).type, init_scale=scale, growth_interval=interval, enabled=enabled)
         self.restored_from_other = False
 
-    def update(self, overflow: bool) -> None:
-        if not self.enabled:
-            return
-        if overflow:
-            self.scale, self.good_steps = self.scale / 2, 0
-        else:
-            self.good_steps += 1
-            if self.good_steps == self.interval:
-                self.scale, self.good_steps = self.scale * 2, 0
+    @property
+    def scale(self) -> float:
+        """``S`` (1.0 when disabled)."""
+        return self.scaler.get_scale() if self.enabled else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "good_steps": self.good_steps, "enabled": self.enabled}
+        """``{"scale", "good_steps", "enabled"}``: the checkpoint format of every version of the trainer."""
+        good_steps = self.scaler.state_dict()["_growth_tracker"] if self.enabled else 0
+        return {"scale": self.scale, "good_steps": good_steps, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the scale, but only into a scaler of the same kind: a run without fp16 keeps ``S = 1``
         (a checkpoint's 65536 would divide every gradient), and an fp16 run resumed from a run without
-        loss scaling starts at its initial scale (``restored_from_other`` says so)."""
+        loss scaling starts at its initial scale (``restored_from_other`` says so).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         self.restored_from_other = state.get("enabled", state["scale"] != 1.0) != self.enabled
-        if not self.restored_from_other:
-            self.scale, self.good_steps = state["scale"], state["good_steps"]
+        if self.enabled and not self.restored_from_other:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": state["scale"], "_growth_tracker": state["good_steps"]})
 
 
 class BatchClosure:
@@ -58,12 +71,12 @@ class BatchClosure:
     ``start(batch)`` begins an optimizer step on ``batch``; ``fresh_batch=True`` first draws the next
     batch from ``fresh_batches``. With ``micro_batches = k > 1`` each call cuts the batch into ``k``
     micro-batches and back-propagates them one after the other (``--grad-accum k``: the activations of
-    one micro-batch at a time), so every pass still sees the whole batch. Non-finite gradients (an fp16
-    overflow) are zeroed and the call returns ``inf``, so the step is refused (the base optimizer's
-    update is skipped and the optimizer's ``stats["nonfinite"]`` is 1). After the step,
-    ``first_loss`` / ``first_accuracy`` describe the step's first pass (the trainer stops when that
-    loss is not finite) and ``overflow`` (a 0-d bool tensor) says whether any pass had a non-finite
-    gradient (the fp16 loss scale then backs off).
+    one micro-batch at a time), so every pass still sees the whole batch. Non-finite gradients are
+    zeroed and the call returns ``inf``, so the step is refused (the base optimizer's update is skipped
+    and the optimizer's ``stats["nonfinite"]`` is 1). With fp16 loss scaling the gradients are left
+    scaled: the step runs inside ``loss_scale.scaler.scaled_step``, which unscales each pass and refuses
+    a step whose pass overflowed. After the step, ``first_loss`` / ``first_accuracy`` describe the step's
+    first pass (the trainer stops when that loss is not finite).
     """
 
     def __init__(
@@ -88,7 +101,6 @@ class BatchClosure:
 
     def start(self, batch) -> None:
         self.batch, self.calls = batch, 0
-        self.overflow = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
 
     def __call__(self, fresh_batch: bool = False) -> torch.Tensor:
         if fresh_batch:
@@ -112,7 +124,7 @@ class BatchClosure:
         return self.per_sample_loss(outputs, targets).float().sum()
 
     def _backward(self, local_sum: torch.Tensor) -> None:
-        (local_sum * self.loss_scale.scale if self.loss_scale.enabled else local_sum).backward()
+        self.loss_scale.scaler.scale(local_sum).backward()
 
     def _reduce(self, local_sum: torch.Tensor, count: int, correct: torch.Tensor) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -123,13 +135,12 @@ class BatchClosure:
         if self.distributed:
             dist.all_reduce(flat)
         loss_sum, total, total_correct = flat[-3], flat[-2], flat[-1]
-        flat_grad = flat[:-3].div_(total * self.loss_scale.scale)
-        finite_grad = torch.isfinite(flat_grad).all()
+        flat_grad = flat[:-3].div_(total)  # fp16: still scaled; the optimizer unscales and checks each pass
+        finite_grad = torch.isfinite(flat_grad).all() | self.loss_scale.enabled
         flat_grad = torch.where(finite_grad, flat_grad, torch.zeros_like(flat_grad))
         for p, piece in zip(self.params, flat_grad.split([p.numel() for p in self.params])):
             p.grad = piece.view_as(p)
         loss = loss_sum / total
-        self.overflow = self.overflow | ~finite_grad
         if self.calls == 0:
             self.first_loss, self.first_accuracy = loss, total_correct / total
         self.calls += 1

@@ -95,7 +95,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
         batches = ShuffledBatches(task.train_set, config.batch_size, config.seed, config.grad_accum)
         model, optimizer, train_loader, fresh_loader = accelerator.prepare(model, optimizer, *batches.loaders)
         forward = torch.compile(model) if config.compile else None
-        progress, loss_scale = Progress(), LossScale(enabled=config.mixed_precision == "fp16")
+        progress, loss_scale = Progress(), LossScale(config.mixed_precision == "fp16", accelerator.device)
         steps_per_epoch = min(len(train_loader), config.limit_train_batches or len(train_loader))
         radius = build_radius_scheduler(config, optimizer, steps_per_epoch * config.epochs)
         accelerator.register_for_checkpointing(progress, loss_scale, *([radius] if radius else []))
@@ -126,9 +126,10 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 for batch in batches.epoch(train_loader, epoch, progress.batch, steps_per_epoch, rng_state):
                     step_start = time.perf_counter()
                     closure.start(batch)
-                    step(optimizer, closure, epoch)
+                    with loss_scale.scaler.scaled_step(unwrap(optimizer)):
+                        step(optimizer, closure, epoch)
                     watch.stop_if_not_finite(float(closure.first_loss), epoch, checkpoints.last)
-                    loss_scale.update(bool(closure.overflow))
+                    loss_scale.scaler.update()
                     values = step_metrics(optimizer, closure, loss_scale, task.classification, time.perf_counter() - step_start)
                     progress.record_step(values, closure.fresh_drawn)
                     logger.log("step", values, epoch + 1, progress.step)
@@ -172,7 +173,7 @@ def build_accelerator(config: TrainConfig, logdir: Path) -> Accelerator:
         log_with="tensorboard",
         project_dir=str(logdir),
         dataloader_config=DataLoaderConfiguration(split_batches=True),  # --batch-size is the global batch
-        kwargs_handlers=[GradScalerKwargs(enabled=False)],  # fp16 loss scaling happens in the closure
+        kwargs_handlers=[GradScalerKwargs(enabled=False)],  # fp16: the run's nonlocal_opt.GradScaler (LossScale), on CPU too
     )
     if config.batch_size % accelerator.num_processes:
         raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the {accelerator.num_processes} processes")
