@@ -271,17 +271,33 @@ def base_hyperparameters(base: Any) -> dict[str, Hyperparameter]:
             for key in keys}
 
 
-def check_hyperparameters(components: list[Any], base: Any, values: dict[str, Any], owner: str) -> None:
+def components_of(rule: Any, base: Any = None, projector: Any = None, manifold: Any = None) -> tuple[list[Any], Any, str]:
+    """The composition's rule, manifold and projector instances (those it has), its base class and its name
+    for messages (``"sam over base sgd"``); unknown or unfitting names raise ``ValueError``.
+
+    Args:
+        rule: a registered rule (or base) name.
+        base: a registered base name (``None``: the one ``rule`` names, else ``sgd``).
+        projector: for projecting rules (``None``: the rule's default).
+        manifold: for projecting rules (``None``: the rule's default).
+    """
+    rule, base_name = rule_and_base(rule, base)
+    rule_obj, base_cls, projector_obj, manifold_obj = resolve(rule, base_name, projector, manifold)
+    components = [c for c in (rule_obj, manifold_obj, projector_obj) if c is not None]
+    return components, base_cls, f"{' + '.join(c.name for c in components)} over base {base_name or DEFAULT_BASE}"
+
+
+def check_hyperparameters(components: list[Any], base: Any, owner: str, values: dict[str, Any]) -> None:
     """Refuse (``ValueError`` naming the key, the value and what it must be) hyperparameters the composition
     does not take, values its components' checks refuse, base keywords whose type differs from their
     default's, and any NaN or infinite number. The one check of ``--lr``, ``--rho``, ``--set``, ``[set]``
     tables and compare specs.
 
     Args:
-        components: the rule, manifold and projector instances (those the composition has).
+        components: the rule, manifold and projector instances (:func:`components_of`).
         base: the base optimizer class or factory.
-        values: the hyperparameters given.
         owner: the composition, for the message.
+        values: the hyperparameters given.
     """
     for key, value in values.items():
         numbers = value if isinstance(value, (list, tuple)) else [value]
@@ -303,14 +319,13 @@ def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
         config: the run's settings.
     """
     config = config.resolved()
-    rule, base, projector, manifold = resolve(config.optimizer, config.base, config.projector)
-    components = [c for c in (rule, manifold, projector) if c is not None]
-    specs = merge_specs(("the optimizer", OPTIMIZER_HYPERPARAMETERS), *((repr(c), c.hyperparameters) for c in components))
+    components, base, owner = components_of(config.optimizer, config.base, config.projector)
+    accepted = {name for c in components for name in c.hyperparameters} | set(OPTIMIZER_HYPERPARAMETERS)
     base_keys = base_keywords(base)
-    values = preset_hyperparameters(components, None if base_keys is None else base_keys | set(specs), config.preset)
+    values = preset_hyperparameters(components, None if base_keys is None else base_keys | accepted, config.preset)
     values.update({key: value for key, value in (("lr", config.lr), ("rho", config.rho)) if value is not None})
     values.update(config.overrides)
-    check_hyperparameters(components, base, values, f"{' + '.join(c.name for c in components)} over base {config.base}")
+    check_hyperparameters(components, base, owner, values)
     return values
 
 
