@@ -71,7 +71,8 @@ def parse_float_list(text: str) -> list[float]:
     try:
         return [finite_float(item) for item in text.split(",") if item.strip()]
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers such as 0.1,0.5,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.5,1 (finite: no nan or inf), "
+                                         f"got {text!r}") from None
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

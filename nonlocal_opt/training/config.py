@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
+import torch
 
 from nonlocal_opt.integrations.wrappers import unwrap
 from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS, ComposedOptimizer, base_keywords
@@ -382,3 +383,16 @@ def build_radius_scheduler(config: TrainConfig, optimizer, total_steps: int) -> 
         raise ConfigError(f"--rho-final {given} {problem}{default}")
     with as_config_error():
         return radius_scheduler(config.rho_schedule, inner, total_steps, rho_final, config.couple_lr)
+
+
+def check_run_settings(config: TrainConfig) -> None:
+    """Every check of ``config`` that needs no data and no log dir, so that a bad setting fails before
+    anything is written: the fields (:meth:`TrainConfig.check`), the composition and its hyperparameters
+    (:func:`optimizer_hyperparameters`), and the radius schedule on a stand-in parameter. Raises ``ConfigError``.
+
+    Args:
+        config: the run's settings.
+    """
+    with as_config_error():
+        optimizer_hyperparameters(config)
+    build_radius_scheduler(config, build_optimizer(config, [torch.nn.Parameter(torch.zeros(1))]), 1)

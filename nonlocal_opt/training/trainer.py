@@ -31,10 +31,9 @@ from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import (
     ConfigError,
     TrainConfig,
-    as_config_error,
     build_optimizer,
     build_radius_scheduler,
-    optimizer_hyperparameters,
+    check_run_settings,
 )
 from nonlocal_opt.training.divergence import DivergenceWatch
 from nonlocal_opt.training.evaluation import evaluate
@@ -80,9 +79,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     """
     started = time.perf_counter()
     config = config.resolved()
-    config.check()
-    with as_config_error():
-        optimizer_hyperparameters(config)  # bad names and hyperparameters fail before the log dir is claimed
+    check_run_settings(config)  # bad settings fail before the log dir is claimed
     logdir = writable_logdir(config.logdir)
     accelerator = build_accelerator(config, logdir)
     with claimed_logdir(accelerator, logdir, config.resume is not None, config.overwrite) as notes:
