@@ -454,30 +454,16 @@ def _tree(root: Path) -> dict[str, object]:
             for p in sorted(root.rglob("*")) if p.name != LOCK_FILE}
 
 
-def test_a_run_that_diverges_exits_1_and_its_checkpoint_is_not_resumed(tmp_path, capsys):
-    """``--lr 1e30`` stops at the first non-finite loss (exit 1); a loss that explodes but stays finite
-    finishes the epoch, exits 1 with the divergence message and marks the checkpoint diverged, which
-    ``--resume`` then refuses with one line (exit 2) without touching the log dir."""
-    args = ["train", "--dataset", "landscape:alm", "--optimizer", "local", "--batch-size", "64", "--limit-train-batches", "16"]
-    code, _, err = run_cli(capsys, *args, "--lr", "1e30", "--logdir", tmp_path / "huge")
-    assert code == 1 and "training stopped: the loss became inf" in err and not (tmp_path / "huge" / "checkpoints").exists()
-    logdir = tmp_path / "run"
-    args += ["--lr", "0.1", "--logdir", logdir]
-    code, _, err = run_cli(capsys, *args)
-    assert code == 1 and "the run diverged: the loss exploded" in err and "is marked diverged, so --resume will not" in err
-    manifest = json.loads((logdir / "checkpoints" / "epoch_1" / "manifest.json").read_text())
-    assert manifest["diverged"].startswith("the loss exploded")
-    before = _tree(logdir)
-    code, _, err = run_cli(capsys, *args, "--epochs", "2", "--resume")
-    assert code == 2 and err.count("\n") == 1 and "the run diverged there" in err and "--overwrite" in err
-    code, _, err = run_cli(capsys, *args, "--epochs", "2", "--resume", logdir / "checkpoints" / "epoch_1")
-    assert code == 2 and err.count("\n") == 1 and "the run diverged there" in err
-    assert _tree(logdir) == before
+def test_lr_1e30_stops_at_the_first_non_finite_loss(tmp_path, capsys):
+    args = ["train", "--dataset", "landscape:alm", "--optimizer", "local", "--batch-size", "64", "--lr", "1e30"]
+    code, _, err = run_cli(capsys, *args, "--logdir", tmp_path)
+    assert code == 1 and "training stopped: the loss became inf" in err and not (tmp_path / "checkpoints").exists()
 
 
-def test_non_finite_weights_with_a_finite_loss_count_as_diverged(tmp_path):
-    """A last step that leaves NaN weights (every step loss finite): the run counts as diverged, its
-    checkpoint is marked, instead of a finished run with a NaN checkpoint."""
+def test_non_finite_weights_count_as_diverged_and_are_not_resumed(tmp_path, capsys):
+    """A last step that leaves NaN weights (every step loss finite): the run counts as diverged and its
+    checkpoint is marked, instead of a finished run with a NaN checkpoint; ``--resume`` refuses it with one
+    line (exit 2), by itself or named, without touching the log dir."""
 
     def poisoning_step(optimizer, closure, epoch):
         loss = optimizer.step(closure)
@@ -486,10 +472,17 @@ def test_non_finite_weights_with_a_finite_loss_count_as_diverged(tmp_path):
                 p.data.fill_(float("nan"))
         return loss
 
+    common = ["--dataset", "landscape:quadratic", "--optimizer", "local", "--batch-size", "1024", "--logdir", tmp_path]
     result = train(TrainConfig(dataset="landscape:quadratic", optimizer="local", batch_size=1024, logdir=str(tmp_path)),
                    step=poisoning_step)
     assert result.diverged.startswith("the weights are not finite")
     assert json.loads((result.checkpoint / "manifest.json").read_text())["diverged"] == result.diverged
+    assert "is marked diverged, so --resume will not continue it" in capsys.readouterr().err
+    before = _tree(tmp_path)
+    for resume in (["--resume"], ["--resume", result.checkpoint]):
+        code, _, err = run_cli(capsys, "train", *common, "--epochs", "2", *resume)
+        assert code == 2 and err.count("\n") == 1 and "the run diverged there (the weights are not finite" in err
+    assert _tree(tmp_path) == before
 
 
 @pytest.mark.parametrize(("damage", "message"), [("empty", "holds no images"), ("shape", "holds images of shape 1×14×14")])

@@ -45,8 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     result = train(TrainConfig.from_namespace(args))
     if result.diverged:
-        print(f"{PROG}: the run diverged: {result.diverged}; see the warnings above; its checkpoint {result.checkpoint} is "
-              "marked diverged, so --resume will not continue it", file=sys.stderr)
+        print(f"{PROG}: the run diverged: {result.diverged}; see the warnings above", file=sys.stderr)
         return EXIT_DIVERGED
     return EXIT_OK
 

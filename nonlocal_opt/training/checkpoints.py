@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nonlocal_opt.training.main_process import warn
 from nonlocal_opt.training.progress import Progress
 
 PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
@@ -204,11 +205,12 @@ class CheckpointWriter:
         return final
 
     def mark_diverged(self, reason: str) -> None:
-        """Mark the last checkpoint written by this run as diverged (:func:`mark_diverged`).
+        """Mark the last checkpoint written by this run as diverged (:func:`mark_diverged`), with a warning.
 
         Args:
-            reason: why the run counts as diverged.
+            reason: why the run's state is unusable.
         """
         if self.accelerator.is_main_process and self.last is not None:
             mark_diverged(self.last, reason)
+            warn(self.accelerator, f"{reason}: checkpoint {self.last} is marked diverged, so --resume will not continue it")
         self.accelerator.wait_for_everyone()

@@ -147,9 +147,10 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 checkpoints.save()
                 if stop.requested(accelerator) and progress.epoch < config.epochs:
                     raise stop.interruption(progress, checkpoints.last)
-        diverged = watch.verdict(history[-1] if history else {}, accelerator.unwrap_model(model))
-        if diverged:
-            checkpoints.mark_diverged(diverged)
+        broken = watch.not_finite(history[-1] if history else {}, accelerator.unwrap_model(model))
+        if broken:
+            checkpoints.mark_diverged(broken)
+        diverged = broken or watch.verdict(history[-1] if history else {})
         result = TrainResult(accelerator.unwrap_model(model), unwrap(optimizer), history, checkpoints.last, steps=progress.step,
                              refused=progress.refused, passes=progress.passes, diverged=diverged)
         accelerator.print(summary_line(result, time.perf_counter() - started))
