@@ -13,22 +13,13 @@ from pathlib import Path
 
 import attrs
 import pytest
+from test_faults import run_cli
 
 import nonlocal_opt.training.task as task_module
-from nonlocal_opt.cli.main import build_parser, main
+from nonlocal_opt.cli.main import build_parser
 from nonlocal_opt.training.config import TrainConfig, check_run_settings
 
 INT_OR_FLOAT = (int, float, int | None, float | None)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

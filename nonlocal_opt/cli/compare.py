@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nonlocal_opt.cli.parsing import parse_float_list
+from nonlocal_opt.cli.parsing import finite_float, parse_float_list
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -48,7 +48,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evals", type=int, default=20, help="evaluations at B/evals, 2B/evals, ... (plus 10, 20, 50, 100, ... updates)")
     parser.add_argument("--select-by", choices=("best", "final"), default="best",
                         help="tuning score: best or final validation accuracy of a run")
-    parser.add_argument("--tune-at-noise", type=float, default=None, help="tune at this noise level only and reuse the pick at every level")
+    parser.add_argument("--tune-at-noise", type=finite_float, default=None,
+                        help="tune at this noise level only and reuse the pick at every level")
     parser.add_argument("--train-subset", type=int, default=None, help="use the first N training samples only")
     parser.add_argument("--test-subset", type=int, default=None, help="use the first N test samples only")
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset files")

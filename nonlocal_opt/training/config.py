@@ -64,12 +64,20 @@ def one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
 
 
 def seed_range(value: int) -> str | None:
-    """Validator: a seed ``torch`` and ``numpy`` both take, ``0 <= seed < 2**32``."""
+    """Validator: a seed ``torch`` and ``numpy`` both take, ``0 <= seed < 2**32``.
+
+    Args:
+        value: the seed (an integer: the type is checked first).
+    """
     return None if 0 <= value < 2**32 else "must be an integer in [0, 2**32 - 1]"
 
 
 def probability(value: float) -> str | None:
-    """Validator: a probability ``P ∈ [0, 1]``."""
+    """Validator: a probability ``P ∈ [0, 1]``.
+
+    Args:
+        value: the number (the type is checked first).
+    """
     return None if 0 <= value <= 1 else "must be a probability in [0, 1]"
 
 
@@ -112,7 +120,11 @@ def type_problem(value: Any, declared: Any) -> str | None:
 
 
 def flag(name: str) -> str:
-    """The flag (and ``--config`` key) of the field ``name``: ``--batch-size`` for ``batch_size``."""
+    """The flag (and ``--config`` key) of the field ``name``: ``--batch-size`` for ``batch_size``.
+
+    Args:
+        name: a ``TrainConfig`` field.
+    """
     return "--set" if name == "overrides" else "--" + name.replace("_", "-")
 
 
@@ -231,7 +243,11 @@ def preset_hyperparameters(components: list[Any], accepted: set[str] | None, pre
 
 
 def finite_number(value: Any) -> str | None:
-    """Validator: a finite number of any sign (the base checks its own range)."""
+    """Validator: a finite number of any sign (the base checks its own range).
+
+    Args:
+        value: the value to check.
+    """
     finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return None if finite else "must be a finite number"
 
