@@ -220,3 +220,38 @@ def test_every_setting_given_the_wrong_type_in_a_config_file(capsys, tmp_path, e
     config = write_config(tmp_path, f"{field.replace('_', '-')} = {toml_value(value)}\n")
     argv = ["train", "--config", config, *([] if field == "logdir" else ["--logdir", earlier_run])]
     assert_refused(capsys, tmp_path, argv, field.replace("_", "-"), repr(value))
+
+
+OTHER_COMMANDS = {  # a command line of each other subcommand that would run: the flag under test is appended
+    "landscape": ["landscape", "--steps", "1"],
+    "compare": ["compare", "--specs", "SPECS", "--no-progress"],
+    "geometry": ["geometry", "--dataset", "landscape:quadratic", "--optimizer", "sam"],
+}
+NEGATIVE_ALLOWED = {("landscape", "--start")}
+
+
+def typed_flags(command: str) -> list[str]:
+    """The flags of ``command`` that take a converted value (a number, a list, ``KEY=VALUE``)."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [action.option_strings[0] for action in commands.choices[command]._actions
+            if action.option_strings and action.type is not None]
+
+
+OTHER_GENERATED = [(command, flag, value) for command in OTHER_COMMANDS for flag in typed_flags(command)
+                   for value in ("nan", "inf", "-1", "abc") if (command, flag) not in NEGATIVE_ALLOWED or value != "-1"]
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), OTHER_GENERATED, ids=[f"{c}{f}={v}" for c, f, v in OTHER_GENERATED])
+def test_every_typed_flag_of_the_other_commands_refuses_nan_inf_negative_and_words(capsys, tmp_path, command, flag, value):
+    """NaN, inf and words are refused naming the flag; negative numbers by the setting's check (one line),
+    except where they mean something (``landscape --start``)."""
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps([{"name": "x", "rule": "sgd"}]))
+    argv = [str(specs) if a == "SPECS" else a for a in OTHER_COMMANDS[command]]
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "out", flag, value)
+    assert code == 2 and err.startswith("nonlocal-opt: error: ") and err.count("\n") == 1, err
+    if value != "-1":
+        assert flag in err
+    assert snapshot(tmp_path) == before

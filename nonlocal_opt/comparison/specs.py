@@ -190,6 +190,8 @@ class ComparisonConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpecError(f"{field} must be an integer >= 1, got {value!r}")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise SpecError(f"split_seed must be an integer >= 0, got {self.split_seed!r}")
         for field in ("train_subset", "test_subset"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
