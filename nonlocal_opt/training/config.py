@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-import torch
 
 from nonlocal_opt.integrations.wrappers import unwrap
 from nonlocal_opt.optim.composed import OPTIMIZER_HYPERPARAMETERS, ComposedOptimizer, base_keywords
@@ -304,6 +303,16 @@ def components_of(rule: Any, base: Any = None, projector: Any = None, manifold: 
     return components, base_cls, f"{' + '.join(c.name for c in components)} over base {base_name or DEFAULT_BASE}"
 
 
+def composition_specs(components: list[Any]) -> dict[str, Hyperparameter]:
+    """The hyperparameters the optimizer and its components declare (``OPTIMIZER_HYPERPARAMETERS`` and each
+    component's), merged; ``ValueError`` when two declare one name differently.
+
+    Args:
+        components: the rule, manifold and projector instances (:func:`components_of`).
+    """
+    return merge_specs(("the optimizer", OPTIMIZER_HYPERPARAMETERS), *((repr(c), c.hyperparameters) for c in components))
+
+
 def check_hyperparameters(components: list[Any], base: Any, owner: str, values: dict[str, Any]) -> None:
     """Refuse (``ValueError`` naming the key, the value and what it must be) hyperparameters the composition
     does not take, values its components' checks refuse, base keywords whose type differs from their
@@ -321,9 +330,8 @@ def check_hyperparameters(components: list[Any], base: Any, owner: str, values: 
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ValueError(f"invalid hyperparameter {key}={value!r} for {owner}: must be finite (NaN or infinite values "
                              "make every step non-finite)")
-    specs = merge_specs(("the optimizer", OPTIMIZER_HYPERPARAMETERS), *((repr(c), c.hyperparameters) for c in components))
     open_keys = dict.fromkeys(values, ANY_VALUE) if base_keywords(base) is None else {}
-    validate({**open_keys, **base_hyperparameters(base), **specs}, values, owner)
+    validate({**open_keys, **base_hyperparameters(base), **composition_specs(components)}, values, owner)
 
 
 def optimizer_hyperparameters(config: TrainConfig) -> dict[str, Any]:
@@ -386,29 +394,50 @@ def build_radius_scheduler(config: TrainConfig, optimizer, total_steps: int) -> 
     if config.rho_schedule == "none":
         return None
     inner = unwrap(optimizer)
-    if any("rho" not in group for group in inner.param_groups):
-        raise ConfigError(f"--rho-schedule {config.rho_schedule}: rule {inner.rule.name!r} has no radius rho to schedule; "
-                          "choose a rule with a radius or drop --rho-schedule")
-    rho_final = config.rho_final
-    if rho_final is None:
-        rho_final = RHO_FINAL_FRACTION * min(float(group["rho"]) for group in inner.param_groups)
-    problem = rho_final_problem(inner, rho_final, geometric=SCHEDULES[config.rho_schedule].geometric)
-    if problem is not None:
-        given = f"{rho_final:g}" if isinstance(rho_final, (int, float)) else repr(rho_final)
-        default = f" (the default is {RHO_FINAL_FRACTION:g} x the initial radius)" if config.rho_final is not None else ""
-        raise ConfigError(f"--rho-final {given} {problem}{default}")
+    rho_final = schedule_target(config, inner, inner.rule.name)
     with as_config_error():
         return radius_scheduler(config.rho_schedule, inner, total_steps, rho_final, config.couple_lr)
 
 
+def schedule_target(config: TrainConfig, optimizer: Any, rule: str) -> float:
+    """``ρ_final`` of the schedule ``config`` asks for over ``optimizer``'s param groups (``--rho-final``, else
+    ``RHO_FINAL_FRACTION ρ_0``); ``ConfigError`` naming the flags when the groups have no ``rho`` or
+    ``rho_final_problem`` refuses it.
+
+    Args:
+        config: the run's settings, with a ``--rho-schedule``.
+        optimizer: the optimizer, or anything with its ``param_groups`` and ``hyperparameter_specs``.
+        rule: the rule's name, for the message.
+    """
+    if any("rho" not in group for group in optimizer.param_groups):
+        raise ConfigError(f"--rho-schedule {config.rho_schedule}: rule {rule!r} has no radius rho to schedule; "
+                          "choose a rule with a radius or drop --rho-schedule")
+    rho_final = config.rho_final
+    if rho_final is None:
+        rho_final = RHO_FINAL_FRACTION * min(float(group["rho"]) for group in optimizer.param_groups)
+    problem = rho_final_problem(optimizer, rho_final, geometric=SCHEDULES[config.rho_schedule].geometric)
+    if problem is not None:
+        given = f"{rho_final:g}" if isinstance(rho_final, (int, float)) else repr(rho_final)
+        default = f" (the default is {RHO_FINAL_FRACTION:g} x the initial radius)" if config.rho_final is not None else ""
+        raise ConfigError(f"--rho-final {given} {problem}{default}")
+    return rho_final
+
+
 def check_run_settings(config: TrainConfig) -> None:
-    """Every check of ``config`` that needs no data and no log dir, so that a bad setting fails before
-    anything is written: the fields (:meth:`TrainConfig.check`), the composition and its hyperparameters
-    (:func:`optimizer_hyperparameters`), and the radius schedule on a stand-in parameter. Raises ``ConfigError``.
+    """Every check of ``config`` that needs no data, no model and no log dir, so that a bad setting fails
+    before anything is written: the fields (:meth:`TrainConfig.check`), the composition and its
+    hyperparameters (:func:`optimizer_hyperparameters`), and ``ρ_final`` of a radius schedule against the
+    initial ``ρ`` those give (:func:`schedule_target`). Raises ``ConfigError``.
 
     Args:
         config: the run's settings.
     """
+    config = config.resolved()
     with as_config_error():
-        optimizer_hyperparameters(config)
-    build_radius_scheduler(config, build_optimizer(config, [torch.nn.Parameter(torch.zeros(1))]), 1)
+        values = optimizer_hyperparameters(config)
+        components, _, _ = components_of(config.optimizer, config.base, config.projector)
+    schedule_flags_check(config)
+    if config.rho_schedule != "none":
+        specs = composition_specs(components)
+        group = {**{key: spec.default for key, spec in specs.items()}, **values}
+        schedule_target(config, types.SimpleNamespace(param_groups=[group], hyperparameter_specs=specs), components[0].name)
