@@ -38,7 +38,7 @@ def run_landscape(args: argparse.Namespace) -> int:
     """
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
     from nonlocal_opt.landscapes import LANDSCAPES, offset_function
-    from nonlocal_opt.training.config import check_hyperparameters, components_of
+    from nonlocal_opt.training.hyperparameter_checks import check_hyperparameters, components_of
 
     if args.landscape not in LANDSCAPES:
         raise ValueError(f"unknown landscape {args.landscape!r}; available: {', '.join(LANDSCAPES)}")

@@ -15,7 +15,7 @@ import torch
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import compose
-from nonlocal_opt.training.config import check_hyperparameters, components_of
+from nonlocal_opt.training.hyperparameter_checks import check_hyperparameters, components_of
 
 SPEC_KEYS = ("name", "rule", "base", "projector", "manifold", "fixed", "sweep", "schedule")
 SCHEDULE_KEYS = ("name", "rho_final", "couple_lr")
