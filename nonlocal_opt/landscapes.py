@@ -14,13 +14,19 @@ from torch import nn
 
 
 class Landscape(nn.Module):
-    """``f: R^dim → R`` with trainable ``θ`` (``self.theta``)."""
+    """``f: R^dim → R`` with trainable ``θ`` (``self.theta``), started at ``theta0`` (finite; ``None``: 0).
+
+    Args:
+        theta0: ``θ_0``, a number or ``dim`` numbers.
+    """
 
     dim: int = 1
 
     def __init__(self, theta0: Sequence[float] | float | torch.Tensor | None = None):
         super().__init__()
         start = torch.zeros(self.dim) if theta0 is None else torch.as_tensor(theta0, dtype=torch.get_default_dtype())
+        if not bool(torch.isfinite(start).all()):
+            raise ValueError(f"the starting point theta0 must be finite, got {theta0!r}")
         self.theta = nn.Parameter(start.reshape(self.dim).clone())
 
     def value(self, points: torch.Tensor) -> torch.Tensor:

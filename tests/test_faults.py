@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
 import shlex
 import shutil
@@ -25,7 +26,7 @@ from nonlocal_opt.cli.main import main
 from nonlocal_opt.training import TrainConfig, train
 from nonlocal_opt.training.config import ConfigError, TrainingInterrupted
 from nonlocal_opt.training.data import FASHION_MNIST_DIR, load_dataset
-from nonlocal_opt.training.logdir import LogdirLock
+from nonlocal_opt.training.logdir import LOCK_FILE, LogdirLock
 from nonlocal_opt.training.metrics import TIMING_COLUMNS, MetricsLogger, read_metrics, truncate_metrics
 
 needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -445,3 +446,82 @@ def test_partial_checkpoint_dirs_are_cleaned_and_resume_from_a_copy_elsewhere(tm
     assert code == 0 and "finished: 4 steps" in out
     code, _, err = run_cli(capsys, *common, "--logdir", tmp_path / "c", "--resume", "--overwrite")
     assert code == 2 and "exclude each other" in err
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Names, bytes and mtimes under ``root``; the lock file, whose owner's pid every claim writes, aside."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if p.name != LOCK_FILE}
+
+
+def test_lr_1e30_stops_at_the_first_non_finite_loss(tmp_path, capsys):
+    args = ["train", "--dataset", "landscape:alm", "--optimizer", "local", "--batch-size", "64", "--lr", "1e30"]
+    code, _, err = run_cli(capsys, *args, "--logdir", tmp_path)
+    assert code == 1 and "training stopped: the loss became inf" in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_weights_count_as_diverged_and_are_not_resumed(tmp_path, capsys):
+    """A last step that leaves NaN weights (every step loss finite): the run counts as diverged and its
+    checkpoint is marked, instead of a finished run with a NaN checkpoint; ``--resume`` refuses it with one
+    line (exit 2), by itself or named, without touching the log dir."""
+
+    def poisoning_step(optimizer, closure, epoch):
+        loss = optimizer.step(closure)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.data.fill_(float("nan"))
+        return loss
+
+    common = ["--dataset", "landscape:quadratic", "--optimizer", "local", "--batch-size", "1024", "--logdir", tmp_path]
+    result = train(TrainConfig(dataset="landscape:quadratic", optimizer="local", batch_size=1024, logdir=str(tmp_path)),
+                   step=poisoning_step)
+    assert result.diverged.startswith("the weights are not finite")
+    assert json.loads((result.checkpoint / "manifest.json").read_text())["diverged"] == result.diverged
+    assert "is marked diverged, so --resume will not continue it" in capsys.readouterr().err
+    before = _tree(tmp_path)
+    for resume in (["--resume"], ["--resume", result.checkpoint]):
+        code, _, err = run_cli(capsys, "train", *common, "--epochs", "2", *resume)
+        assert code == 2 and err.count("\n") == 1 and "the run diverged there (the weights are not finite" in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("damage", "message"), [("empty", "holds no images"), ("shape", "holds images of shape 1×14×14")])
+def test_empty_or_misshapen_splits_exit_2_before_training(tmp_path, capsys, damage, message):
+    data = _fake_fashion(tmp_path / "data")
+    images = data / "t10k-images-idx3-ubyte.gz"
+    if damage == "empty":
+        _idx(data / "train-images-idx3-ubyte.gz", [], (0, 28, 28))
+        _idx(data / "train-labels-idx1-ubyte.gz", [], (0,))
+        images = data / "train-images-idx3-ubyte.gz"
+    else:
+        _idx(images, [0] * 64 * 14 * 14, (64, 14, 14))
+    code, _, err = run_cli(capsys, "train", "--optimizer", "local", "--model", "logreg", "--data-dir", data,
+                           "--logdir", tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1 and message in err and str(images) in err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("blocked", ["metrics.csv", "checkpoints"])
+def test_unwritable_run_files_are_refused_before_resuming(tmp_path, capsys, blocked):
+    """``metrics.csv`` that is a directory, ``checkpoints`` that is a file (what root cannot write either):
+    exit 2 naming it, before the run changes anything."""
+    logdir = tmp_path / "run"
+    args = ["train", "--dataset", "landscape:quadratic", "--optimizer", "local", "--batch-size", "512", "--logdir", logdir]
+    assert run_cli(capsys, *args)[0] == 0
+    target = logdir / blocked
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.mkdir() if blocked == "metrics.csv" else target.write_text("not a directory")
+    before = _tree(logdir)
+    code, _, err = run_cli(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 2 and err.count("\n") == 1 and f"cannot write {target}" in err and "--logdir" in err
+    assert _tree(logdir) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_metrics_are_refused_before_resuming(tmp_path, capsys):
+    logdir = tmp_path / "run"
+    args = ["train", "--dataset", "landscape:quadratic", "--optimizer", "local", "--batch-size", "512", "--logdir", logdir]
+    assert run_cli(capsys, *args)[0] == 0
+    (logdir / "metrics.csv").chmod(0o444)
+    code, _, err = run_cli(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 2 and "metrics.csv (permission denied)" in err

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from nonlocal_opt.cli.parsing import parse_float_list
+from nonlocal_opt.cli.parsing import finite_float, parse_float_list
 from nonlocal_opt.comparison.quick import QUICK_SETTINGS
 from nonlocal_opt.comparison.specs import AUGMENTATIONS, ComparisonConfig
 
@@ -82,7 +82,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training batches: none, or crop-flip (a random crop of the zero-padded image and a horizontal flip)")
     parser.add_argument("--select-by", choices=("best", "final"), default="best",
                         help="tuning score: best or final validation accuracy of a run")
-    parser.add_argument("--tune-at-noise", type=float, default=None, help="tune at this noise level only and reuse the pick at every level")
+    parser.add_argument("--tune-at-noise", type=finite_float, default=None,
+                        help="tune at this noise level only and reuse the pick at every level")
     parser.add_argument("--train-subset", type=int, default=argparse.SUPPRESS,
                         help=f"use the first N training samples only ({_quick_default('train_subset')})")
     parser.add_argument("--test-subset", type=int, default=argparse.SUPPRESS,

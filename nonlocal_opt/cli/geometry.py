@@ -22,7 +22,7 @@ import attrs
 
 from nonlocal_opt.analysis.path_geometry import GeometryRow, measure_path_geometry, plot_path_geometry, summarize, write_csv
 from nonlocal_opt.cli.parsing import add_composition_arguments, add_radius_schedule_arguments, add_run_arguments
-from nonlocal_opt.training.config import ConfigError, TrainConfig
+from nonlocal_opt.training.config import ConfigError, TrainConfig, check_run_settings
 from nonlocal_opt.training.logdir import writable_logdir
 from nonlocal_opt.training.metrics import read_metrics
 from nonlocal_opt.training.trainer import TrainResult, train
@@ -53,8 +53,9 @@ def run_geometry(args: argparse.Namespace) -> int:
     """
     if args.gradient_pass < 0:
         raise ConfigError(f"--gradient-pass must be >= 0, got {args.gradient_pass}")
-    out = writable_logdir(args.out)
     config = TrainConfig.from_namespace(args)
+    check_run_settings(config)  # before --out is created
+    out = writable_logdir(args.out)
     runs: list[TrainResult] = []
 
     def run(tracker) -> None:

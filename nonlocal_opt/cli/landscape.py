@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from nonlocal_opt.cli.parsing import add_base_argument, add_set_argument, parse_float_list
+from nonlocal_opt.cli.parsing import add_base_argument, add_set_argument, finite_float, parse_float_list
 from nonlocal_opt.optim.interfaces import Centre
 from nonlocal_opt.plugins.compose import compose
 
@@ -23,9 +23,9 @@ def add_landscape_arguments(parser: argparse.ArgumentParser) -> None:
     add_base_argument(parser)
     parser.add_argument("--projector", default=None, help="a registered projector (default: the rule's)")
     parser.add_argument("--rho", type=parse_float_list, default=[0.1, 0.5, 1.0], help="comma-separated radii")
-    parser.add_argument("--lr", type=float, default=0.005, help="learning rate of the base")
+    parser.add_argument("--lr", type=finite_float, default=0.005, help="learning rate of the base")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per radius")
-    parser.add_argument("--start", type=float, default=1.0, help="initial θ")
+    parser.add_argument("--start", type=finite_float, default=1.0, help="initial θ (a finite number)")
     add_set_argument(parser)
     parser.add_argument("--out", default="landscape.png", help="the PNG to write")
 
@@ -38,11 +38,17 @@ def run_landscape(args: argparse.Namespace) -> int:
     """
     from nonlocal_opt.analysis.figures import Trajectory, plot_landscape_trajectories
     from nonlocal_opt.landscapes import LANDSCAPES, offset_function
+    from nonlocal_opt.training.hyperparameter_checks import check_hyperparameters, components_of
 
     if args.landscape not in LANDSCAPES:
         raise ValueError(f"unknown landscape {args.landscape!r}; available: {', '.join(LANDSCAPES)}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not args.rho:
+        raise ValueError("--rho needs at least one radius, e.g. --rho 0.1,0.5")
+    components, base, owner = components_of(args.optimizer, args.base, args.projector)
+    for rho in args.rho:
+        check_hyperparameters(components, base, owner, {"lr": args.lr, "rho": rho, **dict(args.overrides)})
     runs = []
     for rho in args.rho:
         surface = LANDSCAPES[args.landscape]().double()

@@ -12,11 +12,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+import attrs
+
 from nonlocal_opt.cli.compare import add_compare_arguments, run_compare
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.landscape import add_landscape_arguments, run_landscape
 from nonlocal_opt.cli.plugins import plugin_warnings_as_lines, run_plugins
 from nonlocal_opt.cli.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, PROG, add_train_arguments, resume_command, run_train
+from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, TrainingInterrupted, type_problem
+
+TRAIN_FIELDS = {field.name for field in attrs.fields(TrainConfig)}  # checked by TrainConfig.check
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config_file(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, path: str, argv: list[str]):
-    """Parse ``argv`` again with the TOML file ``path`` as the defaults of ``subparser`` (flags win).
+    """Parse ``argv`` again with the TOML file ``path`` as the defaults of ``subparser`` (flags win). The
+    values of ``TrainConfig`` fields are checked by ``TrainConfig.check`` like flags; the other keys must
+    have the type their flag converts to.
 
     Args:
         parser: the ``nonlocal-opt`` parser.
@@ -72,6 +79,8 @@ def load_config_file(parser: argparse.ArgumentParser, subparser: argparse.Argume
             values = tomllib.load(handle)
     except OSError as error:
         raise ConfigFileError(f"cannot read --config {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"--config {path} is not UTF-8 text (TOML files are UTF-8)") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigFileError(f"--config {path} is not valid TOML: {error}") from None
     destinations = {action.dest: action for action in subparser._actions if action.dest not in ("help", "config")}
@@ -88,6 +97,10 @@ def load_config_file(parser: argparse.ArgumentParser, subparser: argparse.Argume
         action = destinations[dest]
         if action.choices is not None and value not in action.choices:
             raise ConfigFileError(f"--config {path}: {key} = {value!r} is not one of {', '.join(map(str, action.choices))}")
+        if dest not in TRAIN_FIELDS:
+            problem = type_problem(value, action.type if action.type in (int, float) else str)
+            if problem is not None:
+                raise ConfigFileError(f"--config {path}: {key} {problem}, got {value!r}")
         defaults[dest] = value
     subparser.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -98,44 +111,45 @@ class ConfigFileError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``nonlocal-opt``; the exit code (module doc).
+    """Run ``nonlocal-opt``; the exit code (module doc). Ctrl-C at any point, start-up included (parsing,
+    imports, data loading, model build), exits 130 without a traceback.
 
     Args:
         argv: the arguments after the program name (``None``: ``sys.argv[1:]``).
     """
-    from nonlocal_opt.analysis.figures import MissingPlotDependency
-    from nonlocal_opt.plugins.failures import PluginError
-    from nonlocal_opt.training import ConfigError, TrainingDiverged
-    from nonlocal_opt.training.config import TrainingInterrupted
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command = None
     try:
+        from nonlocal_opt.analysis.figures import MissingPlotDependency
+        from nonlocal_opt.plugins.failures import PluginError
+
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
         if getattr(args, "config", None):
             (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
             args = load_config_file(parser, commands.choices[args.command], args.config, argv)
         with plugin_warnings_as_lines(PROG):
             return args.handler(args)
+    except KeyboardInterrupt:
+        hint = f"; with a checkpoint in --logdir, resume with:\n  {resume_command(argv)}" if command == "train" else ""
+        if command == "compare":
+            hint = "; finished runs are kept in --out and the same command resumes the rest"
+        print(f"\n{PROG}: interrupted without saving a checkpoint{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, ConfigFileError, MissingPlotDependency, PluginError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as error:
         print(f"{PROG}: {error}; resume with:\n  {resume_command(argv)}", file=sys.stderr)
         return 128 + error.signum
-    except KeyboardInterrupt:
-        hint = f"; with a checkpoint in --logdir, resume with:\n  {resume_command(argv)}" if args.command == "train" else ""
-        if args.command == "compare":
-            hint = "; finished runs are kept in --out and the same command resumes the rest"
-        print(f"\n{PROG}: interrupted without saving a checkpoint{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except ValueError as error:
-        if args.command == "train":
+        if command == "train":
             raise
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if args.command not in ("landscape", "compare"):
+        if command not in ("landscape", "compare"):
             raise
         print(f"{PROG}: error: cannot write {args.out}: {error.strerror}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ composition (rule, base, projector, preset, ``--set key=value``), the radius sch
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
@@ -46,16 +47,32 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), parse_value(value)
 
 
+def finite_float(text: str) -> float:
+    """A flag's number, refused (one line, exit 2) when it is not a finite number (``nan``, ``inf``).
+
+    Args:
+        text: the value as typed.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def parse_float_list(text: str) -> list[float]:
-    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``.
+    """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``; ``nan`` and ``inf`` are refused.
 
     Args:
         text: comma-separated numbers.
     """
     try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.5,1, got {text!r}") from None
+        return [finite_float(item) for item in text.split(",") if item.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.5,1 (finite: no nan or inf), "
+                                         f"got {text!r}") from None
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

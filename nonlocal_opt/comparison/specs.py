@@ -15,6 +15,7 @@ import torch
 
 from nonlocal_opt.optim.radius_schedules import SCHEDULES
 from nonlocal_opt.plugins.compose import compose
+from nonlocal_opt.training.hyperparameter_checks import check_hyperparameters, components_of
 
 SPEC_KEYS = ("name", "rule", "base", "projector", "manifold", "fixed", "sweep", "schedule")
 SCHEDULE_KEYS = ("name", "rho_final", "couple_lr")
@@ -111,9 +112,12 @@ class OptimizerSpec:
         return compose(params, self.rule, base=self.base, projector=self.projector, manifold=self.manifold, **hyperparameters)
 
     def check(self) -> None:
-        """Every grid point composes (names registered, hyperparameters valid); else :class:`SpecError`."""
+        """Every grid point composes: names registered, hyperparameters checked as ``nonlocal-opt train``
+        checks its own (``check_hyperparameters``: the key, the value and its expected type), the schedule's
+        ``ρ_final`` by ``rho_final_problem``; else :class:`SpecError`."""
         for point in self.points():
             try:
+                check_hyperparameters(*components_of(self.rule, self.base, self.projector, self.manifold), point)
                 opt = self.build([torch.nn.Parameter(torch.zeros(2))], point)
                 if self.schedule is not None:
                     SCHEDULES[self.schedule["name"]](opt, 1, self.schedule["rho_final"], bool(self.schedule.get("couple_lr", False)))
@@ -189,6 +193,8 @@ class ComparisonConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpecError(f"{field} must be an integer >= 1, got {value!r}")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise SpecError(f"split_seed must be an integer >= 0, got {self.split_seed!r}")
         for field in ("train_subset", "test_subset"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -5,6 +5,8 @@ Layout: ``LOGDIR/checkpoints/epoch_N`` (written after epoch N) and ``LOGDIR/chec
 ``accelerator.save_state`` into ``checkpoints/.NAME.partial``, completed with the run's flat config
 (``config.json``) and a ``manifest.json`` holding the sha256 of every file, then renamed into place: a
 directory named ``epoch_*`` is complete, and a file that changed since is caught by the checksums.
+The last checkpoint of a run that diverged carries ``"diverged": REASON`` in its manifest; ``--resume``
+does not continue from it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nonlocal_opt.training.main_process import warn
 from nonlocal_opt.training.progress import Progress
 
 PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
@@ -125,7 +128,25 @@ def verify(checkpoint: Path) -> str | None:
             return f"{file} is missing"
         if _sha256(file) != expected:
             return f"{file} does not match its checksum (corrupt)"
+    if manifest.get("diverged"):
+        return f"the run diverged there ({manifest['diverged']}), so continuing it would not train"
     return None
+
+
+def mark_diverged(checkpoint: Path, reason: str) -> None:
+    """Record in ``checkpoint``'s manifest that the run ended diverged (``reason``), replacing the manifest
+    atomically; :func:`verify` then refuses it for ``--resume``.
+
+    Args:
+        checkpoint: a complete checkpoint directory.
+        reason: why the run counts as diverged.
+    """
+    manifest = {**read_manifest(checkpoint), "diverged": reason}
+    partial = Path(checkpoint) / f".{MANIFEST}{PARTIAL_SUFFIX}"
+    partial.write_text(json.dumps(manifest, indent=1))
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    partial.replace(Path(checkpoint) / MANIFEST)
 
 
 def supersede_newer(logdir: Path, checkpoint: Path) -> list[str]:
@@ -182,3 +203,14 @@ class CheckpointWriter:
         accelerator.wait_for_everyone()
         self.last = final
         return final
+
+    def mark_diverged(self, reason: str) -> None:
+        """Mark the last checkpoint written by this run as diverged (:func:`mark_diverged`), with a warning.
+
+        Args:
+            reason: why the run's state is unusable.
+        """
+        if self.accelerator.is_main_process and self.last is not None:
+            mark_diverged(self.last, reason)
+            warn(self.accelerator, f"{reason}: checkpoint {self.last} is marked diverged, so --resume will not continue it")
+        self.accelerator.wait_for_everyone()

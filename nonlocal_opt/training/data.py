@@ -31,6 +31,7 @@ NORMALISATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 NUM_CLASSES = {"fashion-mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+IMAGE_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}  # C×H×W
 DATASETS = (*NORMALISATION, *(LANDSCAPE_PREFIX + name for name in LANDSCAPES))
 SPLITS = ("train", "test")
 
@@ -58,6 +59,23 @@ def check_labels(labels: torch.Tensor, count: int, num_classes: int, images_path
         bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
         raise DataFileError(f"{labels_path} has label {bad}, outside the {num_classes} classes 0..{num_classes - 1}: "
                             f"{_fix(Path(labels_path))}")
+
+
+def check_images(pixels: torch.Tensor, name: str, path) -> None:
+    """A split holds at least one image, each of the dataset's shape ``IMAGE_SHAPES[name]`` (so the
+    training and validation splits fit the same model).
+
+    Args:
+        pixels: the split's images, ``N×C×H×W``.
+        name: the dataset.
+        path: the file (or directory) they came from, for the message.
+    """
+    if len(pixels) == 0:
+        raise DataFileError(f"{path} holds no images: {_fix(Path(path))}")
+    shape = tuple(pixels.shape[1:])
+    if shape != IMAGE_SHAPES[name]:
+        shown = "×".join(map(str, IMAGE_SHAPES[name]))
+        raise DataFileError(f"{path} holds images of shape {'×'.join(map(str, shape))}, not {name}'s {shown}: {_fix(Path(path))}")
 
 
 class ImageDataset(Dataset):
@@ -150,6 +168,7 @@ def _fashion_mnist(split: str, data_dir: str | os.PathLike | None) -> ImageDatas
     label_tensor = torch.from_numpy(label_array.astype(np.int64))
     check_labels(label_tensor, len(pixel_array), NUM_CLASSES["fashion-mnist"], images, labels)
     pixels = torch.from_numpy(pixel_array.copy()).unsqueeze(1)
+    check_images(pixels, "fashion-mnist", images)
     return ImageDataset.from_uint8(pixels, label_tensor, "fashion-mnist")
 
 
@@ -169,6 +188,7 @@ def _torchvision(name: str, split: str, data_dir, download: bool) -> ImageDatase
     pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
     targets = torch.as_tensor(raw.targets, dtype=torch.int64)
     check_labels(targets, len(pixels), NUM_CLASSES[name], root, root)
+    check_images(pixels, name, root)
     return ImageDataset.from_uint8(pixels.contiguous(), targets, name)
 
 

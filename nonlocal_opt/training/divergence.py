@@ -1,10 +1,13 @@
 """Divergence reporting: a non-finite loss stops the run; most steps refused or a loss that exploded is
-warned about once while training and makes the finished run count as diverged."""
+warned about once while training, and these, non-finite weights or a non-finite validation loss make the
+finished run count as diverged."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import torch
 
 from nonlocal_opt.training.config import TrainingDiverged
 from nonlocal_opt.training.main_process import warn
@@ -52,6 +55,22 @@ class DivergenceWatch:
             progress.exploded_warned = True
             warn(self.accelerator, f"the loss exploded to {loss:.4g} at step {progress.step} (started at "
                  f"{progress.first_loss:.4g}); try a smaller --lr")
+
+    def not_finite(self, final: dict[str, float], model: torch.nn.Module) -> str | None:
+        """Why the finished run's state is unusable (its weights or its last validation loss ``final["val/loss"]``
+        are NaN/inf), else ``None``: such a run counts as diverged and its checkpoint is not resumed.
+
+        Args:
+            final: the last epoch's metrics (``{}`` when no epoch ran).
+            model: the trained model, whose floating-point parameters and buffers must be finite.
+        """
+        bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            return f"the weights are not finite (NaN or inf in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        if final and not math.isfinite(final.get("val/loss", 0.0)):
+            return f"the validation loss is {final['val/loss']}"
+        return None
 
     def verdict(self, final: dict[str, float]) -> str | None:
         """Why the run counts as diverged (most steps refused, or the last epoch's mean loss ``final``

@@ -18,6 +18,7 @@ from nonlocal_opt.training.main_process import on_main
 
 LOCK_FILE = ".lock"
 RUN_ARTEFACTS = ("metrics.csv", "checkpoints", "tensorboard")  # what --overwrite removes
+ARTEFACT_DIRS = ("checkpoints", "tensorboard")
 
 
 def writable_logdir(logdir: str) -> Path:
@@ -35,6 +36,30 @@ def writable_logdir(logdir: str) -> Path:
     except OSError as error:
         raise ConfigError(f"cannot write to log dir {logdir!r} ({error.strerror}); pass --logdir DIR you can write to") from None
     return path
+
+
+def check_artefacts_writable(logdir: Path) -> None:
+    """Raise ``ConfigError`` when a run artefact already in ``logdir`` (``metrics.csv``, ``checkpoints/``,
+    ``tensorboard/``) cannot be written, or removed by ``--overwrite``: checked before anything changes.
+
+    Args:
+        logdir: The run's log dir.
+    """
+    for name in RUN_ARTEFACTS:
+        target = Path(logdir) / name
+        if not target.exists() and not target.is_symlink():
+            continue
+        directory = name in ARTEFACT_DIRS
+        if directory and not target.is_dir():
+            problem = "it is not a directory"
+        elif not directory and not target.is_file():
+            problem = "it is not a file"
+        elif not os.access(target, os.W_OK | (os.X_OK if directory else 0)):
+            problem = "permission denied"
+        else:
+            continue
+        raise ConfigError(f"cannot write {target} ({problem}); make it a writable {'directory' if directory else 'file'}, "
+                          "or pass another --logdir")
 
 
 class LogdirLock:
@@ -70,9 +95,10 @@ class LogdirLock:
 
 
 def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLock, list[str]]:
-    """Lock ``logdir`` for this run and make it this run's: a new run into a log dir that already holds
-    files is refused unless ``resume`` or ``overwrite`` (which removes the earlier run's metrics.csv,
-    checkpoints and TensorBoard events); partial checkpoints of an interrupted save are removed.
+    """Lock ``logdir`` for this run and make it this run's: artefacts already there must be writable
+    (:func:`check_artefacts_writable`); a new run into a log dir that already holds files is refused unless
+    ``resume`` or ``overwrite`` (which removes the earlier run's metrics.csv, checkpoints and TensorBoard
+    events); partial checkpoints of an interrupted save are removed.
 
     Args:
         logdir: The run's log dir.
@@ -84,6 +110,7 @@ def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLoc
                           "--overwrite replaces it")
     lock = LogdirLock(logdir)
     try:
+        check_artefacts_writable(logdir)
         if overwrite:
             for name in RUN_ARTEFACTS:
                 target = Path(logdir) / name

@@ -31,10 +31,9 @@ from nonlocal_opt.training.closure import BatchClosure, LossScale
 from nonlocal_opt.training.config import (
     ConfigError,
     TrainConfig,
-    as_config_error,
     build_optimizer,
     build_radius_scheduler,
-    optimizer_hyperparameters,
+    check_run_settings,
 )
 from nonlocal_opt.training.divergence import DivergenceWatch
 from nonlocal_opt.training.evaluation import evaluate
@@ -80,9 +79,7 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     """
     started = time.perf_counter()
     config = config.resolved()
-    config.check()
-    with as_config_error():
-        optimizer_hyperparameters(config)  # bad names and hyperparameters fail before the log dir is claimed
+    check_run_settings(config)  # bad settings fail before the log dir is claimed
     logdir = writable_logdir(config.logdir)
     accelerator = build_accelerator(config, logdir)
     with claimed_logdir(accelerator, logdir, config.resume is not None, config.overwrite) as notes:
@@ -151,8 +148,12 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
                 checkpoints.save()
                 if stop.requested(accelerator) and progress.epoch < config.epochs:
                     raise stop.interruption(progress, checkpoints.last)
+        broken = watch.not_finite(history[-1] if history else {}, accelerator.unwrap_model(model))
+        if broken:
+            checkpoints.mark_diverged(broken)
+        diverged = broken or watch.verdict(history[-1] if history else {})
         result = TrainResult(accelerator.unwrap_model(model), unwrap(optimizer), history, checkpoints.last, steps=progress.step,
-                             refused=progress.refused, passes=progress.passes, diverged=watch.verdict(history[-1] if history else {}))
+                             refused=progress.refused, passes=progress.passes, diverged=diverged)
         accelerator.print(summary_line(result, time.perf_counter() - started))
         return result
 
