@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from nonlocal_opt.optim.host_checks import run_host_checks
-from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
+from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, check_finite, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
 from nonlocal_opt.optim.step_resources import StepResources
@@ -134,6 +134,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         theirs = {k: v for k, v in hyperparameters.items() if k not in self.hyperparameter_specs}
         self._check_base_keys(theirs)
         validate(self.hyperparameter_specs, ours, self._owner())
+        check_finite(hyperparameters, self._owner())
         defaults = {key: spec.default for key, spec in self.hyperparameter_specs.items()}
         defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
@@ -200,11 +201,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
             param_group: a dict with ``"params"`` and any hyperparameters (the others take the defaults).
 
         Raises:
-            ValueError: an unknown or invalid hyperparameter, or a combination a component refuses.
+            ValueError: an unknown, invalid or non-finite hyperparameter, or a combination a component refuses.
         """
         settings = {k: v for k, v in param_group.items() if k != "params"}
         validate(self.hyperparameter_specs, {k: v for k, v in settings.items() if k in self.hyperparameter_specs}, self._owner())
         self._check_base_keys({k: v for k, v in settings.items() if k not in self.hyperparameter_specs})
+        check_finite(settings, self._owner())
         super().add_param_group(param_group)
         if self._ready:
             self._check_components(self.param_groups[-1])
@@ -250,6 +252,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: a rule that evaluates the loss several times was called without a closure.
+            ValueError: a hyperparameter in ``param_groups`` is NaN or infinite (nothing has changed).
         """
         if closure is None and self.rule.requires_closure:
             raise RuntimeError(
@@ -257,6 +260,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "opt.step(closure) with a closure that zeroes grads, runs forward and backward, "
                 "and returns the loss"
             )
+        for index, group in enumerate(self.param_groups):  # a scheduler or the caller may have set them
+            check_finite({k: v for k, v in group.items() if k != "params"}, f"{self._owner()}, param_groups[{index}]")
         if self.rule.requires_closure:
             run_host_checks(self.rule.name)
         self.last_projection = None
