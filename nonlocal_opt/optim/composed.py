@@ -12,6 +12,7 @@ import torch
 from nonlocal_opt.optim.host_checks import run_host_checks
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, check_finite, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.optim.state_provenance import check_provenance
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
 from nonlocal_opt.optim.step_resources import StepResources
 
@@ -212,19 +213,38 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._check_components(self.param_groups[-1])
 
     # -- state -------------------------------------------------------------------------------------
+    def composition(self) -> dict[str, str | None]:
+        """What made this optimizer's state: the names of the rule, projector and manifold, and the base's
+        ``module.qualname`` (saved in :meth:`state_dict` and checked by :meth:`load_state_dict`)."""
+        return {
+            "rule": self.rule.name,
+            "base": base_label(self.base_factory),
+            "projector": None if self.projector is None else self.projector.name,
+            "manifold": None if self.manifold is None else self.manifold.name,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"``."""
+        """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"`` and
+        ``"composition"`` (:meth:`composition`)."""
         state = super().state_dict()
         state["base_state"] = self.base.state_dict()["state"]
+        state["composition"] = self.composition()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the rule's and the base's state; the base keeps sharing ``param_groups``.
 
         Args:
-            state_dict: what :meth:`state_dict` returned (``"base_state"`` may be missing: no base state).
+            state_dict: what :meth:`state_dict` returned, by this composition (state saved before
+                ``"composition"`` was recorded is checked by its hyperparameters instead).
+
+        Raises:
+            ValueError: the state is foreign (another rule, base, projector or manifold, a plain
+                ``torch.optim`` optimizer, another group layout); nothing has been changed.
         """
+        check_provenance(state_dict, self, self._base_keys)
         state_dict = dict(state_dict)
+        state_dict.pop("composition", None)
         base_state = state_dict.pop("base_state", {})
         self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
         super().load_state_dict(state_dict)
