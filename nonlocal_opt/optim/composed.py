@@ -12,7 +12,7 @@ import torch
 from nonlocal_opt.optim.host_checks import run_host_checks
 from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, check_finite, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
-from nonlocal_opt.optim.state_provenance import check_provenance
+from nonlocal_opt.optim.state_provenance import check_provenance, recorded
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
 from nonlocal_opt.optim.step_resources import StepResources
 
@@ -225,10 +225,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"`` and
-        ``"composition"`` (:meth:`composition`)."""
+        ``"composition"`` (:meth:`composition`, its names as byte tensors:
+        :func:`~nonlocal_opt.optim.state_provenance.recorded`)."""
         state = super().state_dict()
         state["base_state"] = self.base.state_dict()["state"]
-        state["composition"] = self.composition()
+        state["composition"] = recorded(self.composition())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -142,6 +142,8 @@ def guarded_base_step(
         for p in created:
             for key in set(state[p]) - keys[p]:
                 del state[p][key]
+            if not state[p]:
+                del state[p]
     if not (host_reads and taken is TRUE):
         for t, old in zip(tensors, saved_params):
             torch.where(taken, t, old, out=t)
