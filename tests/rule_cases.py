@@ -22,6 +22,11 @@ def problem(seed: int = 1) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
     return model, torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
 
 
+def without_momentum(rule: str) -> dict:
+    """The settings of ``rule`` for a base without ``momentum`` (Adam, AdamW)."""
+    return {k: v for k, v in RULES[rule].items() if k != "momentum"}
+
+
 def compose(model: torch.nn.Module, rule: str, **hyperparameters) -> nonlocal_opt.ComposedOptimizer:
     """``rule`` over SGD at ``lr=0.1`` with its settings from :data:`RULES`, overridden by ``hyperparameters``."""
     return nonlocal_opt.compose(model.parameters(), rule, **{"lr": 0.1, **RULES[rule], **hyperparameters})
