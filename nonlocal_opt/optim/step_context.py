@@ -263,7 +263,7 @@ class StepContext:
         """
         return self._resources.buffers(name, self.flat.tensors)
 
-    def scratch(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def scratch(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None, columns: int | None = None) -> torch.Tensor:
         """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
         kept by the optimizer from step to step (not in ``state_dict``). A fresh ``R^d`` tensor per step
         costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not outlive
@@ -273,8 +273,10 @@ class StepContext:
             name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
             rows: the number of rows of a matrix; ``None``: one vector.
             dtype: its dtype (``None``: the parameters').
+            columns: the length of each row (``None``: ``d``, this process's part of it).
         """
-        shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
+        columns = self.flat.numel if columns is None else columns
+        shape = (columns,) if rows is None else (rows, columns)
         like = self.flat.tensors[0]
         return self._resources.flat_buffer(f"flat:{name}", shape, like if dtype is None else like.new_empty((), dtype=dtype))
 

@@ -19,7 +19,7 @@ from nonlocal_opt.optim.hyperparameters import (
     positive_int,
     unit_interval,
 )
-from nonlocal_opt_entropy_sgd.noise import standard_normal_
+from nonlocal_opt_entropy_sgd.noise import standard_normal_, words_needed
 
 
 class EntropySGDRule(DescentRule):
@@ -87,7 +87,7 @@ class EntropySGDRule(DescentRule):
         gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
         xi = rows[4] if noise > 0 else None
         seed = self._noise_seed(ctx) if xi is not None else None
-        words = ctx.scratch("entropy-sgd.noise", rows=2, dtype=torch.int64) if xi is not None else None
+        words = None if xi is None else ctx.scratch("entropy-sgd.noise", rows=2, dtype=torch.int64, columns=words_needed(xi.numel()))
         finite = ctx.finite(start.loss)
         x_inner.copy_(x)
         mu.copy_(x)

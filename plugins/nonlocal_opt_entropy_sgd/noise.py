@@ -18,31 +18,45 @@ def _shifted(z: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
     return out.bitwise_and_((1 << (64 - bits)) - 1)
 
 
+def words_needed(n: int) -> int:
+    """The length of each row of the ``words`` scratch :func:`standard_normal_` takes for ``n`` numbers.
+
+    Args:
+        n: how many normal numbers.
+    """
+    return (n + 1) // 2
+
+
 def standard_normal_(out: torch.Tensor, seed: int, position: torch.Tensor | int, words: torch.Tensor) -> torch.Tensor:
-    """Fill the flat ``out`` with ``ξ ~ N(0, I)``: ``ξ_i`` from the splitmix64 output ``position · n + i`` of
-    the stream ``seed`` (``n = out.numel()``), by Box–Muller on its two 32-bit halves.
+    """Fill the flat ``out`` with ``ξ ~ N(0, I)`` from the stream ``seed``: the splitmix64 outputs
+    ``position · h + i`` (``h = ⌈n/2⌉``, ``n = out.numel()``), each a pair of uniforms ``(u₁, u₂)`` from its
+    two 32-bit halves, give ``ξ_i = r cos θ`` and ``ξ_{h+i} = r sin θ`` with ``r = sqrt(−2 ln u₁)``, ``θ = 2π u₂``
+    (Box–Muller).
 
     Args:
         out: a flat floating-point tensor.
         seed: the stream, ``0 ≤ seed < 2⁶³``.
-        position: which block of ``n`` numbers of the stream (a 0-d int64 tensor, on any device, or an int).
-        words: a ``2 × n`` int64 scratch tensor; its content afterwards is unspecified.
+        position: which block of the stream (a 0-d int64 tensor, on any device, or an int).
+        words: a ``2 × h`` int64 scratch tensor (:func:`words_needed`); its content afterwards is unspecified.
 
     Returns:
         ``out``.
     """
-    n = out.numel()
+    n, h = out.numel(), words.shape[1]
     z, spare = words.unbind()
-    torch.arange(n, out=z)
+    torch.arange(h, out=z)
     position = torch.as_tensor(position, dtype=torch.int64)
-    z.mul_(GOLDEN).add_((position * n + 1) * GOLDEN + seed)  # splitmix64's state before output i
+    z.mul_(GOLDEN).add_((position * h + 1) * GOLDEN + seed)  # splitmix64's state before output i
     for bits, factor in ((30, MIX1), (27, MIX2), (31, None)):
         z.bitwise_xor_(_shifted(z, bits, spare))
         if factor is not None:
             z.mul_(factor)
-    out.copy_(_shifted(z, 32, spare))
+    radius, rest = out[:h], out[h:]
+    radius.copy_(_shifted(z, 32, spare))
     torch.bitwise_and(z, 2**32 - 1, out=spare)
-    angle = z.view(out.dtype)[:n]  # z is spent: its storage takes the second half as a float
-    angle.copy_(spare)
-    out.add_(0.5).mul_(2.0**-32).log_().mul_(-2.0).sqrt_()  # sqrt(−2 ln u₁), u₁ ∈ (0, 1]
-    return out.mul_(angle.add_(0.5).mul_(2 * math.pi * 2.0**-32).cos_())
+    angle = z.view(out.dtype)[:h]  # z is spent: its storage takes the low halves as floats
+    angle.copy_(spare).add_(0.5).mul_(2 * math.pi * 2.0**-32)
+    radius.add_(0.5).mul_(2.0**-32).log_().mul_(-2.0).sqrt_()  # u₁ ∈ (0, 1]
+    sine = torch.sin(angle[: n - h], out=spare.view(out.dtype)[: n - h])
+    torch.mul(radius[: n - h], sine, out=rest)
+    return radius.mul_(angle.cos_())
