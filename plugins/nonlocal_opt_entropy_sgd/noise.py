@@ -59,4 +59,5 @@ def standard_normal_(out: torch.Tensor, seed: int, position: torch.Tensor | int,
     radius.add_(0.5).mul_(2.0**-32).log_().mul_(-2.0).sqrt_()  # u₁ ∈ (0, 1]
     sine = torch.sin(angle[: n - h], out=spare.view(out.dtype)[: n - h])
     torch.mul(radius[: n - h], sine, out=rest)
-    return radius.mul_(angle.cos_())
+    radius.mul_(angle.cos_())
+    return out
