@@ -1,7 +1,8 @@
 """Non-finite values in the Python API (issue 27): NaN or infinite hyperparameters are refused where they
 enter (compose, a parameter group, ``param_groups`` at step time) before anything changes; a base step
 that writes non-finite parameters is skipped and counted, parameters and base state as they were; and a
-skipped Entropy-SGD step draws no noise, on the device path too (no host read)."""
+skipped Entropy-SGD step draws no noise, on the device path too (no host read), its noise being a
+function of the seed and the step counter."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rule_cases import RULES, compose, flat, loss_of, problem, without_momentum
 
 import nonlocal_opt
 from nonlocal_opt.testing import NoHostReads
+from nonlocal_opt_entropy_sgd.noise import standard_normal_, words_needed
 
 BAD = [float("nan"), float("inf"), -float("inf")]
 
@@ -140,3 +142,17 @@ def test_a_skipped_entropy_sgd_step_draws_no_noise(device_path):
             twin_opt.step(closure_for(twin_opt, twin, x, y))
             assert torch.equal(flat(model), flat(twin))
     assert opt.stats["nonfinite"] == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 57, 40_001])
+def test_the_noise_is_a_standard_normal_function_of_seed_and_position(n):
+    out, words = torch.empty(n, dtype=torch.float64), torch.empty(2, words_needed(n), dtype=torch.int64)
+    first = standard_normal_(out, 7, torch.tensor(3), words).clone()
+    assert torch.equal(standard_normal_(torch.empty(n, dtype=torch.float64), 7, 3, words), first)
+    torch.testing.assert_close(standard_normal_(torch.empty(n, dtype=torch.float32), 7, 3, words), first.float(), rtol=0, atol=1e-3)
+    assert not torch.equal(standard_normal_(out, 7, 4, words), first)
+    assert not torch.equal(standard_normal_(out, 8, 3, words), first)
+    assert torch.isfinite(first).all()
+    if n > 10_000:
+        assert abs(float(first.mean())) < 0.02 and abs(float(first.std()) - 1) < 0.02
+        assert abs(float((first**4).mean()) - 3) < 0.15  # Gaussian tails, not uniform ones (1.8)
