@@ -8,8 +8,7 @@ import pytest
 import torch
 from rule_cases import RULES, compose, flat, loss_of, problem
 
-from nonlocal_opt import HostGradientError
-from nonlocal_opt.optim.step_context import ClosureError
+from nonlocal_opt import ClosureError, HostGradientError
 
 MULTI_PASS = sorted(set(RULES) - {"local"})
 
