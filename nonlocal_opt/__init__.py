@@ -21,7 +21,7 @@ from nonlocal_opt.optim.composed import ComposedOptimizer
 from nonlocal_opt.optim.host_checks import HostGradientError, register_host_check
 from nonlocal_opt.optim.hyperparameters import Hyperparameter
 from nonlocal_opt.optim.interfaces import Centre, ConstraintManifold, DescentRule, GraphPoint, ProjectionResult, Projector
-from nonlocal_opt.optim.step_context import StepContext
+from nonlocal_opt.optim.step_context import ClosureError, StepContext
 from nonlocal_opt.optim.step_resources import StepResources
 from nonlocal_opt.plugins.compose import compose, constructor
 from nonlocal_opt.plugins.hookspecs import hookimpl, hookspec
@@ -29,6 +29,7 @@ from nonlocal_opt.plugins.registry import available, get, registrations
 
 __all__ = [
     "Centre",
+    "ClosureError",
     "ComposedOptimizer",
     "ConstraintManifold",
     "DescentRule",

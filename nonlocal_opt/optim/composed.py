@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from nonlocal_opt.optim.host_checks import run_host_checks
-from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, merge_specs, optional, positive, validate
+from nonlocal_opt.optim.hyperparameters import Hyperparameter, boolean, check_finite, merge_specs, optional, positive, validate
 from nonlocal_opt.optim.interfaces import ConstraintManifold, DescentRule, Projector
+from nonlocal_opt.optim.state_provenance import check_provenance, recorded
 from nonlocal_opt.optim.step_context import ProjectionRecord, StepContext
 from nonlocal_opt.optim.step_resources import StepResources
 
@@ -134,6 +135,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         theirs = {k: v for k, v in hyperparameters.items() if k not in self.hyperparameter_specs}
         self._check_base_keys(theirs)
         validate(self.hyperparameter_specs, ours, self._owner())
+        check_finite(hyperparameters, self._owner())
         defaults = {key: spec.default for key, spec in self.hyperparameter_specs.items()}
         defaults.update(ours)
         self._last_stats: dict[str, Any] = {}
@@ -200,29 +202,50 @@ class ComposedOptimizer(torch.optim.Optimizer):
             param_group: a dict with ``"params"`` and any hyperparameters (the others take the defaults).
 
         Raises:
-            ValueError: an unknown or invalid hyperparameter, or a combination a component refuses.
+            ValueError: an unknown, invalid or non-finite hyperparameter, or a combination a component refuses.
         """
         settings = {k: v for k, v in param_group.items() if k != "params"}
         validate(self.hyperparameter_specs, {k: v for k, v in settings.items() if k in self.hyperparameter_specs}, self._owner())
         self._check_base_keys({k: v for k, v in settings.items() if k not in self.hyperparameter_specs})
+        check_finite(settings, self._owner())
         super().add_param_group(param_group)
         if self._ready:
             self._check_components(self.param_groups[-1])
 
     # -- state -------------------------------------------------------------------------------------
+    def composition(self) -> dict[str, str | None]:
+        """What made this optimizer's state: the names of the rule, projector and manifold, and the base's
+        ``module.qualname`` (saved in :meth:`state_dict` and checked by :meth:`load_state_dict`)."""
+        return {
+            "rule": self.rule.name,
+            "base": base_label(self.base_factory),
+            "projector": None if self.projector is None else self.projector.name,
+            "manifold": None if self.manifold is None else self.manifold.name,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"``."""
+        """The rule's state and ``param_groups`` (as ``torch.optim.Optimizer``), plus ``"base_state"`` and
+        ``"composition"`` (:meth:`composition`, its names as byte tensors:
+        :func:`~nonlocal_opt.optim.state_provenance.recorded`)."""
         state = super().state_dict()
         state["base_state"] = self.base.state_dict()["state"]
+        state["composition"] = recorded(self.composition())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the rule's and the base's state; the base keeps sharing ``param_groups``.
 
         Args:
-            state_dict: what :meth:`state_dict` returned (``"base_state"`` may be missing: no base state).
+            state_dict: what :meth:`state_dict` returned, by this composition (state saved before
+                ``"composition"`` was recorded is checked by its hyperparameters instead).
+
+        Raises:
+            ValueError: the state is foreign (another rule, base, projector or manifold, a plain
+                ``torch.optim`` optimizer, another group layout); nothing has been changed.
         """
+        check_provenance(state_dict, self, self._base_keys)
         state_dict = dict(state_dict)
+        state_dict.pop("composition", None)
         base_state = state_dict.pop("base_state", {})
         self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
         super().load_state_dict(state_dict)
@@ -250,6 +273,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: a rule that evaluates the loss several times was called without a closure.
+            ValueError: a hyperparameter in ``param_groups`` is NaN or infinite (nothing has changed).
         """
         if closure is None and self.rule.requires_closure:
             raise RuntimeError(
@@ -257,6 +281,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "opt.step(closure) with a closure that zeroes grads, runs forward and backward, "
                 "and returns the loss"
             )
+        for index, group in enumerate(self.param_groups):  # a scheduler or the caller may have set them
+            check_finite({k: v for k, v in group.items() if k != "params"}, f"{self._owner()}, param_groups[{index}]")
         if self.rule.requires_closure:
             run_host_checks(self.rule.name)
         self.last_projection = None

@@ -1,4 +1,5 @@
-"""The guarded base step: ``base.step()`` on the gradients in ``p.grad``, skipped unless they are finite."""
+"""The guarded base step: ``base.step()`` on the gradients in ``p.grad``, skipped unless they and the
+parameters it writes are finite."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def all_finite(tensors: list[torch.Tensor], norm: torch.Tensor | None, host_read
 
 def saved_copies(tensors: list[torch.Tensor], params: list[torch.Tensor], state: Mapping[Any, dict], spare: list[list[torch.Tensor]]
                  ) -> tuple[list[torch.Tensor], dict[Any, dict[str, torch.Tensor]]]:
-    """Copies of ``tensors`` and of every tensor in the base ``state`` of ``params``, for the device path's restore.
+    """Copies of ``tensors`` and of every tensor in the base ``state`` of ``params``, to restore a skipped step from.
 
     Args:
         tensors: this process's part of each parameter.
@@ -85,12 +86,14 @@ def guarded_base_step(
     spare: Sequence[list[torch.Tensor]] = (),
 ) -> torch.Tensor:
     """``base.step()`` with the gradients in ``p.grad``, clipped to ``max_grad_norm``, skipped unless
-    ``finite`` and every gradient is.
+    ``finite``, every gradient, and every parameter the base writes are finite.
 
-    On the host path the verdict is read and the step skipped (as ``GradScaler`` does). On the device
-    path (no host synchronisation) the step runs and ``torch.where`` puts back the parameters and base
-    state, from copies made in ``spare`` as far as it goes; only a step that creates base state (a first
-    step) reads the verdict, to drop that state again. Norms and verdicts cover every shard (``flat.sum``).
+    The parameters and base state are copied first (into ``spare`` as far as it goes). On the host path
+    the verdict on the gradients is read and the step skipped before any copy (as ``GradScaler`` does);
+    the verdict on the written parameters is read after the base step, which a non-finite one undoes from
+    the copies. On the device path (no host synchronisation) the step runs and ``torch.where`` puts back
+    the parameters and base state unless the whole verdict holds; only a step that creates base state (a
+    first step) reads the verdict, to drop that state again. Norms and verdicts cover every shard (``flat.sum``).
 
     Args:
         base: the base optimizer, stepping on ``flat.params``.
@@ -99,7 +102,7 @@ def guarded_base_step(
         finite: the rule's verdict on its passes (a bool, or a 0-d bool tensor on the device path).
         stats: the step's stats; ``stats["nonfinite"]`` is set.
         host_reads: whether verdicts may be read on the host (the host path).
-        spare: lists of one tensor per parameter the step no longer needs, for the device path's copies.
+        spare: lists of one tensor per parameter the step no longer needs, for the copies.
 
     Returns:
         "Step taken" as a 0-d bool tensor.
@@ -121,27 +124,32 @@ def guarded_base_step(
         norm = global_norm(grads) if flat.group is None else sharded_norm(grads, flat)
     if max_norm is not None:  # torch.nn.utils.clip_grads_with_norm_, on this process's part of each gradient
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    if host_reads:
-        taken = bool(all_finite(grads, norm, host_reads, flat)) and bool(finite)  # every shard takes part in the test
-        if taken:
-            base.step()
-        stats["nonfinite"] = float(not taken)
-        return TRUE if taken else FALSE
-    finite = all_finite(grads, norm, host_reads, flat) & finite
+    verdict = all_finite(grads, norm, host_reads, flat)
+    if host_reads and not (bool(verdict) and bool(finite)):  # every shard takes part in the test
+        stats["nonfinite"] = 1.0
+        return FALSE
+    finite = TRUE if host_reads else verdict & finite
     state = base.state
     keys = {p: set(state[p]) if p in state else set() for p in params}
     saved_params, saved_state = saved_copies(tensors, params, state, [[s[i] for i in indices] for s in spare])
     base.step()
+    written = None if not host_reads else global_norm(tensors) if flat.group is None else sharded_norm(tensors, flat)
+    taken = finite & all_finite(tensors, written, host_reads, flat)  # an overflow can write non-finite parameters
+    if host_reads:
+        taken = TRUE if bool(taken) else FALSE
     created = [p for p in params if p in state and set(state[p]) - keys[p]]
-    if created and not bool(finite):
+    if created and not bool(taken):
         for p in created:
             for key in set(state[p]) - keys[p]:
                 del state[p][key]
-    for t, old in zip(tensors, saved_params):
-        torch.where(finite, t, old, out=t)
-    for p, kept in saved_state.items():
-        for key, old in kept.items():
-            now = local(state[p][key])
-            torch.where(finite, now, old, out=now)
-    stats["nonfinite"] = ~finite
-    return finite
+            if not state[p]:
+                del state[p]
+    if not (host_reads and taken is TRUE):
+        for t, old in zip(tensors, saved_params):
+            torch.where(taken, t, old, out=t)
+        for p, kept in saved_state.items():
+            for key, old in kept.items():
+                now = local(state[p][key])
+                torch.where(taken, now, old, out=now)
+    stats["nonfinite"] = float(taken is FALSE) if host_reads else ~taken
+    return taken

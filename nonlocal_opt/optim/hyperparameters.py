@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import torch
 
 
 def _is_number(value: Any) -> bool:
@@ -128,6 +129,38 @@ def validate(specs: Mapping[str, Hyperparameter], values: Mapping[str, Any], own
         problem = specs[key].check(value)
         if problem is not None:
             raise ValueError(f"invalid hyperparameter {key}={value!r} for {owner}: {problem}")
+
+
+def is_finite(value: Any) -> bool:
+    """Whether a hyperparameter's value holds no NaN or infinity: numbers, sequences of numbers (``betas``)
+    and tensors on the CPU are checked; anything else (``None``, flags, strings, tensors on an accelerator,
+    which would need a host read) counts as finite.
+
+    Args:
+        value: the value to check.
+    """
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(is_finite(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.is_floating_point():
+        return bool(torch.isfinite(value).all())
+    return True
+
+
+def check_finite(values: Mapping[str, Any], owner: str) -> None:
+    """Refuse a NaN or infinite hyperparameter (see :func:`is_finite`), whoever declares it.
+
+    Args:
+        values: the hyperparameters, by name.
+        owner: where they are, for the message.
+
+    Raises:
+        ValueError: naming the first non-finite one.
+    """
+    for key, value in values.items():
+        if not is_finite(value):
+            raise ValueError(f"hyperparameter {key}={value!r} of {owner} is not finite; set a finite value")
 
 
 def merge_specs(*named_specs: tuple[str, Mapping[str, Hyperparameter]]) -> dict[str, Hyperparameter]:

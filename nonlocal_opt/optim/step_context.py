@@ -39,6 +39,33 @@ def accepts_fresh_batch(closure: Callable[..., Any] | None) -> bool:
         return False
 
 
+class ClosureError(RuntimeError):
+    """A closure that breaks the closure protocol (:class:`StepContext`): it returned something other than
+    the loss as a scalar, or left no gradient."""
+
+
+def is_scalar_loss(loss: Any) -> bool:
+    """Whether ``loss`` is what a closure must return: a one-element tensor or a real number, finite or not.
+
+    Args:
+        loss: what a closure returned.
+    """
+    if isinstance(loss, torch.Tensor):
+        return loss.numel() == 1
+    return isinstance(loss, (int, float)) and not isinstance(loss, bool)
+
+
+def describe(value: Any) -> str:
+    """``value`` in a few words, for messages: a tensor's shape and dtype, else its type.
+
+    Args:
+        value: anything.
+    """
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 @attrs.frozen
 class ProjectionRecord:
     """One projection of a step: the centre ``c_t`` the rule moved from (``None`` if it gave none),
@@ -64,8 +91,10 @@ class StepContext:
     ``ComposedOptimizer.step_context(closure)`` makes one as ``step()`` does.
 
     Closure protocol: ``closure()`` zeroes the gradients, runs forward and backward on the current
-    mini-batch and returns the loss. A closure may also accept ``fresh_batch=True``, asking it to
-    draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
+    mini-batch and returns the loss (a scalar tensor; :class:`ClosureError` otherwise, or when it left no
+    gradient). Before every pass but the first the step drops the previous pass's gradients itself, so
+    passes never add up, whether or not the closure zeroes. A closure may also accept ``fresh_batch=True``,
+    asking it to draw the next mini-batch first (Entropy-SGD's Langevin steps can use this).
 
     Args:
         resources: what the optimizer lends the step (components, scratch storage, pass counting, the
@@ -234,7 +263,7 @@ class StepContext:
         """
         return self._resources.buffers(name, self.flat.tensors)
 
-    def scratch(self, name: str, rows: int | None = None) -> torch.Tensor:
+    def scratch(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None, columns: int | None = None) -> torch.Tensor:
         """A flat scratch vector of ``R^d`` (this process's part of it), or a ``rows × d`` matrix of them,
         kept by the optimizer from step to step (not in ``state_dict``). A fresh ``R^d`` tensor per step
         costs page faults on the CPU that can exceed the arithmetic filling it. Its values do not outlive
@@ -243,9 +272,13 @@ class StepContext:
         Args:
             name: the key, shared by the rule, projector and manifold: prefix it with the component's name.
             rows: the number of rows of a matrix; ``None``: one vector.
+            dtype: its dtype (``None``: the parameters').
+            columns: the length of each row (``None``: ``d``, this process's part of it).
         """
-        shape = (self.flat.numel,) if rows is None else (rows, self.flat.numel)
-        return self._resources.flat_buffer(f"flat:{name}", shape, self.flat.tensors[0])
+        columns = self.flat.numel if columns is None else columns
+        shape = (columns,) if rows is None else (rows, columns)
+        like = self.flat.tensors[0]
+        return self._resources.flat_buffer(f"flat:{name}", shape, like if dtype is None else like.new_empty((), dtype=dtype))
 
     def start_grad_out(self) -> torch.Tensor:
         """Where a projecting rule gathers ``∇f(θ_t)``: the projector's own storage when it offers some
@@ -323,6 +356,7 @@ class StepContext:
         Raises:
             RuntimeError: the step has no closure.
             HostGradientError: the closure of a multi-pass rule's first pass added to gradients the host left.
+            ClosureError: the closure returned anything but a scalar loss, or left no gradient.
         """
         if theta is not None:
             self.flat.write(theta)
@@ -335,12 +369,9 @@ class StepContext:
         # accumulate: its one pass is the step's gradient, as with any torch optimizer).
         held = [p.grad for p in self.flat.params] if self.grad_evals == 0 and self._resources.rule.requires_closure else []
         zeroed = self._resources.zero_grad_calls
-        self._resources.closure_pass = self.grad_evals
-        try:
-            with torch.enable_grad(), self._batchnorm_paused(extra):
-                loss = self._closure(fresh_batch=True) if fresh_batch else self._closure()
-        finally:
-            self._resources.closure_pass = None
+        if self.grad_evals > 0:
+            self._clear_grads()
+        loss = self._call_closure(extra, fresh_batch)
         if any(old is not None and p.grad is old for p, old in zip(self.flat.params, held)) and self._resources.zero_grad_calls == zeroed:
             raise HostGradientError(
                 "the closure added its gradient to gradients already in p.grad: gradient accumulation by the host "
@@ -349,15 +380,43 @@ class StepContext:
                 "micro_batches, loss_sum)), which zeroes the gradients and runs every micro-batch in each pass (under "
                 "Lightning: manual optimization, automatic_optimization = False; docs/integrations.md, Gradient accumulation)"
             )
+        self._check_pass(loss)
         if self._resources.scaled_passes is not None:
             self._resources.scaled_passes.after_pass(self.flat)
         self.grad_evals += 1
         self.stats["grad_evals"] = self.grad_evals
-        if self.world_size > 1 and loss is not None:
+        if self.world_size > 1:
             loss = torch.as_tensor(loss, device=self.flat.device).detach().clone()
             torch.distributed.all_reduce(loss)  # SUM: gloo has no AVG
             loss /= self.world_size
         return loss
+
+    def _clear_grads(self) -> None:
+        """Drop the previous pass's gradients (``zero_grad(set_to_none=True)``): the rule has gathered them,
+        and the next pass must not add to them, whether or not its closure zeroes."""
+        for p in self.flat.params:
+            p.grad = None
+
+    def _call_closure(self, extra: bool, fresh_batch: bool) -> Any:
+        self._resources.closure_pass = self.grad_evals
+        try:
+            with torch.enable_grad(), self._batchnorm_paused(extra):
+                return self._closure(fresh_batch=True) if fresh_batch else self._closure()
+        finally:
+            self._resources.closure_pass = None
+
+    def _check_pass(self, loss: Any) -> None:
+        """Refuse a closure that returned anything but the loss as a scalar, or left no gradient."""
+        if not is_scalar_loss(loss):
+            raise ClosureError(
+                f"the closure of rule {self.rule_name!r} returned {describe(loss)}; it must return the loss as a "
+                "scalar tensor: def closure(): opt.zero_grad(); loss = ...; loss.backward(); return loss"
+            )
+        if all(p.grad is None for p in self.flat.params):
+            raise ClosureError(
+                f"the closure of rule {self.rule_name!r} left no gradient in p.grad: it must call loss.backward() "
+                "on the loss it returns (after opt.zero_grad())"
+            )
 
     def _batchnorm_paused(self, extra: bool) -> contextlib.AbstractContextManager:
         if not (extra and self.hp("freeze_bn_stats")):
@@ -410,7 +469,8 @@ class StepContext:
     ) -> torch.Tensor:
         """Let the base optimizer step from ``θ`` with ``direction`` as the gradient, clipped to
         ``max_grad_norm``. The base step is skipped — parameters and base state unchanged,
-        ``stats['nonfinite'] = 1`` — unless ``finite`` holds and every gradient is finite.
+        ``stats['nonfinite'] = 1`` — unless ``finite`` holds and every gradient and every parameter the
+        base writes is finite.
 
         Args:
             direction: a flat tensor written into ``p.grad``; ``None`` keeps the gradients the closure left.
@@ -418,8 +478,8 @@ class StepContext:
                 one tensor per parameter; ``None`` keeps the current ones.
             finite: the rule's verdict on its passes (:meth:`finite`); under a ``GradScaler``, and no pass overflowed.
             spare: vectors the step no longer needs once ``θ`` and ``direction`` are written (flat, or one
-                tensor per parameter; distinct storage), which the device path's skip may fill with its
-                copies of the parameters and base state instead of allocating them. A vector whose storage
+                tensor per parameter; distinct storage), which the guarded step may fill with its copies of
+                the parameters and base state instead of allocating them. A vector whose storage
                 is one of the gradients being stepped (a closure that zeroed gradients in place reused it) is
                 not used.
 
@@ -434,7 +494,7 @@ class StepContext:
         if self._resources.scaled_passes is not None:  # an fp16 overflow in any pass skips the step
             finite = ~self._resources.scaled_passes.overflowed() & finite
         storage = [self.flat.views(v) if isinstance(v, torch.Tensor) else list(v) for v in spare]
-        if storage and not self.host_reads:  # the device path's skip writes its copies there: never over a gradient
+        if storage:  # the skip's copies go there: never over a gradient
             stepped = {g.data_ptr() for g in self.flat.grads() if g is not None}
             storage = [tensors for tensors in storage if not any(t.data_ptr() in stepped for t in tensors)]
         return self._resources.base_step(self._param_groups, self.flat, finite, self.stats, self.host_reads, storage)

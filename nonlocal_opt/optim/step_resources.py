@@ -108,4 +108,11 @@ class StepResources:
         Returns:
             "Step taken" as a 0-d bool tensor.
         """
-        return guarded_base_step(self.base, param_groups, flat, finite, stats, host_reads, spare)
+        return guarded_base_step(self.base, param_groups, flat, finite, stats, host_reads, [*spare, *self._copy_buffers(flat, len(spare))])
+
+    def _copy_buffers(self, flat: FlatParams, offered: int) -> list[list[torch.Tensor]]:
+        """Buffers kept from step to step for the guarded step's copies (the parameters and each base state
+        entry) that the rule's ``offered`` spare vectors do not cover: a fresh copy per step would cost
+        page faults on the CPU."""
+        entries = {k for p in flat.params for k, v in self.base.state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.dim()}
+        return [self.buffers(f"guarded.copy{i}", flat.tensors) for i in range(max(0, 1 + len(entries) - offered))]

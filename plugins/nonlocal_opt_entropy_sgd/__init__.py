@@ -19,6 +19,7 @@ from nonlocal_opt.optim.hyperparameters import (
     positive_int,
     unit_interval,
 )
+from nonlocal_opt_entropy_sgd.noise import standard_normal_, words_needed
 
 
 class EntropySGDRule(DescentRule):
@@ -49,7 +50,7 @@ class EntropySGDRule(DescentRule):
             False, "—", "Langevin steps 2..L call closure(fresh_batch=True) for a new mini-batch each", boolean
         ),
         "seed": Hyperparameter(
-            None, "—", "seed of the noise generator (None: drawn once from torch's global generator)",
+            None, "—", "seed of the noise ξ (None: drawn once from torch's global generator)",
             optional(non_negative_int),
         ),
     }
@@ -88,55 +89,43 @@ class EntropySGDRule(DescentRule):
         start = ctx.evaluate(extra=False, theta_out=x, grad_out=grad)
         t = ctx.state.get("step", torch.zeros((), dtype=torch.int64, device=x.device))
         gamma = ctx.hp("gamma") * (1 + ctx.hp("scoping")) ** t.to(x.dtype)
-        rng = self._noise_generator(ctx) if noise > 0 else None
-        xi = rows[4] if rng is not None else None
+        xi = rows[4] if noise > 0 else None
+        seed = self._noise_seed(ctx) if xi is not None else None
+        words = None if xi is None else ctx.scratch("entropy-sgd.noise", rows=2, dtype=torch.int64, columns=words_needed(xi.numel()))
         finite = ctx.finite(start.loss)
         x_inner.copy_(x)
         mu.copy_(x)
         coupling = inner_lr * gamma  # η'γ_t, a 0-d tensor: no host read
         point = start
-        for inner in range(ctx.hp("inner_steps")):
+        steps = ctx.hp("inner_steps")
+        for inner in range(steps):
             if inner > 0:
                 point = ctx.evaluate(x_inner, fresh_batch=fresh, grad_out=grad)
                 finite = finite & ctx.finite(point.loss)
             # x' − η'[∇f(x') − γ(x − x')] = (1 − η'γ) x' + η'γ x − η' ∇f(x')
             x_inner.mul_(1 - coupling).addcmul_(x, coupling).add_(point.grad, alpha=-inner_lr)
             if xi is not None:
-                x_inner.add_(xi.normal_(generator=rng), alpha=math.sqrt(inner_lr) * noise)
+                x_inner.add_(standard_normal_(xi, seed, t * steps + inner, words), alpha=math.sqrt(inner_lr) * noise)
             mu.lerp_(x_inner, alpha)
         outer = torch.sub(x, mu, out=mu)  # x − μ, over μ (no longer needed)
         if ctx.hp("scale_outer_by_gamma"):
             outer.mul_(gamma)
         accepted = ctx.apply(outer, theta=x, finite=finite, spare=[x_inner, grad, mu, x])
-        ctx.state["step"] = t + accepted.to(t.dtype)
-        if rng is not None:
-            # A refused step gives its noise back on the host path; on the device path it keeps it drawn:
-            # choosing the generator state would read the verdict on the host (a synchronisation).
-            keep = ctx.host_reads and not bool(accepted)
-            ctx.state["noise_rng"] = self._saved_rng_state(ctx) if keep else rng.get_state()
+        ctx.state["step"] = t + accepted.to(t.dtype)  # a refused step leaves t, so the next step draws its noise
         ctx.stats["gamma"] = gamma
         return start.loss
 
     @staticmethod
-    def _saved_rng_state(ctx) -> torch.Tensor:
-        """``state['noise_rng']`` as the CPU byte tensor ``Generator.set_state`` wants:
-        ``Optimizer.load_state_dict`` moves state to the parameter's device and dtype (exact for 0..255)."""
-        return ctx.state["noise_rng"].to(device="cpu", dtype=torch.uint8)
-
-    def _noise_generator(self, ctx) -> torch.Generator:
-        """The generator of ``ξ ~ N(0, I)``, restored from ``state['noise_rng']`` (so ``state_dict``
-        round-trips it) or seeded from ``seed`` on the first step. Under FSDP2 the shard of process
-        ``r > 0`` draws from the seed ``hash((seed, r))``: independent noise on every shard."""
-        rng = torch.Generator(device=ctx.flat.device)
-        if "noise_rng" in ctx.state:
-            rng.set_state(self._saved_rng_state(ctx))
-        else:
+    def _noise_seed(ctx) -> int:
+        """The seed of the noise, ``state['noise_seed']`` (so ``state_dict`` round-trips it), fixed on the first
+        step from ``seed`` (``None``: drawn from torch's global generator). Under FSDP2 the shard of process
+        ``r > 0`` uses the seed ``hash((seed, r))``: independent noise on every shard."""
+        if "noise_seed" not in ctx.state:
             seed = ctx.hp("seed")
             seed = int(torch.randint(2**62, ())) if seed is None else seed
             rank = ctx.flat.shard_rank
-            rng.manual_seed(seed if rank == 0 else hash((seed, rank)) % 2**63)
-            ctx.state["noise_rng"] = rng.get_state()
-        return rng
+            ctx.state["noise_seed"] = seed if rank == 0 else hash((seed, rank)) % 2**63
+        return ctx.state["noise_seed"]
 
 
 @hookimpl
