@@ -7,6 +7,7 @@ from nonlocal_opt import Hyperparameter
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
 from nonlocal_opt.optim.refresh_policy import REFRESH_HYPERPARAMETERS
 from nonlocal_opt_sam.ascent import PERTURB, RHO
+from nonlocal_opt_sam.constructors import AESAM, LookSAM
 from nonlocal_opt_sam.refreshing import RefreshingRule
 from nonlocal_opt_sam.two_pass import perturbed_passes
 
@@ -33,6 +34,7 @@ class SAMRule(RefreshingRule):
         **REFRESH_HYPERPARAMETERS,
     }
     presets = {"paper": {"lr": 0.01, "rho": 0.05}}
+    constructors = {"LookSAM": LookSAM, "AESAM": AESAM}
 
     def check_group(self, group):
         """Refuse ``eta`` without ``adaptive``, and what the refresh policy refuses.

@@ -75,6 +75,24 @@ class Passes:
         return ctx.finite(self.loss, self.perturbed_loss, *more)
 
 
+def perturbed_flags(ctx) -> list[bool]:
+    """Per tensor of ``ctx.params``, whether its group says ``perturb``.
+
+    Args:
+        ctx: The step's context.
+
+    Raises:
+        ValueError: no parameter group is perturbed.
+    """
+    flags = ctx.per_tensor("perturb")
+    if not any(flags):
+        raise ValueError(
+            f"{ctx.rule_name!r}: every parameter group has perturb=False, so nothing is perturbed; "
+            "set perturb=True on the groups to perturb (or use the base optimizer alone)"
+        )
+    return flags
+
+
 def perturbed_passes(ctx, policy: RefreshPolicy, ascent_direction: AscentDirection, eta: list[float] | None = None) -> Passes:
     """Run the pass at ``w`` (unless ``policy`` ran it), form ``w + ε(d)`` and run the pass there; the parameters end at ``w``.
 
@@ -92,16 +110,8 @@ def perturbed_passes(ctx, policy: RefreshPolicy, ascent_direction: AscentDirecti
 
     Returns:
         The :class:`Passes`.
-
-    Raises:
-        ValueError: no parameter group is perturbed.
     """
-    flags = ctx.per_tensor("perturb")
-    if not any(flags):
-        raise ValueError(
-            f"{ctx.rule_name!r}: every parameter group has perturb=False, so nothing is perturbed; "
-            "set perturb=True on the groups to perturb (or use the base optimizer alone)"
-        )
+    flags = perturbed_flags(ctx)
     loss = torch.as_tensor(policy.first_pass()).detach()
     first = ctx.grads()
     policy.keep_gradient(first)
