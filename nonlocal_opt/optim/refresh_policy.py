@@ -56,7 +56,10 @@ def number_pair(value: Any) -> str | None:
 REFRESH_HYPERPARAMETERS = {
     "refresh_every": Hyperparameter(1, "k", "the full non-local step runs when t mod k = 0 (1: every step)", positive_int),
     "reuse": Hyperparameter(
-        "vertical", "—", "a step between refreshes: 'vertical' (LookSAM, g + w (‖g‖/‖g_v‖) g_v) or 'none' (g)", choice("vertical", "none")
+        "vertical",
+        "—",
+        "a step between refreshes: 'vertical' (LookSAM, g + w (‖g‖/‖g_v‖) g_v) or 'none' (g; None too, as --set reuse=none reads)",
+        optional(choice("vertical", "none")),
     ),
     "reuse_weight": Hyperparameter(0.7, "w", "weight of the kept vertical part g_v in a 'vertical' reuse step", non_negative),
     "refresh": Hyperparameter(
@@ -95,7 +98,7 @@ def check_refresh_group(group: Mapping[str, Any]) -> None:
         for key in _NORM_ONLY:
             if group[key] != specs[key].default:
                 raise ValueError(f"{key}={group[key]!r} sets AE-SAM's gradient-norm policy: add refresh='gradient-norm'")
-    if group["reuse"] == "none" and group["reuse_weight"] != specs["reuse_weight"].default:
+    if group["reuse"] in ("none", None) and group["reuse_weight"] != specs["reuse_weight"].default:
         raise ValueError(f"reuse_weight={group['reuse_weight']!r} weights g_v in 'vertical' reuse steps: set reuse='vertical'")
 
 
