@@ -208,33 +208,29 @@ class RefreshPolicy:
     # -- the base step ----------------------------------------------------------------------------
     def apply(self, direction: torch.Tensor | None = None, *, theta=None, finite=True, spare=()) -> torch.Tensor:
         """A refresh's ``ctx.apply``; at a ``'vertical'`` one, ``g_v = d − (⟨d, g⟩/‖g‖²) g`` is formed first from
-        ``d`` (``direction``, or what is in ``p.grad``) and the kept ``g``, and kept if the step is taken.
+        ``d`` (``direction``, or what is in ``p.grad``) over the kept ``g``, and kept if the step is taken.
 
         Args:
             direction: as in ``ctx.apply``.
             theta: as in ``ctx.apply``.
             finite: as in ``ctx.apply``.
-            spare: as in ``ctx.apply`` (the kept ``g`` is added once ``g_v`` is formed).
+            spare: as in ``ctx.apply``.
 
         Returns:
             "Step taken", as ``ctx.apply``.
         """
         ctx = self.ctx
-        vertical = None
-        if self._kept is not None:
+        vertical = self._kept
+        if vertical is not None:
             d = ctx.flat.views(direction) if direction is not None else ctx.grads()
             index = [i for i, piece in enumerate(d) if piece is not None]
-            d, g = [d[i] for i in index], [self._kept[i] for i in index]
-            vertical = ctx.buffers("refresh.g_v.new")
-            out = [vertical[i] for i in index]
+            d, g = [d[i] for i in index], [vertical[i] for i in index]
             squared = dot(g, g, ctx)
             projection = torch.where(squared > 0, dot(d, g, ctx) / squared, torch.zeros_like(squared))
-            torch._foreach_copy_(out, g)
-            torch._foreach_mul_(out, -projection)
-            torch._foreach_add_(out, d)  # d − (⟨d, g⟩/‖g‖²) g
+            torch._foreach_mul_(g, -projection)
+            torch._foreach_add_(g, d)  # g_v = d − (⟨d, g⟩/‖g‖²) g, over the kept g
             for i in set(range(len(vertical))) - set(index):
                 vertical[i].zero_()
-            spare = [*spare, self._kept]
         taken = ctx.apply(direction, theta=theta, finite=finite, spare=spare)
         self._finish(taken, vertical)
         return taken
@@ -254,7 +250,7 @@ class RefreshPolicy:
             grads = ctx.grads()
             index = [i for i, g in enumerate(grads) if g is not None]
             g, g_v = [grads[i] for i in index], [kept[i] for i in index]
-            scaled = [ctx.buffers("refresh.scaled")[i] for i in index]
+            scaled = [ctx.buffers("refresh.g")[i] for i in index]  # the refreshes' buffer, free between them
             norm_v = ctx.norm(g_v)
             factor = torch.where(norm_v > 0, ctx.hp("reuse_weight") * ctx.norm(g) / norm_v, torch.zeros_like(norm_v))
             torch._foreach_copy_(scaled, g_v)

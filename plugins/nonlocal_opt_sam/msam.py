@@ -41,18 +41,18 @@ class MomentumSAMRule(DescentRule):
         """
         flags = perturbed_flags(ctx)
         m = ctx.state.get("msam_m")
+        new = ctx.buffers("msam.m")  # m/‖m‖'s direction, then β m + d
         spare = []
         if m is None:
             loss = torch.as_tensor(ctx.loss(extra=False))
         else:
-            direction = [b for b, on in zip(ctx.buffers("msam.direction"), flags) if on]
+            direction = [b for b, on in zip(new, flags) if on]
             torch._foreach_copy_(direction, [v for v, on in zip(m, flags) if on])
             loss, buffers = pass_at_perturbed(ctx, flags, direction, None, extra=False)
             spare = [buffers]
         loss = loss.detach()
         grads = ctx.grads()
         index = [i for i, g in enumerate(grads) if g is not None]
-        new = ctx.buffers("msam.m")
         if m is None:
             m = [torch.zeros_like(b) for b in new]
         fresh = [new[i] for i in index]
