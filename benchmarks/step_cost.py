@@ -261,7 +261,7 @@ def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int,
     rows = measure(model_name, batch, base_name, rounds, steps, device_path)
     header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "× sam step", "extra peak (vectors)",
               "page faults/step"]
-    return markdown_table(header, [[r["optimizer"], f"{r['passes']:g}", f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
+    return markdown_table(header, [[r["optimizer"], f"{r['passes']:.3g}", f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
                                     f"{r['ratio_per_pass']:.2f}", f"{r['ratio_to_sam']:.2f}", f"{r['extra_peak_vectors']:.1f}",
                                     f"{r['page_faults_per_step']:.0f}"] for r in rows])
 

@@ -198,6 +198,21 @@ def test_refreshing_every_step_through_the_policy_is_the_rule_bit_for_bit(rule, 
     assert "refresh_t" not in nonlocal_opt.compose([torch.nn.Parameter(torch.ones(2))], rule).state_dict()["state"]
 
 
+@pytest.mark.parametrize("projector", ["gauss-newton", "footpoint"])
+def test_rbo_refreshing_every_step_through_the_policy_is_rbo_bit_for_bit(projector):
+    """As above for RBO: the policy's code path (gathering the start point after the policy's own first pass,
+    keeping ``g`` and forming ``g_v``) changes nothing while every step refreshes."""
+    finals = []
+    for extra in ({}, dict(refresh="gradient-norm", refresh_c=(-1e300, -1e300))):
+        model, data = _problem()
+        opt = nonlocal_opt.compose(model.parameters(), "rbo", projector=projector, base="sgd", lr=0.3, momentum=0.9, rho=1.0,
+                                   max_iters=3, **extra)
+        _, _, refreshed = _run(opt, model, data, STEPS)
+        assert refreshed == [1.0] * STEPS
+        finals.append(_flat(model))
+    assert torch.equal(finals[0], finals[1])
+
+
 @pytest.mark.parametrize("setting", ["looksam", "ae-sam", "msam", "rbo"])
 def test_resume_is_exact(setting):
     """7 steps, ``state_dict`` through ``torch.save``/``torch.load(weights_only=True)`` into a fresh optimizer, 5
