@@ -332,6 +332,18 @@ def test_invalid_settings_are_refused_naming_the_key(rule, settings, message):
         nonlocal_opt.compose(torch.nn.Linear(2, 2).parameters(), rule, lr=0.1, **settings)
 
 
+@pytest.mark.parametrize("settings", [dict(refresh_every=3), dict(refresh="gradient-norm", refresh_c=(100.0, 100.0))])
+def test_no_perturbed_group_is_refused_before_any_pass(settings):
+    """Also when the step would be a reuse step (a threshold no ‖g‖² reaches): never silently the base alone."""
+    model, data = _problem()
+    opt = nonlocal_opt.compose([{"params": list(model.parameters()), "perturb": False}], "sam", lr=0.1, **settings)
+    closure = Counting(opt, model, data)
+    closure.batch = data[0]
+    with pytest.raises(ValueError, match="every parameter group has perturb=False"):
+        opt.step(closure)
+    assert closure.calls == 0
+
+
 @pytest.mark.parametrize("rule", ["wsam", "msam"])
 def test_rules_outside_the_policy_refuse_its_options(rule):
     """WSAM's decoupled step and Momentum-SAM's single pass have no refresh to space out."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from nonlocal_opt import DescentRule
 from nonlocal_opt.optim.refresh_policy import RefreshPolicy, check_refresh_group
+from nonlocal_opt_sam.two_pass import perturbed_flags
 
 
 class RefreshingRule(DescentRule):
@@ -28,7 +29,11 @@ class RefreshingRule(DescentRule):
 
         Returns:
             The loss at ``w``.
+
+        Raises:
+            ValueError: no parameter group is perturbed (before any pass, also ahead of a reuse step).
         """
+        perturbed_flags(ctx)
         policy = RefreshPolicy(ctx)
         return self.refresh(ctx, policy) if policy.refreshing else policy.reuse_step()
 
