@@ -399,6 +399,24 @@ def test_rule_kit(rule, hyperparameters):
     assert check_rule(rule, hyperparameters=hyperparameters).ok
 
 
+class TwicePerStep(nonlocal_opt.DescentRule):
+    """A rule whose pass is not at ``θ_t`` by its own account, broken: BatchNorm's statistics move twice per step."""
+
+    name = "twice-per-step-test"
+    first_pass_at_start = False
+
+    def step(self, ctx):
+        ctx.loss(extra=False)
+        loss = torch.as_tensor(ctx.loss(extra=False))
+        ctx.apply(finite=ctx.finite(loss))
+        return loss
+
+
+def test_rule_kit_batchnorm_check_still_fails_for_rules_whose_pass_is_elsewhere():
+    report = check_rule(TwicePerStep(), raise_on_failure=False)
+    assert {check.name for check in report.failures} == {"batchnorm"}
+
+
 def test_rbo_rule_kit_with_reuse_steps():
     assert check_rule("rbo", projector="gauss-newton", hyperparameters={"refresh_every": 4}).ok
 
