@@ -47,7 +47,8 @@ def rbo_gn(k: int, rho: float) -> dict:
 
 
 # The families and their sweeps (sized from earlier measurements: SGD-m lr 0.03, AdamW 1e-3, SAM ρ 0.02–0.2,
-# RBO-GN η ≤ 0.3). SAM, Friendly-SAM and ASAM keep their base's known learning rate and sweep ρ only.
+# RBO-GN η ≤ 0.3). SAM, Friendly-SAM and ASAM keep their base's known learning rate and sweep ρ only, and so do
+# LookSAM, periodic SAM (k = 5, 1.2 passes per step), AE-SAM and Momentum-SAM (one pass per step).
 FAMILIES = [
     {"name": "sgd-m", "rule": "local", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.01, 0.03, 0.1]}},
     {"name": "adamw", "rule": "local", "base": "adamw", "fixed": {"weight_decay": 0.01}, "sweep": {"lr": [3e-4, 1e-3, 3e-3]}},
@@ -60,17 +61,26 @@ FAMILIES = [
      "sweep": {"rho": [0.2, 1.0]}},
     {"name": "asam/adamw", "rule": "sam", "base": "adamw", "fixed": {"weight_decay": 0.01, "lr": 1e-3, "adaptive": True},
      "sweep": {"rho": [0.2, 1.0]}},
+    {"name": "looksam/sgd-m k=5", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "refresh_every": 5},
+     "sweep": {"rho": [0.02, 0.05, 0.2]}},
+    {"name": "periodic-sam/sgd-m k=5", "rule": "sam", "base": "sgd",
+     "fixed": {"momentum": 0.9, "lr": 0.03, "refresh_every": 5, "reuse": "none"}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
+    {"name": "ae-sam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "refresh": "gradient-norm",
+     "reuse": "none"}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
+    {"name": "msam/sgd-m", "rule": "msam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2, 0.5]}},
     {"name": "entropy-sgd", "rule": "entropy-sgd", "base": "sgd",
      "fixed": {"lr": 1.0, "gamma": 3e-3, "scoping": 1e-3, "scale_outer_by_gamma": False, "fresh_batches": True, "seed": 0},
      "sweep": {"inner_steps": [5, 20]}},
     *(rbo_gn(k, rho) for k in (1, 2, 4, 20) for rho in (0.1, 1.0)),
+    {"name": "rbo-gn K=2 ρ=1 refresh_every=5", **GN, "fixed": {"max_iters": 2, "rho": 1.0, "refresh_every": 5},
+     "sweep": {"lr": [0.1, 0.3]}},
     {"name": "rbo-gn/sgd-m K=2 ρ=1", **GN, "fixed": {"max_iters": 2, "rho": 1.0, "momentum": 0.9}, "sweep": {"lr": [0.01, 0.03]}},
     {"name": "rbo-gn K=2 ρ=1→0.1 cosine", **GN, "fixed": {"max_iters": 2, "rho": 1.0}, "sweep": {"lr": [0.1, 0.3]},
      "schedule": {"name": "cosine", "rho_final": 0.1}},
 ]
 LONG = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1", "entropy-sgd")
 CONV = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1")
-QUICK = ("sgd-m", "sam/sgd-m", "friendly-sam/sgd-m", "rbo-gn K=2 ρ=1")
+QUICK = ("sgd-m", "sam/sgd-m", "friendly-sam/sgd-m", "looksam/sgd-m k=5", "msam/sgd-m", "rbo-gn K=2 ρ=1")
 
 
 def picked(source: Path, names: tuple[str, ...], noise: float) -> list[dict]:

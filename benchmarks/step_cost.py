@@ -1,6 +1,8 @@
 """Step cost side by side in one process: step time relative to a plain SGD (or AdamW) step, per pass and
 relative to our SAM, and extra peak memory in parameter-sized vectors, for our rules (every SAM variant
-among them) and peer SAM implementations.
+and refresh policy among them) and peer SAM implementations. Where the passes vary from step to step (the
+refresh policy) they are the mean of ``stats["grad_evals"]`` over the timed steps (read after each step,
+inside its timing).
 
 Every optimizer trains its own copy of one MLP on one fixed random batch; rounds are interleaved (each
 round times ``--steps`` steps of every optimizer in turn) and the median over ``--rounds`` rounds is
@@ -112,15 +114,16 @@ def has_peer() -> bool:
     return True
 
 
-def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Callable[..., Any], int]]:
-    """Label → (factory ``params -> optimizer``, forward+backward passes per step); ``device_path``: our
-    compositions take the device path (no host reads; what a GPU runs)."""
+def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Callable[..., Any], float | None]]:
+    """Label → (factory ``params -> optimizer``, forward+backward passes per step, ``None`` where they vary from
+    step to step and are measured from ``stats["grad_evals"]``); ``device_path``: our compositions take the
+    device path (no host reads; what a GPU runs)."""
     base, kwargs = BASES[base_name]
 
     def ours(rule: str, **extra: Any) -> Callable[..., Any]:
         return lambda params: nonlocal_opt.compose(params, rule, base=base, device_path=device_path, **kwargs, **extra)
 
-    table: dict[str, tuple[Callable[..., Any], int]] = {
+    table: dict[str, tuple[Callable[..., Any], float | None]] = {
         base_name: (lambda params: Plain(params, base, **kwargs), 1),
         "local": (ours("local"), 1),
         "sam": (ours("sam", rho=0.05), 2),
@@ -130,6 +133,10 @@ def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Cal
         "wsam": (ours("wsam", rho=0.05, gamma=0.9), 2),  # decoupled, the default
         "wsam, coupled": (ours("wsam", rho=0.05, gamma=0.9, decoupled=False), 2),
         "friendly-sam": (ours("friendly-sam", rho=0.05, sigma=1.0, lmbda=0.9), 2),
+        "looksam k=5": (ours("sam", rho=0.05, refresh_every=5), None),
+        "periodic sam k=5": (ours("sam", rho=0.05, refresh_every=5, reuse="none"), None),
+        "ae-sam": (ours("sam", rho=0.05, refresh="gradient-norm", reuse="none"), None),
+        "msam": (ours("msam", rho=0.05, beta=0.9), 1),
         "two-pass SAM": (lambda params: TwoPassSAM(params, base, rho=0.05, **kwargs), 2),
     }
     if has_peer():
@@ -137,6 +144,7 @@ def contenders(base_name: str, device_path: bool = False) -> dict[str, tuple[Cal
     rbo = dict(rho=1.0, rtol=None)
     table["rbo gauss-newton K=10"] = (ours("rbo", projector="gauss-newton", max_iters=10, **rbo), 11)
     table["rbo footpoint K=20"] = (ours("rbo", projector="footpoint", max_iters=20, step_size=0.1, rho=1.0), 21)
+    table["rbo gauss-newton K=10, refresh_every=5"] = (ours("rbo", projector="gauss-newton", max_iters=10, refresh_every=5, **rbo), None)
     table["entropy-sgd L=10"] = (ours("entropy-sgd", inner_steps=10), 10)
     table["entropy-sgd L=10, no noise"] = (ours("entropy-sgd", inner_steps=10, noise=0.0), 10)
     return table
@@ -165,19 +173,22 @@ def measure(model_name: str, batch: int, base_name: str, rounds: int, steps: int
         opt.step(closure)  # warm-up: creates the state
         runs[label] = (model, opt, closure, passes)
     times: dict[str, list[float]] = {label: [] for label in runs}
-    faults = dict.fromkeys(runs, 0)
+    faults, counted = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
-        for label, (_, opt, closure, _) in runs.items():
+        for label, (_, opt, closure, passes) in runs.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step(closure)
+                if passes is None:
+                    counted[label] += opt.stats["grad_evals"]
             times[label].append((time.perf_counter() - start) / steps)
             faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     peaks = {label: peak_bytes(model, opt, closure) for label, (model, opt, closure, _) in runs.items()}
     unit, sam = statistics.median(times[base_name]), statistics.median(times["sam"])
     rows = []
     for label, (_, _, _, passes) in runs.items():
+        passes = counted[label] / (rounds * steps) if passes is None else passes
         step = statistics.median(times[label])
         rows.append({
             "model": model_name, "batch": batch, "base": base_name, "optimizer": label, "passes": passes,
@@ -250,7 +261,7 @@ def report(model_name: str, batch: int, base_name: str, rounds: int, steps: int,
     rows = measure(model_name, batch, base_name, rounds, steps, device_path)
     header = ["optimizer", "passes", "ms/step", f"× {base_name} step", "per pass", "× sam step", "extra peak (vectors)",
               "page faults/step"]
-    return markdown_table(header, [[r["optimizer"], r["passes"], f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
+    return markdown_table(header, [[r["optimizer"], f"{r['passes']:.3g}", f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
                                     f"{r['ratio_per_pass']:.2f}", f"{r['ratio_to_sam']:.2f}", f"{r['extra_peak_vectors']:.1f}",
                                     f"{r['page_faults_per_step']:.0f}"] for r in rows])
 

@@ -8,8 +8,9 @@ Quick start::
     opt.step(closure)      # closure(): zero grads, forward, backward, return loss
     opt.stats              # {"grad_evals": 2.0, "nonfinite": 0.0}
 
-Rules with an ``alias`` (``SAM``, ``RBO``, ``EntropySGD`` from the first-party plugins) are reachable
-as ``nonlocal_opt.<alias>``.
+Rules with an ``alias`` (``SAM``, ``GSAM``, ``WSAM``, ``FriendlySAM``, ``MSAM``, ``RBO``, ``EntropySGD``
+from the first-party plugins) and the ``constructors`` a rule declares (``LookSAM``, ``AESAM``) are
+reachable as ``nonlocal_opt.<name>``.
 """
 
 from typing import Any
@@ -58,7 +59,8 @@ register_host_check(accelerate.refuse_host_accumulation)
 
 
 def __getattr__(name: str) -> Any:
-    """``nonlocal_opt.SAM`` and the other constructors registered rules declare (``DescentRule.alias``)."""
+    """``nonlocal_opt.SAM`` and the other constructors registered rules declare (``DescentRule.alias``,
+    ``DescentRule.constructors``)."""
     if name[:1].isupper():
         found = constructor(name)
         if found is not None:

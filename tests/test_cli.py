@@ -33,7 +33,7 @@ def run(capsys, *argv):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, rbo, sam, wsam; "
+        (["--optimizer", "adamx"], "unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, msam, rbo, sam, wsam; "
                                    "or a base optimizer run as it is: adadelta, adagrad, adam,"),
         (["--optimizer", "sgd", "--base", "adamw"], "--optimizer sgd runs the base optimizer sgd as it is, and --base adamw names "
                                                     "another: pass --optimizer adamw alone"),
@@ -86,7 +86,7 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     bases = ", ".join(sorted(registrations("base")))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "nonlocal-opt: error: unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, rbo, sam, wsam; "
+        "nonlocal-opt: error: unknown rule 'adamx'; available: entropy-sgd, friendly-sam, gsam, local, msam, rbo, sam, wsam; "
         f"or a base optimizer run as it is: {bases}"
     ]
 
@@ -119,12 +119,15 @@ def test_a_base_name_as_the_optimizer_trains_that_base(capsys, tmp_path, optimiz
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 
 
-@pytest.mark.parametrize(("optimizer", "settings"), [("gsam", ["--set", "alpha=0.2"]), ("wsam", ["--set", "decoupled=false"]),
-                                                   ("friendly-sam", [])])
-def test_a_sam_variant_trains_from_the_command_line_at_two_passes_per_step(capsys, tmp_path, optimizer, settings):
+@pytest.mark.parametrize(("optimizer", "settings", "passes"), [
+    ("gsam", ["--set", "alpha=0.2"], 6), ("wsam", ["--set", "decoupled=false"], 6), ("friendly-sam", [], 6),
+    ("msam", ["--set", "beta=0.5"], 3),  # one pass per step
+    ("sam", ["--set", "refresh_every=2", "--set", "reuse=none"], 5),  # refreshes at steps 0 and 2
+])
+def test_a_sam_variant_trains_from_the_command_line_at_the_passes_it_says(capsys, tmp_path, optimizer, settings, passes):
     code, out, _ = run(capsys, "train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "3",
                        "--optimizer", optimizer, "--rho", "0.1", *settings, "--logdir", str(tmp_path))
-    assert code == 0 and "finished: 3 steps (0 refused), 6 passes, " in out
+    assert code == 0 and f"finished: 3 steps (0 refused), {passes} passes, " in out
 
 
 def test_set_values_are_parsed():
@@ -147,7 +150,7 @@ def test_plugins_lists_every_registration_with_provider_and_defaults(capsys):
     assert "freeze_bn_stats = True" in out
     assert "  adamw  — plugin 'torch'\n      lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01," in out
     assert "preset paper: lr=6.0, rho=1.0" in out
-    for rule in ("sam", "gsam", "wsam", "friendly-sam"):  # the SAM family, listed like every registration above
+    for rule in ("sam", "gsam", "wsam", "friendly-sam", "msam"):  # the SAM family, listed like every registration above
         assert f"\n  {rule}  — " in out
 
 

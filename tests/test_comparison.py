@@ -408,7 +408,7 @@ def test_cli_quick_runs_every_registered_rules_specs_at_the_quick_settings_unles
     assert (settings["evals"], settings["final_seeds"]) == (QUICK_SETTINGS["evals"], list(QUICK_SETTINGS["final_seeds"]))
     contributed = [(r.name, spec["name"]) for r in registrations("rule").values() for spec in r.cls.comparison_specs]
     assert {name for _, name in contributed} == set(data["specs"])
-    assert {rule for rule, _ in contributed} >= {"local", "sam", "friendly-sam", "rbo", "entropy-sgd"}  # a SAM variant too
+    assert {rule for rule, _ in contributed} >= {"local", "sam", "friendly-sam", "msam", "rbo", "entropy-sgd"}  # SAM variants too
     finals = [r for r in data["runs"].values() if r["phase"] == "final"]
     assert {r["name"] for r in finals} == {name for _, name in contributed}
     assert all(r["seed"] == 1 and (r["diverged"] or r["passes"] >= 12) for r in finals)

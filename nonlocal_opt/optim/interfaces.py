@@ -213,7 +213,8 @@ class DescentRule(_Component):
     manifold and no projector. ``default_manifold`` / ``default_projector``: what ``compose`` (and so
     ``nonlocal-opt train``) picks for ``None``. ``runs_bare_base``: the rule a base's name stands for.
     ``alias``: the name of a convenience constructor, ``nonlocal_opt.<alias>(params, base=...,
-    **hyperparameters)``. ``requires_closure``: whether ``step()`` needs a closure (LBFGS-style: it
+    **hyperparameters)``; ``constructors``: further ones by name (optimizer classes composing the rule with
+    a paper's settings), also ``nonlocal_opt.<name>``. ``requires_closure``: whether ``step()`` needs a closure (LBFGS-style: it
     zeroes grads, runs forward and backward, returns the loss).
     """
 
@@ -224,10 +225,14 @@ class DescentRule(_Component):
     """Whether the rule hands the base the gradient as it is: a base's name given as the rule
     (``compose(params, "adamw")``) means this rule over that base. At most one registered rule declares it."""
     alias: ClassVar[str | None] = None
+    constructors: ClassVar[Mapping[str, type]] = {}
     requires_closure: ClassVar[bool] = True
     comparison_specs: ClassVar[tuple[Mapping[str, Any], ...]] = ()
     """What the rule adds to ``nonlocal-opt compare --quick``: optimizer specs as in a spec file
     (``name``, ``base``, ``fixed``, ``sweep``, ...), without ``rule``, which is the rule's own name."""
+    first_pass_at_start: ClassVar[bool] = True
+    """Whether the step's first pass, the one BatchNorm's running statistics come from, runs at ``θ_t``
+    (``False``: a one-pass rule that evaluates elsewhere, such as at a perturbed point)."""
 
     @abstractmethod
     def step(self, ctx: StepContext) -> torch.Tensor | None:

@@ -144,7 +144,8 @@ def _constructor(alias: str, rule: str) -> type[ComposedOptimizer]:
 
 
 def constructor(alias: str) -> type[ComposedOptimizer] | None:
-    """The optimizer class named ``alias`` by a registered rule (``DescentRule.alias``), or ``None``.
+    """The optimizer class named ``alias`` by a registered rule (``DescentRule.alias`` or one of its
+    ``constructors``), or ``None``.
 
     Args:
         alias: e.g. ``"RBO"``, as in ``nonlocal_opt.RBO``.
@@ -152,4 +153,6 @@ def constructor(alias: str) -> type[ComposedOptimizer] | None:
     for name, entry in registrations("rule").items():
         if entry.cls.alias == alias:
             return _constructor(alias, name)
+        if alias in entry.cls.constructors:
+            return entry.cls.constructors[alias]
     return None

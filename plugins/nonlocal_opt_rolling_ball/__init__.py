@@ -10,6 +10,7 @@ import torch
 
 from nonlocal_opt import Centre, ConstraintManifold, DescentRule, Hyperparameter, ProjectionResult, Projector, hookimpl
 from nonlocal_opt.optim.hyperparameters import optional, positive, positive_int
+from nonlocal_opt.optim.refresh_policy import REFRESH_HYPERPARAMETERS, RefreshPolicy, check_refresh_group
 
 
 class OffsetManifold(ConstraintManifold):
@@ -101,6 +102,11 @@ class RollingBallRule(DescentRule):
     than ``θ_{t+1}`` (momentum, Adam, weight decay, clipping), the carried centre is translated by the
     same ``Δθ`` (``offset_error`` then reports how far that leaves it from ``S(Γ, ρ)``); a skipped
     step keeps the centre it started from.
+
+    Under the refresh policy (``refresh_every``, ``refresh``) the projection runs at refreshes only; a
+    reuse step is one pass, the base gets ``g`` or ``g + w (‖g‖/‖g_v‖) g_v`` with ``g_v`` the part of the
+    last refresh's ``ĝ`` vertical to its ``g``, and a carried centre is dropped (the next refresh starts
+    from the centre over its contact point).
     """
 
     name = "rbo"
@@ -116,9 +122,11 @@ class RollingBallRule(DescentRule):
         {"name": "rbo-gn K=2 ρ=1", "base": "sgd", "projector": "gauss-newton", "fixed": {"max_iters": 2, "rho": 1.0},
          "sweep": {"lr": [0.1, 0.3]}},
     )
+    hyperparameters = REFRESH_HYPERPARAMETERS
 
     def check_group(self, group):
-        """Refuse a group without a positive ``lr`` (the step ``η`` of the centre).
+        """Refuse a group without a positive ``lr`` (the step ``η`` of the centre), and what the refresh
+        policy refuses.
 
         Args:
             group: One parameter group with every component's defaults filled in.
@@ -129,6 +137,7 @@ class RollingBallRule(DescentRule):
         lr = group.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0, got lr={lr!r}")
+        check_refresh_group(group)
 
     @staticmethod
     def propose(centre: Centre, point, eta, ctx) -> Centre:
@@ -150,7 +159,8 @@ class RollingBallRule(DescentRule):
         return Centre(theta=theta, height=centre.height - ctx.dot(eta * point.grad, point.grad))
 
     def step(self, ctx):
-        """One RBO step: centre, move, projection, then the base's step with ``ĝ = (θ_t − θ_{t+1}) / η``.
+        """One RBO step: centre, move, projection, then the base's step with ``ĝ = (θ_t − θ_{t+1}) / η``;
+        or, between refreshes, the policy's reuse step.
 
         Args:
             ctx: The step's context.
@@ -158,7 +168,13 @@ class RollingBallRule(DescentRule):
         Returns:
             The loss ``f(θ_t)`` at the start of the step.
         """
-        start = ctx.evaluate(extra=False, theta_out=ctx.scratch("rbo.theta"), grad_out=ctx.start_grad_out())
+        policy = RefreshPolicy(ctx)
+        if not policy.refreshing:
+            ctx.state.pop("centre_theta", None)
+            ctx.state.pop("centre_height", None)
+            return policy.reuse_step()
+        start = policy.start_point(ctx.scratch("rbo.theta"), ctx.start_grad_out())
+        policy.keep_gradient(start.grad)
         eta = ctx.per_coordinate("lr")
         carried = self._carried_centre(ctx)
         centre = carried or ctx.manifold.centre(start, ctx)
@@ -176,7 +192,7 @@ class RollingBallRule(DescentRule):
         else:  # ĝ = (θ_t − θ_{t+1})/η over c̃, no longer needed; once written, θ_t, ĝ and p_{t+1} are spare
             direction = torch.sub(start.theta, result.point.theta, out=target.theta).div_(eta)
             spare = distinct([start.theta, target.theta, result.point.theta, result.point.grad])
-        taken = ctx.apply(direction, theta=start.theta, finite=finite, spare=spare)
+        taken = policy.apply(direction, theta=start.theta, finite=finite, spare=spare)
         if carried is not None:
             landed = ctx.flat.gather()
             carried = Centre(theta=carried.theta + (landed - result.point.theta), height=carried.height)

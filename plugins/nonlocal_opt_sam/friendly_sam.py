@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from nonlocal_opt import DescentRule, Hyperparameter
+from nonlocal_opt import Hyperparameter
 from nonlocal_opt.optim.hyperparameters import non_negative, unit_interval
+from nonlocal_opt.optim.refresh_policy import REFRESH_HYPERPARAMETERS
 from nonlocal_opt_sam.ascent import PERTURB, RHO
+from nonlocal_opt_sam.refreshing import RefreshingRule
 from nonlocal_opt_sam.two_pass import Gradients, perturbed_passes
 
 
-class FriendlySAMRule(DescentRule):
+class FriendlySAMRule(RefreshingRule):
     """Friendly-SAM: at a tensor's first step ``m = g`` and ``d = g``; afterwards ``d = g − σ m``, then
     ``m ← λ m + (1 − λ) g`` (the raw gradient, as the authors' code). ``ε = ε(d)``, and the base steps from
     ``w`` with ``g_p = ∇f(w + ε)``.
 
     ``m`` (one tensor per perturbed parameter, ``None`` for the others) is ``state["ema"]``, saved by
     ``state_dict``; its update is formed in a buffer and kept only when the base step is taken. Two passes.
+    Under the refresh policy ``m`` moves at refreshes only.
     """
 
     name = "friendly-sam"
@@ -28,16 +31,18 @@ class FriendlySAMRule(DescentRule):
         "sigma": Hyperparameter(1.0, "σ", "weight of the EMA m subtracted from g in the ascent direction g − σ m", non_negative),
         "lmbda": Hyperparameter(0.9, "λ", "EMA factor of m ← λ m + (1 − λ) g", unit_interval),
         "perturb": PERTURB,
+        **REFRESH_HYPERPARAMETERS,
     }
     comparison_specs = (
         {"name": "friendly-sam/sgd-m", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2]}},
     )
 
-    def step(self, ctx):
+    def refresh(self, ctx, policy):
         """Two passes at ``w`` and ``w + ε(g − σ m)``; the base steps from ``w`` with ``g_p``; then ``m`` moves.
 
         Args:
             ctx: The step's context.
+            policy: The step's refresh policy.
 
         Returns:
             The loss at ``w``.
@@ -67,8 +72,8 @@ class FriendlySAMRule(DescentRule):
                 torch._foreach_add_(g, m, alpha=-sigma)  # d = g − σ m
             return [g for g, m in zip(first, moved) if m]
 
-        passes = perturbed_passes(ctx, ascent_direction)
-        taken = ctx.apply(finite=passes.finite(ctx), spare=passes.spare)
+        passes = perturbed_passes(ctx, policy, ascent_direction)
+        taken = policy.apply(finite=passes.finite(ctx), spare=passes.spare)
         created = list(ema)
         for i, m in enumerate(passes.perturbed):
             if not m:

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from nonlocal_opt import DescentRule, Hyperparameter
+from nonlocal_opt import Hyperparameter
 from nonlocal_opt.optim.hyperparameters import non_negative
-from nonlocal_opt_sam.ascent import PERTURB, RHO, Tensors
+from nonlocal_opt.optim.refresh_policy import REFRESH_HYPERPARAMETERS, dot
+from nonlocal_opt_sam.ascent import PERTURB, RHO
+from nonlocal_opt_sam.refreshing import RefreshingRule
 from nonlocal_opt_sam.two_pass import passes_keeping_gradient
 
 
-def dot(x: Tensors, y: Tensors, ctx) -> torch.Tensor:
-    """``⟨x, y⟩`` over all tensors together (``ctx.sum``), as a 0-d tensor.
-
-    Args:
-        x: One tensor per parameter.
-        y: Tensors shaped like ``x``.
-        ctx: The step's context.
-    """
-    return ctx.sum(torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(x, y)]).sum())
-
-
-class GSAMRule(DescentRule):
+class GSAMRule(RefreshingRule):
     """GSAM: ``ε = ε(g)``, ``g_p = ∇f(w + ε)``, ``g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p`` (``g_⊥ = g`` when
     ``g_p = 0``); the base steps from ``w`` with ``g_p − α g_⊥``.
 
@@ -36,18 +27,20 @@ class GSAMRule(DescentRule):
         "rho": RHO,
         "alpha": Hyperparameter(0.4, "α", "weight of −g_⊥, the part of g orthogonal to g_p, in the base's gradient", non_negative),
         "perturb": PERTURB,
+        **REFRESH_HYPERPARAMETERS,
     }
 
-    def step(self, ctx):
+    def refresh(self, ctx, policy):
         """Two passes; then ``p.grad ← (1 + α⟨g, g_p⟩/‖g_p‖²) g_p − α g`` and the base steps from ``w``.
 
         Args:
             ctx: The step's context.
+            policy: The step's refresh policy.
 
         Returns:
             The loss at ``w``.
         """
-        passes, g, g_p, kept = passes_keeping_gradient(ctx, "gsam.g")
+        passes, g, g_p, kept = passes_keeping_gradient(ctx, policy, "gsam.g")
         if g:
             squared = dot(g_p, g_p, ctx)
             projection = torch.where(squared > 0, dot(g, g_p, ctx) / squared, torch.zeros_like(squared))
@@ -55,5 +48,5 @@ class GSAMRule(DescentRule):
             torch._foreach_mul_(g, -alpha)
             torch._foreach_mul_(g_p, 1 + alpha * projection)
             torch._foreach_add_(g_p, g)  # g_p − α (g − projection g_p)
-        ctx.apply(finite=passes.finite(ctx), spare=[*passes.spare, kept])
+        policy.apply(finite=passes.finite(ctx), spare=[*passes.spare, kept])
         return passes.loss

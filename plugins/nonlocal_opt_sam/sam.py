@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
-from nonlocal_opt import DescentRule, Hyperparameter
+from nonlocal_opt import Hyperparameter
 from nonlocal_opt.optim.hyperparameters import boolean, non_negative
+from nonlocal_opt.optim.refresh_policy import REFRESH_HYPERPARAMETERS
 from nonlocal_opt_sam.ascent import PERTURB, RHO
+from nonlocal_opt_sam.constructors import AESAM, LookSAM
+from nonlocal_opt_sam.refreshing import RefreshingRule
 from nonlocal_opt_sam.two_pass import perturbed_passes
 
 
-class SAMRule(DescentRule):
+class SAMRule(RefreshingRule):
     """SAM (docs/math.md §7): ``g_p = ∇f(w + ε)``, ``ε = ρ T² g / (‖T g‖ + 1e-12)`` on the same batch; the
     base steps from ``w`` with ``g_p``. ASAM: ``T = |w| + η`` (``adaptive``, ``eta`` per group), else ``T = 1``.
 
@@ -28,12 +31,18 @@ class SAMRule(DescentRule):
         "adaptive": Hyperparameter(False, "T", "ASAM: T = diag(abs(w)) scales the neighbourhood per coordinate (False: T = I)", boolean),
         "eta": Hyperparameter(0.0, "η", "per group, ASAM only: T = diag(abs(w) + η)", non_negative),
         "perturb": PERTURB,
+        **REFRESH_HYPERPARAMETERS,
     }
     presets = {"paper": {"lr": 0.01, "rho": 0.05}}
-    comparison_specs = ({"name": "sam/sgd-m", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2]}},)
+    comparison_specs = (
+        {"name": "sam/sgd-m", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2]}},
+        {"name": "looksam/sgd-m k=5", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "refresh_every": 5},
+         "sweep": {"rho": [0.05, 0.2]}},
+    )
+    constructors = {"LookSAM": LookSAM, "AESAM": AESAM}
 
     def check_group(self, group):
-        """Refuse ``eta`` without ``adaptive``.
+        """Refuse ``eta`` without ``adaptive``, and what the refresh policy refuses.
 
         Args:
             group: One parameter group, defaults filled in.
@@ -43,17 +52,19 @@ class SAMRule(DescentRule):
         """
         if group["eta"] != 0 and not group["adaptive"]:
             raise ValueError(f"eta={group['eta']!r} sets ASAM's T = |w| + η and needs adaptive=True (SAM has T = 1)")
+        super().check_group(group)
 
-    def step(self, ctx):
+    def refresh(self, ctx, policy):
         """Two passes: at ``w``, then at ``w + ε``; the base steps from ``w`` with ``g_p``.
 
         Args:
             ctx: The step's context.
+            policy: The step's refresh policy.
 
         Returns:
             The loss at ``w``.
         """
         eta = ctx.per_tensor("eta") if ctx.hp("adaptive") else None
-        passes = perturbed_passes(ctx, lambda first, moved: [g for g, m in zip(first, moved) if m], eta)
-        ctx.apply(finite=passes.finite(ctx), spare=passes.spare)  # from w, with g_p in p.grad
+        passes = perturbed_passes(ctx, policy, lambda first, moved: [g for g, m in zip(first, moved) if m], eta)
+        policy.apply(finite=passes.finite(ctx), spare=passes.spare)  # from w, with g_p in p.grad
         return passes.loss

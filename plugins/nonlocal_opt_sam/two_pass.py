@@ -9,6 +9,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from nonlocal_opt.optim.refresh_policy import RefreshPolicy
 from nonlocal_opt_sam.ascent import Tensors, perturb_
 
 Gradients = list[torch.Tensor | None]
@@ -74,22 +75,11 @@ class Passes:
         return ctx.finite(self.loss, self.perturbed_loss, *more)
 
 
-def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | None = None) -> Passes:
-    """Run the pass at ``w``, form ``w + ε(d)`` and run the pass there; the parameters end at ``w``.
-
-    ``w + ε`` lives in the buffer ``"w"``, which the parameters point at for the second pass (``p.data``).
-    Parameters that share their storage with other tensors (views of a flat buffer, FSDP2 shards) are not
-    re-pointed: ``w`` is copied into the buffer and written back after the pass.
+def perturbed_flags(ctx) -> list[bool]:
+    """Per tensor of ``ctx.params``, whether its group says ``perturb``.
 
     Args:
         ctx: The step's context.
-        ascent_direction: ``(g, perturbed) → d``: from the first pass's gradients (one per tensor of
-            ``ctx.params``, ``None`` where missing) and whether each tensor is perturbed, the direction ``d``
-            of each perturbed tensor, which the ascent overwrites (it may be ``g`` itself).
-        eta: ``η`` per tensor of ``ctx.params`` for ASAM's ``T = |w| + η``; ``None``: ``T = 1``.
-
-    Returns:
-        The :class:`Passes`.
 
     Raises:
         ValueError: no parameter group is perturbed.
@@ -100,46 +90,92 @@ def perturbed_passes(ctx, ascent_direction: AscentDirection, eta: list[float] | 
             f"{ctx.rule_name!r}: every parameter group has perturb=False, so nothing is perturbed; "
             "set perturb=True on the groups to perturb (or use the base optimizer alone)"
         )
-    loss = torch.as_tensor(ctx.loss(extra=False)).detach()
+    return flags
+
+
+def perturbed_passes(ctx, policy: RefreshPolicy, ascent_direction: AscentDirection, eta: list[float] | None = None) -> Passes:
+    """Run the pass at ``w`` (unless ``policy`` ran it), form ``w + ε(d)`` and run the pass there; the parameters end at ``w``.
+
+    ``w + ε`` lives in the buffer ``"w"``, which the parameters point at for the second pass (``p.data``).
+    Parameters that share their storage with other tensors (views of a flat buffer, FSDP2 shards) are not
+    re-pointed: ``w`` is copied into the buffer and written back after the pass.
+
+    Args:
+        ctx: The step's context.
+        policy: The step's refresh policy (it keeps ``g`` at a ``'vertical'`` refresh).
+        ascent_direction: ``(g, perturbed) → d``: from the first pass's gradients (one per tensor of
+            ``ctx.params``, ``None`` where missing) and whether each tensor is perturbed, the direction ``d``
+            of each perturbed tensor, which the ascent overwrites (it may be ``g`` itself).
+        eta: ``η`` per tensor of ``ctx.params`` for ASAM's ``T = |w| + η``; ``None``: ``T = 1``.
+
+    Returns:
+        The :class:`Passes`.
+    """
+    flags = perturbed_flags(ctx)
+    loss = torch.as_tensor(policy.first_pass()).detach()
     first = ctx.grads()
+    policy.keep_gradient(first)
     present = [g is not None for g in first]
     moved = [has and flag for has, flag in zip(present, flags)]
     direction = ascent_direction(first, moved)
+    # The first pass's gradients are spent once ε is formed: the host path lets them go before the second
+    # pass; the device path's skip may keep its copies of the base state in them (when every parameter has one).
+    spent = first if not ctx.host_reads and all(present) else None
+    del first
+    perturbed, buffers = pass_at_perturbed(ctx, moved, direction, eta)
+    return Passes(loss, perturbed, present, moved, [buffers] if spent is None else [buffers, spent])
+
+
+def pass_at_perturbed(ctx, moved: list[bool], direction: Tensors, eta: list[float] | None, extra: bool = True
+                      ) -> tuple[torch.Tensor, Tensors]:
+    """Form ``w + ε(d)`` and run a pass there; the parameters end at ``w``.
+
+    ``w + ε`` lives in the buffer ``"w"``, which the parameters point at for the pass (``p.data``).
+    Parameters that share their storage with other tensors (views of a flat buffer, FSDP2 shards) are not
+    re-pointed: ``w`` is copied into the buffer and written back after the pass.
+
+    Args:
+        ctx: The step's context.
+        moved: per tensor of ``ctx.params``, whether it is perturbed.
+        direction: ``d`` of each perturbed tensor; overwritten, and the list emptied once ``ε`` is formed.
+        eta: ``η`` per tensor of ``ctx.params`` for ASAM's ``T = |w| + η``; ``None``: ``T = 1``.
+        extra: as in ``ctx.loss``: ``False`` when it is the step's first pass.
+
+    Returns:
+        ``f(w + ε)`` and the buffer ``"w"`` (spare once the pass has run).
+    """
     w = [p for p, m in zip(ctx.params, moved) if m]
     buffers = ctx.buffers("w")
     kept = [b for b, m in zip(buffers, moved) if m]
     scratch = [b for b, m in zip(ctx.buffers("scratch"), moved) if m] if eta is not None else []
     eta = None if eta is None else [e for e, m in zip(eta, moved) if m]
     rho = ctx.hp("rho")
-    # The first pass's gradients are spent once ε is formed: the host path lets them go before the second
-    # pass; the device path's skip may keep its copies of the base state in them (when every parameter has one).
-    spent = first if not ctx.host_reads and all(present) else None
-    del first
     repoint = ctx.flat.group is None and all(owns_storage(p) for p in w)
     if repoint:
         if w:
             torch._foreach_copy_(kept, w)
             perturb_(kept, direction, w, scratch, rho, eta, ctx)  # w + ε beside w
-        del direction
+        direction.clear()  # the caller's list too: the tensors go before the pass
         with pointing_at([p for p, m in zip(ctx.flat.params, moved) if m], kept):
-            perturbed = torch.as_tensor(ctx.loss())
+            perturbed = torch.as_tensor(ctx.loss(extra=extra))
     else:
         torch._foreach_copy_(buffers, ctx.params)
         ctx.keep_start(buffers)
         if w:
             perturb_(w, direction, kept, scratch, rho, eta, ctx)
-        del direction
-        perturbed = torch.as_tensor(ctx.loss())
+        direction.clear()  # the caller's list too: the tensors go before the pass
+        perturbed = torch.as_tensor(ctx.loss(extra=extra))
         ctx.flat.write(buffers)
-    return Passes(loss, perturbed, present, moved, [buffers] if spent is None else [buffers, spent])
+    return perturbed, buffers
 
 
-def passes_keeping_gradient(ctx, name: str) -> tuple[Passes, Tensors, Tensors, Tensors]:
+def passes_keeping_gradient(ctx, policy: RefreshPolicy, name: str) -> tuple[Passes, Tensors, Tensors, Tensors]:
     """:func:`perturbed_passes` with ``d = g``, for the rules that need ``g`` after the second pass: ``g`` is
     copied into the buffer ``name`` first.
 
     Args:
         ctx: The step's context.
+        policy: The step's refresh policy.
         name: The buffer's name.
 
     Returns:
@@ -156,7 +192,7 @@ def passes_keeping_gradient(ctx, name: str) -> tuple[Passes, Tensors, Tensors, T
             torch._foreach_copy_([b for b, g in zip(buffer, first) if g is not None], [g for g in first if g is not None])
         return [g for g, m in zip(first, moved) if m]
 
-    passes = perturbed_passes(ctx, copy_then_ascend)
+    passes = perturbed_passes(ctx, policy, copy_then_ascend)
     g_p = [g for g, has in zip(ctx.grads(), passes.present) if has]
     if any(g is None for g in g_p):
         raise RuntimeError(

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nonlocal_opt import DescentRule, Hyperparameter
 from nonlocal_opt.optim.hyperparameters import boolean
+from nonlocal_opt.optim.refresh_policy import RefreshPolicy, below_one
 from nonlocal_opt_sam.ascent import PERTURB, RHO
 from nonlocal_opt_sam.two_pass import passes_keeping_gradient
-
-
-def below_one(value: Any) -> str | None:
-    """Validator: a number in ``[0, 1)`` (``γ``; ``c = γ/(1 − γ)`` is finite).
-
-    Args:
-        value: The value to check.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        return "must be a number in [0, 1)"
-    return None
 
 
 class WSAMRule(DescentRule):
@@ -67,7 +55,7 @@ class WSAMRule(DescentRule):
         Returns:
             The loss at ``w``.
         """
-        passes, g, g_p, kept = passes_keeping_gradient(ctx, "wsam.g")
+        passes, g, g_p, kept = passes_keeping_gradient(ctx, RefreshPolicy(ctx, declared=False), "wsam.g")
         present = passes.present
         gamma = ctx.hp("gamma")
         c = gamma / (1 - gamma)
