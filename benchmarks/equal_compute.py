@@ -1,19 +1,25 @@
-"""The equal-compute study (issue 16): optimizers at one budget of forward+backward passes, tuned on a
-validation split of the noisy training set, reported on the test set over disjoint seeds.
+"""The equal-compute study: optimizers at one budget of forward+backward passes, each composition tuned on
+a validation split of the noisy training set at the budget it is scored at, reported on the test set over
+disjoint seeds.
 
-Parts (each its own resumable results file under ``--out``; run in this order):
+Parts (each its own resumable results file under ``--out``, so parts can run side by side in separate
+processes with ``--parts``):
 
-- ``mlp``: Fashion-MNIST MLP 784-256-256-10, B = 4 690 passes (10 epochs of SGD at batch 128), label
-  noise 0 and 0.4, every family swept at each level (tuning seed 0) and rerun on final seeds 1, 2, 3;
-- ``mlp_noise0.2``: the same at label noise 0.2, every family at its 0.4 pick (no sweep), seeds 1, 2, 3;
-- ``long``: B = 23 450 (5×), noise 0 and 0.4, five families at the ``mlp`` part's picks, seeds 1, 2, 3;
-- ``resnet6``: ResNet-6, a tiny budget, four families at the ``mlp`` picks (noise 0), seed 1.
+- ``mlp_noise0``, ``mlp_noise0.2``, ``mlp_noise0.4``: Fashion-MNIST MLP 784-256-256-10, B = 4 690 passes
+  (10 epochs of SGD at batch 128), every family of ``FAMILIES`` swept (learning rate always; ρ for the
+  sharpness-aware rules; k for the cheap ones) on tuning seed 0 and rerun on final seeds 1, 2, 3;
+- ``conv_noise0``, ``conv_noise0.4``: ResNet-6 with BatchNorm, ``--conv-budget`` passes (3 000), random crop
+  and horizontal flip, ``CONV`` plus the two best cheap rules of the MLP parts, final seeds 1, 2;
+- ``long_noise0.4``: the MLP at 5 × B, 40 % noise, ``LONG`` plus the best cheap rule, retuned at 5 × B.
+
+A cheap rule takes at most ``CHEAP`` passes per update; "best" is the mean final test accuracy over the MLP
+parts run so far, so the conv and long parts run after them.
 
 ``--publish`` writes docs/results/equal_compute.json and docs/img/results/equal_compute_*.png;
 ``--report-only`` summarises what the results files hold without running anything.
 
 Each part records the commit that produced it and the machine seconds it took, over every sitting, in
-``OUT/provenance.json``. A part runs only from a clean tree, and resumes at a later commit only when no
+``OUT/PART.provenance.json``. A part runs only from a clean tree, and resumes at a later commit only when no
 code changed in between; ``--publish`` refuses parts of different code or of a dirty tree. ``--quick``
 runs from any tree and records whether it was dirty.
 """
@@ -46,73 +52,89 @@ def rbo_gn(k: int, rho: float) -> dict:
     return {"name": f"rbo-gn K={k} ρ={rho:g}", **GN, "fixed": {"max_iters": k, "rho": rho}, "sweep": {"lr": [0.1, 0.3]}}
 
 
-# The families and their sweeps (sized from earlier measurements: SGD-m lr 0.03, AdamW 1e-3, SAM ρ 0.02–0.2,
-# RBO-GN η ≤ 0.3). SAM, Friendly-SAM and ASAM keep their base's known learning rate and sweep ρ only, and so do
-# LookSAM, periodic SAM (k = 5, 1.2 passes per step), AE-SAM and Momentum-SAM (one pass per step).
+def over_sgdm(name: str, rule: str, sweep: dict, **fixed) -> dict:
+    """A rule over SGD with momentum 0.9, its learning rate swept at 0.01 and 0.03 next to ``sweep``."""
+    return {"name": name, "rule": rule, "base": "sgd", "fixed": {"momentum": 0.9, **fixed}, "sweep": {"lr": [0.01, 0.03], **sweep}}
+
+
+RHO = {"rho": [0.05, 0.2]}
+# The families and their sweeps. Every composition sweeps its learning rate (around earlier picks: SGD-m 0.01–0.1,
+# AdamW 1e-3, RBO-GN η 0.1–0.3), the sharpness-aware rules ρ, and the cheap ones (refresh policy) k as well.
 FAMILIES = [
     {"name": "sgd-m", "rule": "local", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.01, 0.03, 0.1]}},
     {"name": "adamw", "rule": "local", "base": "adamw", "fixed": {"weight_decay": 0.01}, "sweep": {"lr": [3e-4, 1e-3, 3e-3]}},
-    {"name": "sam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "sam/adamw", "rule": "sam", "base": "adamw", "fixed": {"weight_decay": 0.01, "lr": 1e-3},
-     "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "friendly-sam/sgd-m", "rule": "friendly-sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03},
-     "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "asam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "adaptive": True},
-     "sweep": {"rho": [0.2, 1.0]}},
-    {"name": "asam/adamw", "rule": "sam", "base": "adamw", "fixed": {"weight_decay": 0.01, "lr": 1e-3, "adaptive": True},
-     "sweep": {"rho": [0.2, 1.0]}},
-    {"name": "looksam/sgd-m k=5", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "refresh_every": 5},
-     "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "periodic-sam/sgd-m k=5", "rule": "sam", "base": "sgd",
-     "fixed": {"momentum": 0.9, "lr": 0.03, "refresh_every": 5, "reuse": "none"}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "ae-sam/sgd-m", "rule": "sam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03, "refresh": "gradient-norm",
-     "reuse": "none"}, "sweep": {"rho": [0.02, 0.05, 0.2]}},
-    {"name": "msam/sgd-m", "rule": "msam", "base": "sgd", "fixed": {"momentum": 0.9, "lr": 0.03}, "sweep": {"rho": [0.05, 0.2, 0.5]}},
+    over_sgdm("sam/sgd-m", "sam", {"rho": [0.02, 0.05, 0.2]}),
+    {"name": "sam/adamw", "rule": "sam", "base": "adamw", "fixed": {"weight_decay": 0.01},
+     "sweep": {"lr": [3e-4, 1e-3], "rho": [0.02, 0.05, 0.2]}},
+    over_sgdm("asam/sgd-m", "sam", {"rho": [0.2, 1.0]}, adaptive=True),
+    over_sgdm("gsam/sgd-m", "gsam", RHO),
+    over_sgdm("friendly-sam/sgd-m", "friendly-sam", RHO),
+    over_sgdm("looksam/sgd-m", "sam", {**RHO, "refresh_every": [2, 5]}),
+    over_sgdm("periodic-sam/sgd-m", "sam", {**RHO, "refresh_every": [2, 5]}, reuse="none"),
+    over_sgdm("ae-sam/sgd-m", "sam", RHO, refresh="gradient-norm", reuse="none"),
+    over_sgdm("msam/sgd-m", "msam", {"rho": [0.1, 0.5]}),
     {"name": "entropy-sgd", "rule": "entropy-sgd", "base": "sgd",
-     "fixed": {"lr": 1.0, "gamma": 3e-3, "scoping": 1e-3, "scale_outer_by_gamma": False, "fresh_batches": True, "seed": 0},
-     "sweep": {"inner_steps": [5, 20]}},
+     "fixed": {"gamma": 3e-3, "scoping": 1e-3, "scale_outer_by_gamma": False, "fresh_batches": True, "seed": 0},
+     "sweep": {"lr": [0.3, 1.0], "inner_steps": [5, 20]}},
     *(rbo_gn(k, rho) for k in (1, 2, 4, 20) for rho in (0.1, 1.0)),
-    {"name": "rbo-gn K=2 ρ=1 refresh_every=5", **GN, "fixed": {"max_iters": 2, "rho": 1.0, "refresh_every": 5},
-     "sweep": {"lr": [0.1, 0.3]}},
+    {"name": "rbo-gn K=2 ρ=1 reuse", **GN, "fixed": {"max_iters": 2, "rho": 1.0}, "sweep": {"lr": [0.1, 0.3], "refresh_every": [2, 5]}},
     {"name": "rbo-gn/sgd-m K=2 ρ=1", **GN, "fixed": {"max_iters": 2, "rho": 1.0, "momentum": 0.9}, "sweep": {"lr": [0.01, 0.03]}},
     {"name": "rbo-gn K=2 ρ=1→0.1 cosine", **GN, "fixed": {"max_iters": 2, "rho": 1.0}, "sweep": {"lr": [0.1, 0.3]},
      "schedule": {"name": "cosine", "rho_final": 0.1}},
 ]
-LONG = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1", "entropy-sgd")
-CONV = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1")
-QUICK = ("sgd-m", "sam/sgd-m", "friendly-sam/sgd-m", "looksam/sgd-m k=5", "msam/sgd-m", "rbo-gn K=2 ρ=1")
+BASELINES = ("sgd-m", "adamw")
+CONV = ("sgd-m", "adamw", "sam/sgd-m", "rbo-gn K=2 ρ=1")  # plus the two best cheap rules of the MLP parts
+LONG = ("sgd-m", "adamw", "sam/sgd-m")  # plus the best cheap rule of the MLP parts
+QUICK = ("sgd-m", "sam/sgd-m", "looksam/sgd-m", "msam/sgd-m", "rbo-gn K=2 ρ=1")
+CHEAP = 1.5  # passes per update at most, for a cheap rule
+NOISE = (0.0, 0.2, 0.4)
 
 
-def picked(source: Path, names: tuple[str, ...], noise: float) -> list[dict]:
-    """The families ``names`` frozen at the picks ``source`` made at ``noise`` (one-point specs)."""
-    picks = json.loads(source.read_text())["picks"][repr(float(noise))]
-    out = []
-    for family in FAMILIES:
-        if family["name"] in names:
-            fixed = picks[family["name"]]["hp"]
-            out.append({k: v for k, v in family.items() if k not in ("fixed", "sweep")} | {"fixed": fixed})
-    return out
+def families(names: tuple[str, ...], quick: bool) -> list[dict]:
+    """The families ``names``; ``quick``: each sweep cut to its first value (the learning rate to two)."""
+    chosen = [f for f in FAMILIES if f["name"] in names]
+    if not quick:
+        return chosen
+    return [f | {"sweep": {k: v[: 2 if k == "lr" else 1] for k, v in f["sweep"].items()}} for f in chosen]
+
+
+def cheap_best(out: Path, count: int) -> tuple[str, ...]:
+    """The ``count`` non-baseline families of the MLP parts at most ``CHEAP`` passes per update, best first by
+    their mean final test accuracy over the noise levels run so far."""
+    scores: dict[str, list[float]] = {}
+    for path in sorted(p for p in out.glob("mlp_noise*.json") if not p.name.endswith(".provenance.json")):
+        data = json.loads(path.read_text())
+        budget = data["settings"]["budget"]
+        for level in summarize(data).values():
+            for name, row in level["optimizers"].items():
+                if name not in BASELINES and row["steps"] and budget / row["steps"] <= CHEAP:
+                    scores.setdefault(name, []).append(row["fractions"]["1.0"]["final"]["mean"])
+    if len(scores) < count:
+        raise SystemExit(f"error: the conv and long parts need {count} cheap rule(s) from the mlp parts; run those first")
+    return tuple(sorted(scores, key=lambda name: -sum(scores[name]) / len(scores[name]))[:count])
 
 
 def parts(args) -> dict[str, tuple[ComparisonConfig, callable]]:
-    """Part name → (settings, a function returning its specs when the part starts)."""
+    """Part name → (settings, a function returning its specs when the part starts); one part per workload
+    and noise level, so that parts can run side by side in separate processes (``--parts``)."""
     data = {"dataset": args.dataset, "data_dir": args.data_dir}
-    if args.quick:
-        small = {**data, "train_subset": 6000, "val_size": 1000, "test_subset": 2000, "evals": 5}
-        mlp = ComparisonConfig(budget=300, label_noise=(0.0, 0.4), final_seeds=(1,), **small)
-        return {"mlp": (mlp, lambda: [f for f in FAMILIES if f["name"] in QUICK]),
-                "long": (ComparisonConfig(budget=900, label_noise=(0.0, 0.4), final_seeds=(1,), **small), None)}
-    mlp = ComparisonConfig(budget=4690, label_noise=(0.0, 0.4), final_seeds=(1, 2, 3), **data)
-    mid = ComparisonConfig(budget=4690, label_noise=(0.2,), final_seeds=(1, 2, 3), **data)
-    long = ComparisonConfig(budget=5 * 4690, label_noise=(0.0, 0.4), final_seeds=(1, 2, 3), fractions=(0.2, 0.5, 1.0), **data)
-    conv = ComparisonConfig(budget=args.conv_budget, model="resnet6", final_seeds=(1,), val_size=2000, test_subset=2000,
-                            evals=4, **data)
-    everything = tuple(f["name"] for f in FAMILIES)
-    return {"mlp": (mlp, lambda: FAMILIES),
-            "mlp_noise0.2": (mid, lambda: picked(args.out / "mlp.json", everything, 0.4)),
-            "long": (long, None),  # specs per noise level, from that level's picks (see main)
-            "resnet6": (conv, lambda: picked(args.out / "mlp.json", CONV, 0.0))}
-
+    quick = args.quick
+    if quick:
+        data |= {"train_subset": 6000, "val_size": 1000, "test_subset": 2000, "evals": 5}
+    seeds = {"final_seeds": (1,) if quick else (1, 2, 3)}
+    budget = 300 if quick else 4690
+    noise_levels = (0.0, 0.4) if quick else NOISE
+    plan = {}
+    for noise in noise_levels:
+        config = ComparisonConfig(budget=budget, label_noise=(noise,), **seeds, **data)
+        plan[f"mlp_noise{noise:g}"] = (config, lambda: families(QUICK if quick else tuple(f["name"] for f in FAMILIES), quick))
+    conv = {"model": "resnet6", "augment": "crop-flip", "final_seeds": (1,) if quick else (1, 2), "evals": 5 if quick else 10}
+    for noise in (0.0, 0.4):
+        config = ComparisonConfig(budget=200 if quick else args.conv_budget, label_noise=(noise,), **{**data, **conv})
+        plan[f"conv_noise{noise:g}"] = (config, lambda: families(CONV + cheap_best(args.out, 1 if quick else 2), quick))
+    long = ComparisonConfig(budget=5 * budget, label_noise=(0.4,), fractions=(0.2, 0.5, 1.0), **seeds, **data)
+    plan["long_noise0.4"] = (long, lambda: families(LONG + cheap_best(args.out, 1), quick))
+    return plan
 
 
 def report(name: str, config: ComparisonConfig, path: Path, args) -> dict:
@@ -185,23 +207,6 @@ def write_markdown(reports: dict, path: Path) -> Path:
     return path
 
 
-def run_part(name: str, config: ComparisonConfig, specs, args) -> None:
-    """Run or resume part ``name``; the long part runs each noise level at that level's picks, one
-    results file per level."""
-    files = part_files(name, config, args.out / f"{name}.json", args.out)
-    for (_, level, path), noise in zip(files, config.label_noise):  # one file per noise level for the long part
-        level_specs = specs() if name != "long" else picked(args.out / "mlp.json", LONG if not args.quick else QUICK, noise)
-        run_comparison(level, load_specs(level_specs), path, progress=not args.no_progress)
-
-
-def part_files(name: str, config: ComparisonConfig, path: Path, out: Path) -> list[tuple[str, ComparisonConfig, Path]]:
-    """(report name, settings, results file) of part ``name``: one per noise level for the long part."""
-    if name != "long":
-        return [(name, config, path)]
-    levels = [ComparisonConfig.from_dict({**config.to_dict(), "label_noise": [noise]}) for noise in config.label_noise]
-    return [(f"long_noise{noise:g}", level, out / f"long_noise{noise:g}.json") for noise, level in zip(config.label_noise, levels)]
-
-
 def quick_commit() -> str | None:
     """``HEAD`` for a ``--quick`` run, which may run from a dirty tree or outside git (``None``)."""
     try:
@@ -223,12 +228,13 @@ def publishable(reports: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few minutes: 6 000 training images, 300 passes, four families")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few minutes: 6 000 training images, 300 passes, five families with the sweeps cut short")
     parser.add_argument("--parts", default=None, help="comma-separated parts to run (default: all, in order)")
     parser.add_argument("--out", type=Path, default=OUT_ROOT / "equal_compute", help="results directory")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (or synthetic, for smoke tests)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
-    parser.add_argument("--conv-budget", type=int, default=400, help="passes per ResNet-6 run")
+    parser.add_argument("--conv-budget", type=int, default=3000, help="passes per ResNet-6 run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--report-only", action="store_true", help="summarise the results files, run nothing")
     parser.add_argument("--publish", action="store_true", help="write docs/results/equal_compute.json and docs/img/results/ figures")
@@ -243,32 +249,28 @@ def main() -> int:
         print(f"error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(plan)}", file=sys.stderr)
         return 2
     print(machine())
-    ledger_path = args.out / "provenance.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     reports = {}
     for name in chosen:
         config, specs = plan[name]
-        path = args.out / f"{name}.json"
+        path, ledger = args.out / f"{name}.json", args.out / f"{name}.provenance.json"
+        produced = json.loads(ledger.read_text()) if ledger.exists() else {"seconds": 0.0}
         if not args.report_only:
-            entry = ledger.setdefault(name, {"seconds": 0.0})
             try:
-                entry["commit"] = quick_commit() if args.quick else resume_commit(entry.get("commit"))
+                produced["commit"] = quick_commit() if args.quick else resume_commit(produced.get("commit"))
             except ProvenanceError as error:
                 print(f"error: part {name}: {error}", file=sys.stderr)
                 return 2
-            entry["dirty"] = args.quick and bool(entry["commit"] and dirty_code())
+            produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
             start = time.perf_counter()
             try:
-                run_part(name, config, specs, args)
+                run_comparison(config, load_specs(specs()), path, progress=not args.no_progress)
             finally:
-                entry["seconds"] += time.perf_counter() - start
-                ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
-            print(f"part {name}: {time.perf_counter() - start:.0f} s (all sittings: {entry['seconds']:.0f} s)")
-        produced = ledger.get(name, {})
-        for key, level, level_path in part_files(name, config, path, args.out):
-            if level_path.exists():
-                reports[key] = report(key, level, level_path, args) | {
-                    "commit": produced.get("commit"), "dirty": produced.get("dirty"), "machine_seconds": produced.get("seconds")}
+                produced["seconds"] += time.perf_counter() - start
+                ledger.write_text(json.dumps(produced, indent=1, sort_keys=True))
+            print(f"part {name}: {time.perf_counter() - start:.0f} s (all sittings: {produced['seconds']:.0f} s)")
+        if path.exists():
+            reports[name] = report(name, config, path, args) | {
+                "commit": produced.get("commit"), "dirty": produced.get("dirty"), "machine_seconds": produced.get("seconds")}
     combined = args.out / "equal_compute.json"
     combined.write_text(json.dumps({"machine": machine(), "parts": reports}, sort_keys=True, separators=(",", ":")))
     print(f"wrote {combined}")

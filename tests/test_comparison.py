@@ -3,7 +3,9 @@ accounting from the optimizer's own stats, seeds, splits, early stopping, resume
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -439,28 +441,35 @@ def test_quick_specs_name_the_rule_whose_spec_is_wrong():
 
 def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
+    mlp_parts = ("mlp_noise0", "mlp_noise0.4", "long_noise0.4")  # the conv parts need images of 16×16 or more
     command = [sys.executable, str(ROOT / "benchmarks" / "equal_compute.py"), "--quick", "--dataset", "synthetic",
-               "--out", str(tmp_path), "--no-progress"]
+               "--out", str(tmp_path), "--no-progress", "--parts", ",".join(mlp_parts)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr
     data = json.loads((tmp_path / "equal_compute.json").read_text())
-    assert set(data["parts"]) == {"mlp", "long_noise0", "long_noise0.4"}
+    assert set(data["parts"]) == set(mlp_parts)
     for part in data["parts"].values():
         budget = part["settings"]["budget"]
         finals = [r for r in part["runs"].values() if r["phase"] == "final"]
         assert finals and all(r["diverged"] or r["passes"] >= budget for r in finals)
         for figure in part["figures"]:
             assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the long part froze each noise level's own pick from the mlp part
-    mlp = data["parts"]["mlp"]["picks"]
-    for noise in ("0.0", "0.4"):
-        long_hp = {r["name"]: r["hp"] for r in data["parts"][f"long_noise{float(noise):g}"]["runs"].values()}
-        assert long_hp and all(hp == mlp[noise][name]["hp"] for name, hp in long_hp.items())
+        # every composition tuned at this budget: its learning rate swept in this part's own runs
+        for name, spec in part["specs"].items():
+            tuned = {r["hp"]["lr"] for r in part["runs"].values() if r["name"] == name and r["phase"] == "tune"}
+            assert len(tuned) == len(spec["sweep"]["lr"]) > 1, name
+    # the long part adds the mlp parts' best cheap rule (at most 1.5 passes per update) to the baselines and SAM
+    long_specs = set(data["parts"]["long_noise0.4"]["specs"])
+    cheap = long_specs - {"sgd-m", "adamw", "sam/sgd-m"}
+    assert len(cheap) == 1
+    (name,) = cheap
+    row = data["parts"]["mlp_noise0.4"]["summary"]["0.4"]["optimizers"][name]
+    assert data["parts"]["mlp_noise0.4"]["settings"]["budget"] / row["steps"] <= 1.5
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # everything cached
     assert again.returncode == 0 and json.loads((tmp_path / "equal_compute.json").read_text())["parts"].keys() == data["parts"].keys()
-    ledger = json.loads((tmp_path / "provenance.json").read_text())
-    assert set(ledger) == {"mlp", "long"} and all(entry["seconds"] > 0 for entry in ledger.values())
+    ledgers = {part: json.loads((tmp_path / f"{part}.provenance.json").read_text()) for part in mlp_parts}
+    assert all(entry["seconds"] > 0 for entry in ledgers.values())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert all(part["commit"] == head and part["machine_seconds"] > 0 for part in data["parts"].values())
     published = ROOT / "docs" / "results" / "equal_compute.json"
@@ -468,3 +477,19 @@ def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
     refused = subprocess.run([*command, "--report-only", "--publish"], capture_output=True, text=True, env=env, timeout=600)
     assert refused.returncode == 2 and "not published" in refused.stderr and "--quick" in refused.stderr
     assert published.read_bytes() == before
+    # the full plan: every family with its learning rate swept on the MLP; the conv parts on ResNet-6 with
+    # augmentation, the baselines, SAM, RBO and the two best cheap rules of the MLP parts run so far
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        study = importlib.import_module("equal_compute")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    plan = study.parts(argparse.Namespace(quick=False, dataset="fashion-mnist", data_dir=None, conv_budget=3000, out=tmp_path))
+    assert {f"mlp_noise{p:g}" for p in (0, 0.2, 0.4)} | {"conv_noise0", "conv_noise0.4", "long_noise0.4"} == set(plan)
+    mlp_config, mlp_specs = plan["mlp_noise0.2"]
+    assert (mlp_config.budget, mlp_config.final_seeds) == (4690, (1, 2, 3))
+    assert all(len(f["sweep"]["lr"]) > 1 for f in mlp_specs()) and len(mlp_specs()) == len(study.FAMILIES)
+    conv_config, conv_specs = plan["conv_noise0.4"]
+    assert (conv_config.model, conv_config.augment, conv_config.budget, len(conv_config.final_seeds)) == ("resnet6", "crop-flip", 3000, 2)
+    conv_names = {f["name"] for f in conv_specs()}
+    assert set(study.CONV) < conv_names and len(conv_names - set(study.CONV)) == 2
