@@ -20,8 +20,8 @@ parts run so far, so the conv and long parts run after them.
 
 Each part records the commit that produced it and the machine seconds it took, over every sitting, in
 ``OUT/PART.provenance.json``. A part runs only from a clean tree, and resumes at a later commit only when no
-code changed in between; ``--publish`` refuses parts of different code or of a dirty tree. ``--quick``
-runs from any tree and records whether it was dirty.
+code changed in between; ``--publish`` refuses parts of different code, of a dirty tree or of ``--quick``
+runs (which run from any tree and record whether it was dirty).
 """
 
 from __future__ import annotations
@@ -218,8 +218,10 @@ def quick_commit() -> str | None:
 def publishable(reports: dict) -> None:
     """Refuse to publish parts without a commit, from a dirty tree, or of different code."""
     for name, part in reports.items():
+        if part["quick"]:
+            raise ProvenanceError(f"part {name} comes from a --quick run, a smoke test; run it without --quick")
         if not part["commit"] or part["dirty"]:
-            raise ProvenanceError(f"part {name} was not produced by a clean commit; rerun it without --quick from a clean tree")
+            raise ProvenanceError(f"part {name} was not produced by a clean commit; rerun it from a clean tree")
     dirty = dirty_code()
     if dirty:
         raise ProvenanceError(f"the code has uncommitted changes ({', '.join(dirty[:5])}); commit them before publishing")
@@ -238,6 +240,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--report-only", action="store_true", help="summarise the results files, run nothing")
     parser.add_argument("--publish", action="store_true", help="write docs/results/equal_compute.json and docs/img/results/ figures")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,6 +264,7 @@ def main() -> int:
                 print(f"error: part {name}: {error}", file=sys.stderr)
                 return 2
             produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
+            produced["quick"] = args.quick
             start = time.perf_counter()
             try:
                 run_comparison(config, load_specs(specs()), path, progress=not args.no_progress)
@@ -270,7 +274,8 @@ def main() -> int:
             print(f"part {name}: {time.perf_counter() - start:.0f} s (all sittings: {produced['seconds']:.0f} s)")
         if path.exists():
             reports[name] = report(name, config, path, args) | {
-                "commit": produced.get("commit"), "dirty": produced.get("dirty"), "machine_seconds": produced.get("seconds")}
+                "commit": produced.get("commit"), "dirty": produced.get("dirty"), "quick": produced.get("quick"),
+                "machine_seconds": produced.get("seconds")}
     combined = args.out / "equal_compute.json"
     combined.write_text(json.dumps({"machine": machine(), "parts": reports}, sort_keys=True, separators=(",", ":")))
     print(f"wrote {combined}")
@@ -281,11 +286,11 @@ def main() -> int:
         except ProvenanceError as error:
             print(f"error: not published: {error}", file=sys.stderr)
             return 2
-        shutil.copy(combined, ROOT / "docs" / "results" / "equal_compute.json")
+        shutil.copy(combined, args.docs / "results" / "equal_compute.json")
         for part in reports.values():
             for figure in part["figures"]:
-                shutil.copy(args.out / figure, ROOT / "docs" / "img" / "results" / figure)
-        print("published to docs/results/ and docs/img/results/")
+                shutil.copy(args.out / figure, args.docs / "img" / "results" / figure)
+        print(f"published to {args.docs / 'results'} and {args.docs / 'img' / 'results'}")
     return 0
 
 

@@ -131,7 +131,7 @@ def test_save_and_resume_is_bit_identical(tmp_path):
     for p, q in zip(resumed.model.parameters(), whole.model.parameters()):
         assert torch.equal(p, q)
     expected, got = whole.optimizer.state_dict(), resumed.optimizer.state_dict()
-    assert "noise_rng" in expected["state"][0] and expected["base_state"]
+    assert "noise_seed" in expected["state"][0] and expected["base_state"]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert _losses(resumed)[-3:] == _losses(whole)[-3:]
 
