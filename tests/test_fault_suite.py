@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -169,6 +173,28 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(capsys, tmp_path, 
     finally:
         signal.signal(signal.SIGINT, previous)
     assert code == 130 and "interrupted without saving a checkpoint" in err and "--resume" in err
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_ctrl_c_while_the_command_imports_torch_exits_130_without_a_traceback(tmp_path, delay):
+    """A real SIGINT to the console script's process while it is still importing (the package itself no longer
+    imports torch: ``nonlocal_opt.cli.main`` does, inside ``main``), or at any point after."""
+    script = "import sys; from nonlocal_opt.cli import main; sys.exit(main())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script, "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=tmp_path)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert process.returncode == 130 or (process.returncode == 0 and not err), err  # done before the signal came
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_package_or_its_command_line_does_not_import_torch():
+    script = "import sys, nonlocal_opt, nonlocal_opt.cli; print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
 # --- generated cases ------------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import attrs
 
+from nonlocal_opt.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, PROG
 from nonlocal_opt.cli.compare import add_compare_arguments, run_compare
 from nonlocal_opt.cli.geometry import add_geometry_arguments, run_geometry
 from nonlocal_opt.cli.landscape import add_landscape_arguments, run_landscape
 from nonlocal_opt.cli.plugins import plugin_warnings_as_lines, run_plugins
-from nonlocal_opt.cli.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, PROG, add_train_arguments, resume_command, run_train
+from nonlocal_opt.cli.train import add_train_arguments, resume_command, run_train
 from nonlocal_opt.training.config import ConfigError, TrainConfig, TrainingDiverged, TrainingInterrupted, type_problem
 
 TRAIN_FIELDS = {field.name for field in attrs.fields(TrainConfig)}  # checked by TrainConfig.check

@@ -7,11 +7,9 @@ import argparse
 import shlex
 import sys
 
+from nonlocal_opt.cli import EXIT_DIVERGED, EXIT_OK, PROG
 from nonlocal_opt.cli.parsing import DEFAULTS, add_composition_arguments, add_radius_schedule_arguments, add_run_arguments
 from nonlocal_opt.training.config import MIXED_PRECISION
-
-PROG = "nonlocal-opt"
-EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

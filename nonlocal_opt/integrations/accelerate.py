@@ -10,9 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
-from nonlocal_opt.optim.amp import GradScaler
 from nonlocal_opt.optim.host_checks import HostGradientError
 
 
@@ -60,6 +57,10 @@ def use_closure_scaler(accelerator: Any) -> None:
     Raises:
         NotImplementedError: its scaler is another kind (FSDP1's ``ShardedGradScaler``).
     """
+    import torch
+
+    from nonlocal_opt.optim.amp import GradScaler
+
     old = accelerator.scaler
     if old is None or isinstance(old, GradScaler):
         return
