@@ -11,6 +11,7 @@ import attrs
 import pytest
 import torch
 
+import nonlocal_opt.training.trainer as trainer_module
 from nonlocal_opt.cli.main import build_parser, main
 from nonlocal_opt.cli.parsing import parse_value
 from nonlocal_opt.landscapes import LANDSCAPES
@@ -131,9 +132,24 @@ def test_a_sam_variant_trains_from_the_command_line_at_the_passes_it_says(capsys
 
 
 def test_set_values_are_parsed():
-    assert [parse_value(v) for v in ("3", "0.5", "1e-3", "true", "False", "None", "abc")] == [
-        3, 0.5, 1e-3, True, False, None, "abc"
+    assert [parse_value(v) for v in ("3", "0.5", "1e-3", "true", "False", "None", "abc", "0.8,0.99", "-1,1")] == [
+        3, 0.5, 1e-3, True, False, None, "abc", (0.8, 0.99), (-1, 1)
     ]
+
+
+@pytest.mark.parametrize(("optimizer", "setting", "key", "value"), [
+    ("adam", "betas=0.8,0.99", "betas", (0.8, 0.99)),
+    ("sam", "refresh_c=-2,0.5", "refresh_c", (-2, 0.5)),
+])
+def test_a_pair_reaches_the_optimizer_from_set(capsys, tmp_path, monkeypatch, optimizer, setting, key, value):
+    built = []
+    real = trainer_module.build_optimizer
+    monkeypatch.setattr(trainer_module, "build_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    extra = ["--set", "refresh=gradient-norm", "--set", "reuse=none"] if key == "refresh_c" else []
+    code, _, err = run(capsys, "train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "2",
+                       "--optimizer", optimizer, "--set", setting, *extra, "--logdir", str(tmp_path))
+    assert code == 0, err
+    assert tuple(built[-1].param_groups[0][key]) == value
 
 
 def test_plugins_lists_every_registration_with_provider_and_defaults(capsys):
@@ -248,3 +264,11 @@ def test_one_train_builds_one_optimizer_and_collects_registrations_once(capsys, 
                        "--limit-train-batches", "2", "--rho-schedule", "cosine", "--logdir", str(tmp_path))
     assert code == 0 and "finished: 2 steps" in out
     assert calls["optimizers"] == 1 and 1 <= calls["collections"] <= 2
+
+
+def test_a_list_in_a_config_files_set_table_trains(capsys, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('optimizer = "adam"\ndataset = "landscape:quadratic"\n[set]\nbetas = [0.8, 0.99]\n')
+    code, out, err = run(capsys, "train", "--config", str(config), "--batch-size", "256", "--limit-train-batches", "2",
+                         "--logdir", str(tmp_path / "run"))
+    assert code == 0 and "Traceback" not in err and "finished: 2 steps" in out

@@ -17,11 +17,14 @@ DEFAULTS = TrainConfig()  # every flag that sets a TrainConfig field takes its d
 
 
 def parse_value(text: str) -> Any:
-    """``--set`` values: ``None``, booleans, ints, floats, else the string itself.
+    """``--set`` values: ``None``, booleans, ints, floats, else the string itself; comma-separated values
+    (``betas=0.9,0.999``, ``refresh_c=-1,1``) are a tuple of such values.
 
     Args:
         text: the value as typed.
     """
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
     lowered = text.strip().lower()
     if lowered == "none":
         return None

@@ -56,7 +56,8 @@ def tracking(accelerator, config: dict[str, Any], optimizer, resumed_step: int |
     """
     hparams = {f"hp.{key}": _scalar(value) for key, value in optimizer.param_groups[0].items() if key != "params"}
     init_kwargs = {} if resumed_step is None else {"tensorboard": {"purge_step": resumed_step + 1}}
-    accelerator.init_trackers("tensorboard", config={**config, **hparams}, init_kwargs=init_kwargs)
+    settings = {key: _scalar(value) for key, value in config.items()}  # a --set pair such as betas=0.9,0.999
+    accelerator.init_trackers("tensorboard", config={**settings, **hparams}, init_kwargs=init_kwargs)
     try:
         yield
     finally:
