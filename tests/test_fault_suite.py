@@ -197,6 +197,17 @@ def test_importing_the_package_or_its_command_line_does_not_import_torch():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "geometry"])
+def test_missing_data_leaves_no_new_directory_behind(capsys, tmp_path, command):
+    """The log dir (``--out`` of geometry, and its run directories) and the parents made for it go again
+    when the run cannot start; an existing directory is left as it was."""
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper"
+    where = ["--logdir", target] if command == "train" else ["--out", target, "--limit-train-batches", "1"]
+    assert_refused(capsys, tmp_path, [command, "--dataset", "mnist", "--data-dir", tmp_path / "no-data", *where],
+                   "mnist not found")
+
+
 # --- generated cases ------------------------------------------------------------------------------------------
 
 ZERO_ALLOWED = {"seed", "lr", "rho", "label_noise", "progress_every"}  # every other numeric setting must be >= 1 or > 0

@@ -23,7 +23,7 @@ import attrs
 from nonlocal_opt.analysis.path_geometry import GeometryRow, measure_path_geometry, plot_path_geometry, summarize, write_csv
 from nonlocal_opt.cli.parsing import add_composition_arguments, add_radius_schedule_arguments, add_run_arguments
 from nonlocal_opt.training.config import ConfigError, TrainConfig, check_run_settings
-from nonlocal_opt.training.logdir import writable_logdir
+from nonlocal_opt.training.logdir import discard_unused, new_dirs, writable_logdir
 from nonlocal_opt.training.metrics import read_metrics
 from nonlocal_opt.training.trainer import TrainResult, train
 
@@ -55,6 +55,7 @@ def run_geometry(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gradient-pass must be >= 0, got {args.gradient_pass}")
     config = TrainConfig.from_namespace(args)
     check_run_settings(config)  # before --out is created
+    created = new_dirs(args.out)
     out = writable_logdir(args.out)
     runs: list[TrainResult] = []
 
@@ -63,7 +64,11 @@ def run_geometry(args: argparse.Namespace) -> int:
         shutil.rmtree(logdir, ignore_errors=True)  # metrics.csv of an earlier invocation would be appended to
         runs.append(train(attrs.evolve(config, logdir=str(logdir), overwrite=True), step=tracker.step))
 
-    result = measure_path_geometry(run, pass_index=args.gradient_pass)
+    try:
+        result = measure_path_geometry(run, pass_index=args.gradient_pass)
+    except BaseException:
+        discard_unused(out, created)  # a first run that failed to start leaves --out as it found it
+        raise
     log = [row for row in read_metrics(out / "run2" / "metrics.csv") if row["scope"] == "step"]
     write_csv(result.rows, out / "path_geometry.csv")
     _write_tensorboard(result.rows, log, out / "tensorboard")

@@ -38,6 +38,33 @@ def writable_logdir(logdir: str) -> Path:
     return path
 
 
+def new_dirs(logdir: str | Path) -> list[Path]:
+    """The directories of ``logdir`` and its parents that do not exist yet, deepest first: what
+    :func:`writable_logdir` will create, and :func:`discard_unused` may remove again.
+
+    Args:
+        logdir: The directory about to be created.
+    """
+    path = Path(logdir).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def discard_unused(logdir: Path, created: list[Path]) -> None:
+    """Remove ``created`` (deepest first) again when the run that made them wrote nothing into ``logdir``
+    but its lock file: a refused or failed start leaves no directory behind.
+
+    Args:
+        logdir: The run's log dir.
+        created: What :func:`new_dirs` returned before the log dir was made.
+    """
+    if not created or not logdir.is_dir() or any(entry.name != LOCK_FILE for entry in logdir.iterdir()):
+        return
+    (logdir / LOCK_FILE).unlink(missing_ok=True)
+    for directory in created:
+        with contextlib.suppress(OSError):  # not empty: something else lives there now
+            directory.rmdir()
+
+
 def check_artefacts_writable(logdir: Path) -> None:
     """Raise ``ConfigError`` when a run artefact already in ``logdir`` (``metrics.csv``, ``checkpoints/``,
     ``tensorboard/``) cannot be written, or removed by ``--overwrite``: checked before anything changes.
@@ -133,15 +160,17 @@ def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLoc
 
 
 @contextlib.contextmanager
-def claimed_logdir(accelerator, logdir: Path, resume: bool, overwrite: bool) -> Iterator[list[str]]:
+def claimed_logdir(accelerator, logdir: Path, resume: bool, overwrite: bool, created: list[Path]) -> Iterator[list[str]]:
     """Hold ``logdir`` for the run (:func:`claim_logdir` on the main process, which alone keeps the lock);
-    yields the notes to print.
+    yields the notes to print. When the run fails having written nothing, the directories it created go
+    again (:func:`discard_unused`).
 
     Args:
         accelerator: The run's ``Accelerator``.
         logdir: The run's log dir.
         resume: The run continues the one in ``logdir`` (``--resume``).
         overwrite: The run replaces the one in ``logdir`` (``--overwrite``).
+        created: The directories made for the log dir (:func:`new_dirs`).
     """
     held: list[LogdirLock] = []
 
@@ -153,6 +182,12 @@ def claimed_logdir(accelerator, logdir: Path, resume: bool, overwrite: bool) -> 
     notes = on_main(accelerator, claim)
     try:
         yield notes
+    except BaseException:
+        for lock in held:
+            lock.release()
+        if held:  # the main process, which wrote whatever there is
+            discard_unused(logdir, created)
+        raise
     finally:
         for lock in held:
             lock.release()
