@@ -175,7 +175,7 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(capsys, tmp_path, 
     assert code == 130 and "interrupted without saving a checkpoint" in err and "--resume" in err
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.5])
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 1.5, 2.5])
 def test_ctrl_c_while_the_command_imports_torch_exits_130_without_a_traceback(tmp_path, delay):
     """A real SIGINT to the console script's process while it is still importing (the package itself no longer
     imports torch: ``nonlocal_opt.cli.main`` does, inside ``main``), or at any point after."""
@@ -185,9 +185,10 @@ def test_ctrl_c_while_the_command_imports_torch_exits_130_without_a_traceback(tm
                                text=True, env=env, cwd=tmp_path)
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert process.returncode == 130 or (process.returncode == 0 and not err), err  # done before the signal came
+    finished = bool(out) and not err  # the command was done: the signal came in the interpreter's own shutdown
+    assert process.returncode == 130 or (finished and process.returncode in (0, -signal.SIGINT)), (process.returncode, err)
     assert list(tmp_path.iterdir()) == []
 
 
