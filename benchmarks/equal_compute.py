@@ -42,6 +42,7 @@ from provenance import ProvenanceError, dirty_code, head_commit, resume_commit, 
 from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison, summarize
 from nonlocal_opt.comparison.curves import markdown_table
 from nonlocal_opt.comparison.plots import plot_summary
+from nonlocal_opt.comparison.quick import QUICK_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SGDM = {"base": "sgd", "momentum": 0.9}
@@ -119,16 +120,17 @@ def parts(args) -> dict[str, tuple[ComparisonConfig, callable]]:
     and noise level, so that parts can run side by side in separate processes (``--parts``)."""
     data = {"dataset": args.dataset, "data_dir": args.data_dir}
     quick = args.quick
-    if quick:
-        data |= {"train_subset": 6000, "val_size": 1000, "test_subset": 2000, "evals": 5}
-    seeds = {"final_seeds": (1,) if quick else (1, 2, 3)}
-    budget = 300 if quick else 4690
+    if quick:  # the settings of `nonlocal-opt compare --quick`
+        data |= {key: QUICK_SETTINGS[key] for key in ("train_subset", "val_size", "test_subset", "evals")}
+    seeds = {"final_seeds": QUICK_SETTINGS["final_seeds"] if quick else (1, 2, 3)}
+    budget = QUICK_SETTINGS["budget"] if quick else 4690
     noise_levels = (0.0, 0.4) if quick else NOISE
     plan = {}
     for noise in noise_levels:
         config = ComparisonConfig(budget=budget, label_noise=(noise,), **seeds, **data)
         plan[f"mlp_noise{noise:g}"] = (config, lambda: families(QUICK if quick else tuple(f["name"] for f in FAMILIES), quick))
-    conv = {"model": "resnet6", "augment": "crop-flip", "final_seeds": (1,) if quick else (1, 2), "evals": 5 if quick else 10}
+    conv = {"model": "resnet6", "augment": "crop-flip", "final_seeds": seeds["final_seeds"] if quick else (1, 2),
+            "evals": data["evals"] if quick else 10}
     for noise in (0.0, 0.4):
         config = ComparisonConfig(budget=200 if quick else args.conv_budget, label_noise=(noise,), **{**data, **conv})
         plan[f"conv_noise{noise:g}"] = (config, lambda: families(CONV + cheap_best(args.out, 1 if quick else 2), quick))
