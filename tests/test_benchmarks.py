@@ -226,3 +226,59 @@ def test_a_part_is_tied_to_the_commit_of_its_code(tmp_path, monkeypatch):
         provenance.resume_commit(first)
     with pytest.raises(provenance.ProvenanceError, match="whose code differs"):
         provenance.same_code([first, git(tmp_path, "rev-parse", "HEAD")])
+
+
+def plain_results(path: Path, **settings) -> Path:
+    """A results file with one MLP part whose baselines picked ``lr`` 0.05 (SGD-m) and 1e-3 (AdamW)."""
+    picks = {"sgd-m": {"hp": {"lr": 0.05, "momentum": 0.9}}, "adamw": {"hp": {"lr": 1e-3, "weight_decay": 0.01}}}
+    part = {"settings": {"model": "mlp", "dataset": "fashion-mnist", "augment": "none", "budget": 40, "batch_size": 32,
+                         "val_size": 64, "split_seed": 0, "final_seeds": [1, 2], **settings},
+            "picks": {"0.0": picks, "0.4": picks}, "runs": {}}
+    path.write_text(json.dumps({"parts": {"mlp_noise0": part}}))
+    return path
+
+
+def standardised(x):
+    return (x - x.mean()) / x.std()
+
+
+def test_plain_loop_draws_the_harness_split_and_label_noise(tiny_data, monkeypatch):
+    """The plain loop's training images and noisy labels, written from their definitions, are the ones the
+    comparison harness trains on (the same seeds, two implementations)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    plain = importlib.import_module("plain_loop")
+    from nonlocal_opt.comparison import ComparisonConfig
+    from nonlocal_opt.comparison.data import load_splits
+
+    x_train, y_train, _, y_test = plain.fashion_mnist(tiny_data)
+    for noise, split_seed in ((0.0, 0), (0.4, 3)):
+        config = ComparisonConfig(budget=10, val_size=100, split_seed=split_seed, data_dir=str(tiny_data), label_noise=(noise,))
+        splits = load_splits(config, noise)
+        kept = plain.training_index(len(y_train), 100, split_seed)
+        labels = plain.noisy(y_train, noise, split_seed + plain.NOISE_SEED_OFFSET)[kept]
+        assert kept.tolist() == splits.train_index.tolist()
+        assert labels.tolist() == splits.train_y.tolist()
+        ours, theirs = x_train[kept].reshape(splits.train_x.shape), splits.train_x
+        # the two normalise the same pixels by different constants: equal once standardised
+        assert standardised(ours).sub(standardised(theirs)).abs().max() < 1e-4
+        assert y_test.tolist() == splits.test_y.tolist()
+        if noise:
+            changed = (labels != y_train[kept]).float().mean().item()
+            assert 0.3 < changed < 0.5
+
+
+def test_plain_loop_reproduces_the_baselines_of_a_results_file(tiny_data, tmp_path):
+    results = plain_results(tmp_path / "results.json")
+    done = run("plain_loop.py", "--results", str(results), "--data-dir", str(tiny_data))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| sgd-m") or line.startswith("| adamw")]
+    assert [row.split(" | ")[1] for row in rows] == ["0", "0", "0.4", "0.4"]
+    accuracies = [float(row.split(" | ")[3].split(" ± ")[0]) for row in rows]
+    assert all(10 < a <= 100 for a in accuracies)
+
+    bad = run("plain_loop.py", "--results", str(results), "--data-dir", str(tiny_data), "--part", "conv_noise0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {results} has no part 'conv_noise0'; choose from mlp_noise0"]
+    conv = plain_results(tmp_path / "conv.json", model="resnet6")
+    bad = run("plain_loop.py", "--results", str(conv), "--data-dir", str(tiny_data))
+    assert bad.returncode == 2 and "not the Fashion-MNIST MLP" in bad.stderr
