@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -209,6 +210,28 @@ def write_markdown(reports: dict, path: Path) -> Path:
     return path
 
 
+class Sitting:
+    """One sitting of a part, called after each run: the part's ledger gets the machine seconds of every
+    sitting so far, rewritten atomically, so a sitting that is killed keeps the time of its finished runs;
+    ``progress``: a line per run."""
+
+    def __init__(self, ledger: Path, produced: dict, progress: bool):
+        self.ledger, self.produced, self.progress = ledger, produced, progress
+        self.before, self.start = produced["seconds"], time.perf_counter()
+
+    def record(self) -> None:
+        self.produced["seconds"] = self.before + time.perf_counter() - self.start
+        partial = self.ledger.with_name(f".{self.ledger.name}.tmp")
+        partial.write_text(json.dumps(self.produced, indent=1, sort_keys=True))
+        os.replace(partial, self.ledger)
+
+    def __call__(self, done: int, total: int, run, record: dict, cached: bool) -> None:
+        self.record()
+        if self.progress:
+            state = "cached" if cached else f"{record['wall_seconds']:.0f} s"
+            print(f"run {done}/{total}: {run.spec.name}, noise {run.noise:g}, seed {run.seed}, {run.phase}, {state}", flush=True)
+
+
 def quick_commit() -> str | None:
     """``HEAD`` for a ``--quick`` run, which may run from a dirty tree or outside git (``None``)."""
     try:
@@ -243,7 +266,7 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="summarise the results files, run nothing")
     parser.add_argument("--publish", action="store_true", help="write docs/results/equal_compute.json and docs/img/results/ figures")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no line per run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -267,13 +290,12 @@ def main() -> int:
                 return 2
             produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
             produced["quick"] = args.quick
-            start = time.perf_counter()
+            sitting = Sitting(ledger, produced, progress=not args.no_progress)
             try:
-                run_comparison(config, load_specs(specs()), path, progress=not args.no_progress)
+                run_comparison(config, load_specs(specs()), path, progress=sitting)
             finally:
-                produced["seconds"] += time.perf_counter() - start
-                ledger.write_text(json.dumps(produced, indent=1, sort_keys=True))
-            print(f"part {name}: {time.perf_counter() - start:.0f} s (all sittings: {produced['seconds']:.0f} s)")
+                sitting.record()
+            print(f"part {name}: {produced['seconds'] - sitting.before:.0f} s (all sittings: {produced['seconds']:.0f} s)")
         if path.exists():
             reports[name] = report(name, config, path, args) | {
                 "commit": produced.get("commit"), "dirty": produced.get("dirty"), "quick": produced.get("quick"),

@@ -495,3 +495,30 @@ def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
     assert (conv_config.model, conv_config.augment, conv_config.budget, len(conv_config.final_seeds)) == ("resnet6", "crop-flip", 3000, 2)
     conv_names = {f["name"] for f in conv_specs()}
     assert set(study.CONV) < conv_names and len(conv_names - set(study.CONV)) == 2
+
+
+def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path):
+    """The ledger is rewritten after every run: SIGKILL after the first run leaves a readable ledger with
+    that run's seconds, and the next sitting adds its own to them."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "equal_compute.py"), "--quick", "--dataset", "synthetic",
+               "--out", str(tmp_path), "--parts", "mlp_noise0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ledger, results = tmp_path / "mlp_noise0.provenance.json", tmp_path / "mlp_noise0.json"
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = first.stdout.readline()
+        while line and not line.startswith("run 1/"):
+            line = first.stdout.readline()
+        assert line.startswith("run 1/"), first.stderr.read()
+    finally:
+        first.kill()
+        first.communicate()
+    killed = json.loads(ledger.read_text())
+    runs = json.loads(results.read_text())["runs"]
+    assert runs and killed["seconds"] >= min(r["wall_seconds"] for r in runs.values()) > 0  # the first run at least
+    assert killed["quick"] is True
+    done = subprocess.run([*command, "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    whole = json.loads(ledger.read_text())
+    assert whole["seconds"] > killed["seconds"] and whole["commit"] == killed["commit"]
+    assert not any(path.name.endswith(".tmp") for path in tmp_path.iterdir())
