@@ -282,3 +282,41 @@ def test_plain_loop_reproduces_the_baselines_of_a_results_file(tiny_data, tmp_pa
     conv = plain_results(tmp_path / "conv.json", model="resnet6")
     bad = run("plain_loop.py", "--results", str(conv), "--data-dir", str(tiny_data))
     assert bad.returncode == 2 and "not the Fashion-MNIST MLP" in bad.stderr
+
+
+def summary_row(final: float, sd: float, n: int, steps: float, seconds: float) -> dict:
+    stat = {"mean": final, "sd": sd, "n": n}
+    return {"fractions": {"1.0": {"final": stat, "early_stopped": {"mean": final - 0.001, "sd": 0.0, "n": n}}},
+            "matched_updates": {"final": {"mean": final - 0.01, "sd": sd, "n": n}}, "steps": steps, "train_seconds": seconds}
+
+
+def test_results_tables_group_parts_into_workloads(tmp_path):
+    """Parts of one model and budget make one table: a row per composition with passes per update, mean ± sd
+    per noise level (— where it did not run), its mean seconds, and where it is on each front."""
+    def level(rows, passes, seconds, updates=200):
+        return {"optimizers": rows, "matched_updates": updates, "pareto": {"passes": passes, "seconds": seconds}}
+
+    settings = {"model": "mlp", "budget": 100}
+    parts = {
+        "mlp_noise0": {"settings": settings, "summary": {"0.0": level(
+            {"sgd-m": summary_row(0.881, 0.0031, 3, 100, 10), "sam": summary_row(0.9, 0.002, 3, 50, 20)}, ["sam"], ["sgd-m", "sam"])}},
+        "mlp_noise0.4": {"settings": settings, "summary": {"0.4": level(
+            {"sgd-m": summary_row(0.85, 0.01, 1, 100, 30)}, ["sgd-m"], ["sgd-m"])}},
+        "conv_noise0": {"settings": {"model": "resnet6", "budget": 300}, "summary": {"0.0": level(
+            {"sgd-m": summary_row(0.7, 0.05, 2, 300, 5)}, ["sgd-m"], ["sgd-m"], updates=50)}},
+    }
+    results = tmp_path / "equal_compute.json"
+    results.write_text(json.dumps({"machine": "m", "parts": parts}))
+    done = run("results_tables.py", "--results", str(results))
+    assert done.returncode == 0, done.stderr
+    tables = done.stdout.split("### ")[1:]
+    assert [t.splitlines()[0] for t in tables] == ["mlp, B = 100 passes", "resnet6, B = 300 passes"]
+    mlp = [line.split(" | ") for line in tables[0].splitlines() if line.startswith("| ")]
+    assert mlp[0][2:] == ["final @B, 0 %", "final @B, 40 %", "early-stopped @B, 0 %", "early-stopped @B, 40 %",
+                          "@200 updates, 0 %", "@200 updates, 40 %", "train s / run", "front: passes", "front: seconds |"]
+    sam, sgd = mlp[1], mlp[2]  # sgd-m's mean over both levels (86.6) is below sam's 90.0 at its one level
+    assert (sam[0], sgd[0]) == ("| sam", "| sgd-m")
+    assert sgd[1:] == ["1.00", "88.1 ± 0.3", "85.0", "88.0 ± 0.0", "84.9", "87.1 ± 0.3", "84.0", "20", "40 %", "0 %, 40 % |"]
+    assert sam[1:] == ["2.00", "90.0 ± 0.2", "—", "89.9 ± 0.0", "—", "89.0 ± 0.2", "—", "20", "0 %", "0 % |"]
+    bad = run("results_tables.py", "--results", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read results file")
