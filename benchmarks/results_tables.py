@@ -1,7 +1,7 @@
 """The workload tables of docs/results.md, from a published ``equal_compute.json``.
 
 A workload is the parts that share a model and a budget (``mlp_noise0``, ``mlp_noise0.2``, ``mlp_noise0.4``
-make one). Per workload, one row per composition: passes per update, test accuracy (%) at matched passes
+make one). Per workload, one row per composition: passes per update (per noise level where they differ), test accuracy (%) at matched passes
 (final and early-stopped at B) and at matched updates (final at U) for each noise level, as mean ± sd over
 the final seeds, the training seconds of a run, and the noise levels at which the composition is on the
 Pareto front of accuracy against passes and against seconds. Rows are sorted by mean final accuracy at B
@@ -52,9 +52,9 @@ def workload_table(levels: list[tuple[str, dict, dict]]) -> str:
         finals = [row["fractions"]["1.0"]["final"]["mean"] for _, row, _, _ in present if row]
         if not finals:
             continue
-        per_update = sorted({f"{settings['budget'] / row['steps']:.2f}" for _, row, _, settings in present if row and row["steps"]})
+        per_update = [f"{settings['budget'] / row['steps']:.2f}" if row and row["steps"] else "—" for _, row, _, settings in present]
         seconds = [row["train_seconds"] for _, row, _, _ in present if row]
-        cells = [name, "; ".join(per_update)]
+        cells = [name, per_update[0] if len(set(per_update)) == 1 else "; ".join(per_update)]
         cells += [pct(row["fractions"]["1.0"]["final"]) if row else "—" for _, row, _, _ in present]
         cells += [pct(row["fractions"]["1.0"]["early_stopped"]) if row else "—" for _, row, _, _ in present]
         cells += [pct(row["matched_updates"]["final"]) if row else "—" for _, row, _, _ in present]
