@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -265,6 +266,32 @@ def test_plain_loop_draws_the_harness_split_and_label_noise(tiny_data, monkeypat
         if noise:
             changed = (labels != y_train[kept]).float().mean().item()
             assert 0.3 < changed < 0.5
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "sgd-m", "rule": "local", "base": "sgd", "fixed": {"momentum": 0.9}, "sweep": {"lr": [0.05]}},
+    {"name": "adamw", "rule": "local", "base": "adamw", "fixed": {"weight_decay": 0.01}, "sweep": {"lr": [3e-3]}},
+])
+def test_plain_loop_trains_the_harness_run_exactly(spec, tiny_data, monkeypatch):
+    """On the harness's images, the plain loop (torch.optim, its own batching) ends at the harness's final run
+    of the same seed (the same test accuracy and loss): a published baseline is a plain PyTorch run."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    plain = importlib.import_module("plain_loop")
+    from nonlocal_opt.comparison import ComparisonConfig, load_specs
+    from nonlocal_opt.comparison.data import load_splits
+    from nonlocal_opt.comparison.runner import RunSpec, train_run
+
+    config = ComparisonConfig(budget=40, batch_size=32, val_size=100, evals=2, data_dir=str(tiny_data), label_noise=(0.4,))
+    splits = load_splits(config, 0.4)
+    (composed,) = load_specs([spec])
+    (hp,) = composed.points()
+    record = train_run(config, RunSpec(composed, hp, 2, 0.4, "final"), splits)
+    model = plain.train_plain(hp, spec["base"], splits.train_x.flatten(1), splits.train_y, 40, 32, seed=2)
+    x, y = splits.test_x.flatten(1), splits.test_y
+    assert plain.accuracy(model, x, y) == record["curve"]["test_acc"][-1]
+    with torch.no_grad():
+        assert torch.nn.functional.cross_entropy(model(x), y).item() == pytest.approx(record["curve"]["test_loss"][-1], rel=1e-6)
+    assert record["steps"] == 40
 
 
 def test_plain_loop_reproduces_the_baselines_of_a_results_file(tiny_data, tmp_path):
