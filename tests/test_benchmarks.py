@@ -347,3 +347,20 @@ def test_results_tables_group_parts_into_workloads(tmp_path):
     assert sam[1:] == ["2.00; —", "90.0 ± 0.2", "—", "89.9 ± 0.0", "—", "89.0 ± 0.2", "—", "20", "0 %", "0 % |"]
     bad = run("results_tables.py", "--results", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read results file")
+
+
+def test_published_study_names_clean_commits_of_this_history():
+    """Every part of docs/results/equal_compute.json comes from a commit of this repository's history, from a
+    clean tree and not a --quick run, with every run in the published layout."""
+    published = json.loads((ROOT / "docs" / "results" / "equal_compute.json").read_text())
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for name, part in published["parts"].items():
+        assert part["dirty"] is False and part["quick"] is False and part["machine_seconds"] > 0, name
+        assert git(ROOT, "cat-file", "-t", part["commit"]) == "commit", name
+        assert git(ROOT, "merge-base", "--is-ancestor", part["commit"], "HEAD") == "", name
+        assert {"settings", "specs", "picks", "summary", "runs", "figures"} <= set(part), name
+        for run in part["runs"].values():
+            assert {"name", "hp", "noise", "seed", "phase", "passes", "steps", "optimizer", "curve"} <= set(run), name
+        for figure in part["figures"]:
+            assert (ROOT / "docs" / "img" / "results" / figure).is_file(), figure
