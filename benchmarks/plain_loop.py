@@ -27,6 +27,7 @@ from _common import UserError, machine, markdown_table, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {"sgd-m": "sgd", "adamw": "adamw"}
+SETTINGS = {"sgd": {"lr", "momentum"}, "adamw": {"lr", "weight_decay"}}  # what the plain loop passes on
 NOISE_SEED_OFFSET = 7919  # the label noise of a part with split seed s is drawn with seed s + 7919
 
 
@@ -137,6 +138,10 @@ def main() -> int:
             if name not in level:
                 continue
             hp, accs, start = level[name]["hp"], {}, time.perf_counter()
+            unknown = sorted(set(hp) - SETTINGS[base])
+            if unknown:
+                raise UserError(f"{name}'s pick sets {', '.join(unknown)}, which the plain loop does not pass to "
+                                f"torch.optim; it reproduces picks of {', '.join(sorted(SETTINGS[base]))} only")
             for seed in settings["final_seeds"]:
                 model = train_plain(hp, base, x_train[kept], labels[kept], steps, settings["batch_size"], seed)
                 accs[seed] = accuracy(model, x_test, y_test)

@@ -1,11 +1,11 @@
 """The workload tables of docs/results.md, from a published ``equal_compute.json``.
 
 A workload is the parts that share a model and a budget (``mlp_noise0``, ``mlp_noise0.2``, ``mlp_noise0.4``
-make one). Per workload, one row per composition: passes per update (per noise level where they differ), test accuracy (%) at matched passes
-(final and early-stopped at B) and at matched updates (final at U) for each noise level, as mean ± sd over
-the final seeds, the training seconds of a run, and the noise levels at which the composition is on the
-Pareto front of accuracy against passes and against seconds. Rows are sorted by mean final accuracy at B
-over the noise levels.
+make one). Per workload, one row per composition: passes per update (per noise level where they differ),
+test accuracy (%) at matched passes (final and early-stopped at B) and at matched updates (final at U) for
+each noise level, as mean ± sd over the final seeds, the training seconds of a run, and the noise levels at
+which the composition is on the Pareto front of accuracy against passes and against seconds. Rows are
+sorted by mean final accuracy at B over the noise levels.
 """
 
 from __future__ import annotations

@@ -306,6 +306,11 @@ def test_plain_loop_reproduces_the_baselines_of_a_results_file(tiny_data, tmp_pa
     bad = run("plain_loop.py", "--results", str(results), "--data-dir", str(tiny_data), "--part", "conv_noise0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {results} has no part 'conv_noise0'; choose from mlp_noise0"]
+    nesterov = json.loads(results.read_text())
+    nesterov["parts"]["mlp_noise0"]["picks"]["0.0"]["sgd-m"]["hp"]["nesterov"] = True
+    (tmp_path / "nesterov.json").write_text(json.dumps(nesterov))
+    bad = run("plain_loop.py", "--results", str(tmp_path / "nesterov.json"), "--data-dir", str(tiny_data))
+    assert bad.returncode == 2 and "sgd-m's pick sets nesterov" in bad.stderr
     conv = plain_results(tmp_path / "conv.json", model="resnet6")
     bad = run("plain_loop.py", "--results", str(conv), "--data-dir", str(tiny_data))
     assert bad.returncode == 2 and "not the Fashion-MNIST MLP" in bad.stderr
