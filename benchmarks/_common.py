@@ -192,6 +192,15 @@ def fmt_ci(mean: float, half: float, scale: float = 1.0, digits: int = 3, unit: 
     return text if not math.isfinite(half) else f"{text} ± {half * scale:.{digits}f}{unit}"
 
 
+def pct(stat: dict) -> str:
+    """A summary statistic ``{"mean", "sd", "n"}`` of a fraction as ``"mean ± sd"`` in % (no sd for one
+    value, "—" for none)."""
+    if stat["n"] == 0:
+        return "—"
+    sd = f" ± {100 * stat['sd']:.1f}" if stat["n"] > 1 else ""
+    return f"{100 * stat['mean']:.1f}{sd}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT_ROOT, machine
+from _common import OUT_ROOT, machine, pct
 from provenance import ProvenanceError, dirty_code, head_commit, resume_commit, same_code
 
 from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison, summarize
@@ -156,13 +156,6 @@ def report(name: str, config: ComparisonConfig, path: Path, args) -> dict:
         print(f"wrote {figure}")
     return {"settings": data["settings"], "specs": data["specs"], "picks": data["picks"], "summary": summary,
             "runs": data["runs"], "figures": [f.name for f in figures]}
-
-
-def pct(stat: dict) -> str:
-    if stat["n"] == 0:
-        return "—"
-    sd = f" ± {100 * stat['sd']:.1f}" if stat["n"] > 1 else ""
-    return f"{100 * stat['mean']:.1f}{sd}"
 
 
 def hp_text(hp: dict) -> str:

@@ -17,15 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import UserError, markdown_table, run_script
+from _common import UserError, markdown_table, pct, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pct(stat: dict) -> str:
-    if not stat or stat["n"] == 0:
-        return "—"
-    return f"{100 * stat['mean']:.1f}" + (f" ± {100 * stat['sd']:.1f}" if stat["n"] > 1 else "")
 
 
 def workloads(parts: dict) -> dict[str, list[tuple[str, dict, dict]]]:
