@@ -522,3 +522,38 @@ def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path):
     whole = json.loads(ledger.read_text())
     assert whole["seconds"] > killed["seconds"] and whole["commit"] == killed["commit"]
     assert not any(path.name.endswith(".tmp") for path in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("axis", ["passes", "seconds", "updates"])
+def test_figures_of_many_optimizers_keep_title_legend_and_panels_apart(axis):
+    """23 optimizers over two panels (one only in the second): every name is in the legend once, no two lines
+    share colour and marker, front lines are solid, and legend, title and panels do not overlap."""
+    pytest.importorskip("matplotlib")
+    from nonlocal_opt.comparison.plots import draw, pyplot
+
+    names = [f"optimizer-{i:02d}" for i in range(23)]
+    xs = [0.0, 10.0, 100.0, 1000.0]
+
+    def level(present):
+        curves = {n: {"passes": xs, "seconds": xs, "steps": xs, "test_acc": [0.1, 0.5 + i / 100, 0.6, 0.7 + i / 100]}
+                  for i, n in enumerate(names) if n in present}
+        return {"curves": curves, "pareto": {"passes": [names[0]], "seconds": [names[1]]}}
+
+    fig = draw({"0.0": level(names[:-1]), "0.4": level(names)}, axis, "a title")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    boxes = {"legend": legend.get_window_extent(renderer), "title": fig._suptitle.get_window_extent(renderer)}
+    boxes |= {f"panel {i}": panel.get_tightbbox(renderer) for i, panel in enumerate(fig.axes)}
+    figure = fig.bbox
+    for name, box in boxes.items():
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 + 1 and figure.y0 <= box.y0 and box.y1 <= figure.y1 + 1, name
+    for a in boxes:
+        for b in boxes:
+            assert a >= b or not boxes[a].overlaps(boxes[b]), f"{a} overlaps {b}"
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert len({(line.get_color(), line.get_marker()) for line in lines.values()}) == len(names)
+    front = names[1] if axis == "seconds" else names[0]
+    assert {n for n, line in lines.items() if line.get_linestyle() == "-"} == {front}
+    pyplot().close(fig)
