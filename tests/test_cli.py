@@ -217,6 +217,8 @@ def test_landscape_plots_the_contact_point_for_a_rule_that_does_not_project(caps
         (["--rho", "a,b"], "comma-separated numbers"),
         (["--optimizer", "local"], "unknown hyperparameter 'rho'"),
         (["--base", "nope"], "unknown base 'nope'"),
+        (["--lr", "-1"], "argument --lr: expected a finite number >= 0, got '-1'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     ],
 )
 def test_bad_landscape_input_exits_2(capsys, tmp_path, argv, message):

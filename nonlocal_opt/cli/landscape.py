@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from nonlocal_opt.cli.parsing import add_base_argument, add_set_argument, finite_float, parse_float_list
+from nonlocal_opt.cli.parsing import add_base_argument, add_set_argument, finite_float, non_negative_float, parse_float_list
 from nonlocal_opt.optim.interfaces import Centre
 from nonlocal_opt.plugins.compose import compose
 
@@ -23,7 +23,7 @@ def add_landscape_arguments(parser: argparse.ArgumentParser) -> None:
     add_base_argument(parser)
     parser.add_argument("--projector", default=None, help="a registered projector (default: the rule's)")
     parser.add_argument("--rho", type=parse_float_list, default=[0.1, 0.5, 1.0], help="comma-separated radii")
-    parser.add_argument("--lr", type=finite_float, default=0.005, help="learning rate of the base")
+    parser.add_argument("--lr", type=non_negative_float, default=0.005, help="learning rate of the base")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per radius")
     parser.add_argument("--start", type=finite_float, default=1.0, help="initial θ (a finite number)")
     add_set_argument(parser)

@@ -65,6 +65,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A flag's number, refused (one line, exit 2) unless finite and ``>= 0`` (a learning rate).
+
+    Args:
+        text: the value as typed.
+    """
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def parse_float_list(text: str) -> list[float]:
     """``"0.1,0.5,1"`` → ``[0.1, 0.5, 1.0]``; ``nan`` and ``inf`` are refused.
 
