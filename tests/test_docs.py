@@ -217,3 +217,33 @@ def test_the_docs_see_the_init_attrs_generates():
     for module_name, name, cls in classes:
         static = loaded[module_name.split(".")[0]][f"{module_name.partition('.')[2]}.{name}".lstrip(".")]
         assert [p.name for p in static.members["__init__"].parameters][1:] == parameter_names(cls), f"{module_name}.{name}"
+
+
+def test_sphinx_roles_become_links_to_documented_objects():
+    """docs/extensions/sphinx_roles.py turns every ``:class:`…```-style role into a link to a public object with a
+    docstring (its canonical path, the one the reference renders) or, failing that, into inline code."""
+    extensions = griffe.load_extensions(*(f"{ROOT / 'docs' / 'extensions' / name}" for name in ("attrs_init.py:AttrsInit", "sphinx_roles.py:SphinxRoles")))
+    loader = griffe.GriffeLoader(extensions=extensions, search_paths=[ROOT, ROOT / "plugins"])
+    packages = [loader.load(package) for package in ("nonlocal_opt", *FIRST_PARTY_PLUGINS)]
+
+    def docstrings(obj):
+        if obj.docstring is not None:
+            yield obj.path, obj.docstring.value
+        for member in obj.members.values():
+            if not member.is_alias:
+                yield from docstrings(member)
+
+    texts = dict(item for package in packages for item in docstrings(package))
+    left = {path: re.findall(r":[a-z]+:`[^`]+`", text) for path, text in texts.items() if re.search(r":[a-z]+:`", text)}
+    assert not left, left
+    links = [target for text in texts.values() for target in re.findall(r"\[`[^`]+`\]\[([\w.]+)\]", text)]
+    assert len(links) >= 100
+    for target in set(links):
+        obj = loader.modules_collection.get_member(target)
+        assert not obj.is_alias and obj.canonical_path == target and (obj.docstring or obj.is_module), target
+        assert not any(part.startswith("_") for part in target.split(".")), target
+    kit = texts["nonlocal_opt.testing.projector_kit"]
+    assert "[`excess_distances`][nonlocal_opt.testing.projector_kit.excess_distances]" in kit  # a name of the module
+    assert texts["nonlocal_opt.optim.step_resources"].startswith(  # "~": the last part is the text
+        "What a ``ComposedOptimizer`` lends the [`StepContext`][nonlocal_opt.optim.step_context.StepContext]")
+    assert "[`StepContext.apply`][nonlocal_opt.optim.step_context.StepContext.apply]" in texts["nonlocal_opt.optim.amp.ScaledPasses"]
