@@ -31,6 +31,7 @@ def params():
         (dict(rule="rbo", manifold="sphere"), r"unknown manifold 'sphere'; available: .*offset"),
         (dict(rule="rbo", lr=-1.0), r"invalid base hyperparameters for torch.optim.sgd.SGD: Invalid learning rate: -1.0"),
         (dict(rule="rbo", lr=0.0), r"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0"),
+        (dict(rule="rbo", lr=torch.tensor(0.1)), r"rule 'rbo' uses the base .* got a tensor lr \(tensor\(0.1000\)\): pass lr as a float"),
         (dict(rule="rbo", rho=-0.5), r"invalid hyperparameter rho=-0.5"),
         (dict(rule="rbo", max_iters=0), r"invalid hyperparameter max_iters=0 .*integer >= 1"),
         (dict(rule="rbo", momentun=0.9), r"unknown hyperparameter 'momentun' .*known: .*lr.*momentum.*rho"),

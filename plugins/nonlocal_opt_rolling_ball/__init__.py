@@ -132,9 +132,12 @@ class RollingBallRule(DescentRule):
             group: One parameter group with every component's defaults filled in.
 
         Raises:
-            ValueError: ``lr`` is missing, not a number or not positive.
+            ValueError: ``lr`` is missing, a tensor, not a number or not positive.
         """
         lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and takes it as a number; "
+                             f"got a tensor lr ({lr!r}): pass lr as a float")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"rule 'rbo' uses the base optimizer's lr as the step η of the centre and needs lr > 0, got lr={lr!r}")
         check_refresh_group(group)
