@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nonlocal_opt
+from nonlocal_opt.testing.device_path import NoHostReads
 
 from conftest import as_views_of_one_buffer, make_closure
 
@@ -320,3 +321,28 @@ def test_constructors_read_like_the_peers(alias, rule):
     model, _ = _problem()
     opt = getattr(nonlocal_opt, alias)(model.parameters(), base=torch.optim.AdamW, lr=1e-3, rho=0.05)
     assert opt.rule.name == rule and isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["rho"] == 0.05
+
+
+@pytest.mark.parametrize("variant", ["wsam", "wsam-coupled"])
+def test_tensor_learning_rates_are_used_without_reading_them(variant):
+    """torch.optim takes ``lr`` as a tensor (for schedules under CUDA graphs): on the device path the variant scales
+    by it on the device, with the same result as float learning rates."""
+    finals = []
+    for as_tensor in (False, True):
+        model, loss_of = _problem()
+        base_cls, base_hp = BASES["sgd+momentum"]
+        groups = _groups(model, "groups", base_hp["lr"])
+        lrs = []
+        for group in groups:
+            if as_tensor:
+                group["lr"] = torch.tensor(group.get("lr", base_hp["lr"]), dtype=torch.float64)
+                lrs.append(group["lr"])
+        hp = {k: v for k, v in VARIANTS[variant].items() if k != "rule"}
+        opt = nonlocal_opt.compose([{k: v for k, v in g.items() if k != "eta"} for g in groups], "wsam", base=base_cls,
+                                   device_path=True, **{**base_hp, **hp})
+        closure = make_closure(opt, lambda model=model, loss_of=loss_of: loss_of(model))
+        for _ in range(STEPS):
+            with NoHostReads(of=lrs):
+                opt.step(closure)
+        finals.append(_flat(model))
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=1e-12)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,21 @@ class HostReadError(AssertionError):
 class NoHostReads(TorchDispatchMode):
     """Within this mode an operator that copies a tensor's value to the host (``aten._local_scalar_dense``:
     ``.item()``, ``bool()``, ``float()``, a Python ``if`` on a tensor) raises :class:`HostReadError`. On a
-    GPU each such read waits for the device. ``Tensor.tolist()`` does not dispatch on the CPU and is not seen."""
+    GPU each such read waits for the device. ``Tensor.tolist()`` does not dispatch on the CPU and is not seen.
+
+    Args:
+        of: only reads of these tensors raise (by storage; ``None``: any read), e.g. a tensor ``lr`` that the
+            CPU stand-in keeps on the CPU, where other code may read it but a step on a GPU must not.
+    """
+
+    def __init__(self, of: Sequence[torch.Tensor] | None = None):
+        super().__init__()
+        self.watched = None if of is None else {t.untyped_storage().data_ptr() for t in of}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is torch.ops.aten._local_scalar_dense.default and (
+            self.watched is None or args[0].untyped_storage().data_ptr() in self.watched
+        ):
             raise HostReadError(
                 "a tensor value was read on the host (.item(), bool(), float(), if tensor: ...): on a GPU this waits for the device"
             )

@@ -70,8 +70,10 @@ class WSAMRule(DescentRule):
         torch._foreach_sub_(sharpness, g)  # g_p − g
         torch._foreach_copy_(g_p, g)
         taken = ctx.apply(finite=passes.finite(ctx, ctx.norm(sharpness)), spare=[*passes.spare, kept])
-        lrs = [lr for lr, has in zip(ctx.per_tensor("lr"), present) if has]
-        torch._foreach_mul_(sharpness, [-c * float(lr) for lr in lrs])
+        scales = [-c * lr for lr, has in zip(ctx.per_tensor("lr"), present) if has]  # −η c
+        if any(isinstance(k, torch.Tensor) for k in scales):  # a tensor lr is not read on the host
+            scales = [k if isinstance(k, torch.Tensor) else torch.tensor(k) for k in scales]
+        torch._foreach_mul_(sharpness, scales)
         if ctx.host_reads:
             if not bool(taken):
                 return passes.loss
