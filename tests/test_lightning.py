@@ -1,7 +1,8 @@
 """Real Lightning (one CPU process). Automatic optimization: a multi-pass rule steps like a plain loop,
 gradient accumulation by Lightning is refused with an error that names it, and the logging helpers record
 the loss at θ_t once per step. Manual optimization steps like a plain loop with the same closures, and a run
-resumed from a Lightning checkpoint ends where an uninterrupted one does."""
+resumed from a Lightning checkpoint ends where an uninterrupted one does. fp16 through ``ClosureMixedPrecision``
+and bf16 step like plain loops under autocast; torch's scaler is refused with a message naming ours."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import nonlocal_opt
 from nonlocal_opt import HostGradientError
 
 lightning = pytest.importorskip("lightning")
-from nonlocal_opt.integrations.lightning import StepLossLogger  # noqa: E402  (needs lightning)
+from nonlocal_opt.integrations.lightning import ClosureMixedPrecision, StepLossLogger  # noqa: E402  (needs lightning)
 
 RULES = {
     "sam": dict(rule="sam", lr=0.1, rho=0.05, momentum=0.9),
@@ -208,3 +209,69 @@ def test_first_pass_is_true_outside_a_step_and_names_a_foreign_optimizer():
     assert nonlocal_opt.first_pass(opt)
     with pytest.raises(TypeError, match="not a nonlocal-opt optimizer"):
         nonlocal_opt.first_pass(torch.optim.SGD(_model().parameters(), lr=0.1))
+
+
+def _fp16_data():
+    """Four batches; the third overflows float16 (its scaled loss is not finite), so that step is skipped."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    x[32:48] *= 1e6
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["plain", "clipped"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_fp16_with_closure_mixed_precision_steps_like_a_plain_loop_with_the_scaler(rule, clip):
+    """Lightning's fp16 (autocast float16 on the CPU, loss scaling) through ``ClosureMixedPrecision`` against a plain
+    loop with ``nonlocal_opt.GradScaler``: same parameters and scale, the overflowing batch skipped in both, and
+    Lightning's gradient clipping applied to every pass's unscaled gradients."""
+    model, twin = _model(), _model()
+    trainer = _trainer(plugins=[ClosureMixedPrecision("cpu")], gradient_clip_val=clip)
+    trainer.fit(Module(model, _compose(rule)), _fp16_data())
+    opt, scaler, skipped = _compose(rule)(twin.parameters()), nonlocal_opt.GradScaler("cpu"), []
+    for x, y in _fp16_data():
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(twin(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
+            return loss
+
+        scaler.step(opt, closure)
+        scaler.update()
+        skipped.append(nonlocal_opt.stats(opt)["nonfinite"])
+    assert skipped == [0.0, 0.0, 1.0, 0.0]
+    assert trainer.precision_plugin.scaler.get_scale() == scaler.get_scale() == 2.0**15
+    _assert_same_parameters(model, twin)
+
+
+def test_torch_scaler_under_lightning_fp16_is_refused_naming_the_closure_scaler():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = Module(_model(), _compose("sam"))
+    with pytest.raises(RuntimeError, match=r"evaluates the loss several times.*use nonlocal_opt.GradScaler"):
+        _trainer(plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module, _fp16_data())
+    with pytest.raises(TypeError, match="needs a nonlocal_opt.GradScaler"):
+        ClosureMixedPrecision("cpu", torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_bf16_mixed_steps_like_a_plain_loop_under_autocast(rule):
+    model, twin = _model(), _model()
+    _trainer(precision="bf16-mixed").fit(Module(model, _compose(rule)), _data())
+    opt = _compose(rule)(twin.parameters())
+    for x, y in _data():
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(twin(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    _assert_same_parameters(model, twin)

@@ -5,20 +5,25 @@ Under automatic optimization Lightning's closure runs ``training_step`` once per
 pass and every side effect in it is repeated. Log with :class:`StepLossLogger`, and guard other side effects
 with ``if nonlocal_opt.first_pass(self.optimizers()):``. Lightning's ``accumulate_grad_batches`` cannot re-run
 the earlier micro-batches in later passes and is refused by the step; accumulate under manual optimization
-with :class:`~nonlocal_opt.integrations.accumulation.MicroBatchClosure` (docs/integrations.md). Importing this
-module imports Lightning.
+with :class:`~nonlocal_opt.integrations.accumulation.MicroBatchClosure` (docs/integrations.md). fp16 AMP: pass
+``plugins=[ClosureMixedPrecision()]`` instead of ``precision="16-mixed"``, whose torch scaler steps without the
+closure. Importing this module imports Lightning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 try:
     import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
 except ImportError as error:  # lightning is not a dependency of nonlocal-opt
     raise ImportError("nonlocal_opt.integrations.lightning needs Lightning: pip install lightning") from error
 
 from nonlocal_opt.integrations.wrappers import stats
+from nonlocal_opt.optim.amp import GradScaler
+from nonlocal_opt.optim.composed import ComposedOptimizer
 
 
 class StepLossLogger(pl.Callback):
@@ -63,3 +68,46 @@ class StepLossLogger(pl.Callback):
         loss = stats(trainer.optimizers[self.optimizer]).get("loss")
         if loss is not None:
             pl_module.log(self.name, loss, **self.log_kwargs)
+
+
+class ClosureMixedPrecision(MixedPrecision):
+    """Lightning's fp16 AMP (``"16-mixed"``: ``torch.autocast`` with float16 and loss scaling) for composed
+    optimizers: ``Trainer(plugins=[ClosureMixedPrecision()])``. The step is ``scaler.step(opt, closure)`` of a
+    :class:`~nonlocal_opt.optim.amp.GradScaler`: each pass's gradients are unscaled before the rule, Lightning's
+    ``on_before_optimizer_step`` hooks and gradient clipping, and an overflow in any pass skips the step and
+    backs the scale off. Other optimizers step as under ``precision="16-mixed"``.
+
+    Args:
+        device: the device of ``torch.autocast`` and of the scaler (``"cuda"``; ``"cpu"`` runs float16 on the CPU).
+        scaler: the scaler (default: a new ``GradScaler(device)``).
+    """
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None) -> None:
+        scaler = GradScaler(device) if scaler is None else scaler
+        if not isinstance(scaler, GradScaler):
+            raise TypeError(f"ClosureMixedPrecision needs a nonlocal_opt.GradScaler, got {type(scaler).__name__}: "
+                            "torch's scaler cannot step with a closure")
+        super().__init__("16-mixed", device, scaler)
+
+    def optimizer_step(self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        """``scaler.step(optimizer, closure)`` and ``scaler.update()`` for a composed optimizer; each pass of the
+        closure ends with ``scaler.unscale_`` and Lightning's hooks and clipping.
+
+        Args:
+            optimizer: the optimizer ``configure_optimizers`` returned.
+            model: the LightningModule.
+            closure: Lightning's closure (``training_step``, backward of the scaled loss).
+            **kwargs: passed on to ``optimizer.step``.
+        """
+        if not isinstance(optimizer, ComposedOptimizer):
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+
+        def one_pass() -> Any:
+            result = closure()
+            self.scaler.unscale_(optimizer)
+            self._after_closure(model, optimizer)
+            return result
+
+        output = self.scaler.step(optimizer, one_pass, **kwargs)
+        self.scaler.update()
+        return output

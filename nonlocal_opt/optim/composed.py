@@ -279,7 +279,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"rule {self.rule.name!r} evaluates the loss several times per step: call "
                 "opt.step(closure) with a closure that zeroes grads, runs forward and backward, "
-                "and returns the loss"
+                "and returns the loss (under fp16 loss scaling, torch.amp.GradScaler.step(opt) steps without it: "
+                "use nonlocal_opt.GradScaler and scaler.step(opt, closure), docs/integrations.md)"
             )
         for index, group in enumerate(self.param_groups):  # a scheduler or the caller may have set them
             check_finite({k: v for k, v in group.items() if k != "params"}, f"{self._owner()}, param_groups[{index}]")
