@@ -118,12 +118,16 @@ def common_arguments(parser: argparse.ArgumentParser, script: str) -> None:
 
 
 def run_script(main: Callable[[], int]) -> None:
-    """Run ``main`` and exit with its code; bad input → one ``error:`` line on stderr and exit code 2."""
+    """Run ``main`` and exit with its code; bad input → one ``error:`` line on stderr and exit code 2; Ctrl-C →
+    one line and exit code 130."""
     try:
         code = main()
     except (UserError, ConfigError, DatasetNotFoundError, MissingPlotDependency) as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        code = 130
     sys.exit(code)
 
 

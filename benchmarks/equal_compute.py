@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT_ROOT, machine, pct
+from _common import OUT_ROOT, machine, pct, run_script
 from provenance import ProvenanceError, dirty_code, head_commit, resume_commit, same_code
 
 from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison, summarize
@@ -286,6 +286,10 @@ def main() -> int:
             sitting = Sitting(ledger, produced, progress=not args.no_progress)
             try:
                 run_comparison(config, load_specs(specs()), path, progress=sitting)
+            except KeyboardInterrupt:
+                print(f"part {name}: interrupted; its finished runs are in {path} and its machine time in {ledger}: "
+                      "rerun the same command to resume", file=sys.stderr)
+                return 130
             finally:
                 sitting.record()
             print(f"part {name}: {produced['seconds'] - sitting.before:.0f} s (all sittings: {produced['seconds']:.0f} s)")
@@ -312,4 +316,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, positive_int
+from _common import machine, positive_int, run_script
 
 from nonlocal_opt.comparison import ComparisonConfig, RunSpec, load_specs, train_run
 from nonlocal_opt.comparison.data import BatchStream, load_splits
@@ -76,4 +76,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -28,12 +28,16 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_script
+
 import nonlocal_opt
 from nonlocal_opt.landscapes import Quadratic
-from nonlocal_opt.training.data import DatasetNotFoundError, load_dataset
+from nonlocal_opt.training.data import load_dataset
 from nonlocal_opt.training.models import build_model
 
 PROJECTORS = ("footpoint", "gauss-newton", "newton", "lbfgs", "tangent")
@@ -409,11 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        problem = Problem(args.data_dir)
-    except DatasetNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    problem = Problem(args.data_dir)
     batches, quad_steps, train_steps = (3, 20, 50) if args.quick else (10, 100, 200)
     command = "python benchmarks/projectors.py" + (" --quick" if args.quick else "")
     print(f"<!-- produced by `{command}` on a {torch.get_num_threads()}-thread CPU, torch {torch.__version__} -->\n")
@@ -443,4 +443,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

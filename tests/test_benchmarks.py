@@ -143,6 +143,18 @@ def test_bad_input_exits_2_with_one_line(script, args, message, tmp_path, capsys
     assert message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    common = importlib.import_module("_common")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_script(interrupted)
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
 def test_projector_benchmark_reference_is_below_every_budgeted_projection(tiny_data, monkeypatch):
     """``benchmarks/projectors.py``'s φ* (float64 smoothing continuation + polish) lies below φ at the
     points ``footpoint`` and ``gauss-newton`` reach with 21 passes, so their φ-gaps are ≥ 0 (up to float32

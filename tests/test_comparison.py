@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal as signal_module
 import subprocess
 import sys
 from pathlib import Path
@@ -497,9 +498,11 @@ def test_equal_compute_script_quick_runs_and_resumes(tmp_path):
     assert set(study.CONV) < conv_names and len(conv_names - set(study.CONV)) == 2
 
 
-def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path):
+@pytest.mark.parametrize("signal", ["SIGKILL", "SIGINT"])
+def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path, signal):
     """The ledger is rewritten after every run: SIGKILL after the first run leaves a readable ledger with
-    that run's seconds, and the next sitting adds its own to them."""
+    that run's seconds, and the next sitting adds its own to them. Ctrl-C (SIGINT) says how to resume, in one
+    line and without a traceback, and exits with 130."""
     command = [sys.executable, str(ROOT / "benchmarks" / "equal_compute.py"), "--quick", "--dataset", "synthetic",
                "--out", str(tmp_path), "--parts", "mlp_noise0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -511,8 +514,12 @@ def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path):
             line = first.stdout.readline()
         assert line.startswith("run 1/"), first.stderr.read()
     finally:
-        first.kill()
-        first.communicate()
+        first.send_signal(getattr(signal_module, signal))
+        _, err = first.communicate(timeout=120)
+    if signal == "SIGINT":
+        assert first.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"part mlp_noise0: interrupted; its finished runs are in {results} and its "
+                                                f"machine time in {ledger}: rerun the same command to resume")
     killed = json.loads(ledger.read_text())
     runs = json.loads(results.read_text())["runs"]
     assert runs and killed["seconds"] >= min(r["wall_seconds"] for r in runs.values()) > 0  # the first run at least

@@ -222,7 +222,8 @@ def test_the_docs_see_the_init_attrs_generates():
 def test_sphinx_roles_become_links_to_documented_objects():
     """docs/extensions/sphinx_roles.py turns every ``:class:`…```-style role into a link to a public object with a
     docstring (its canonical path, the one the reference renders) or, failing that, into inline code."""
-    extensions = griffe.load_extensions(*(f"{ROOT / 'docs' / 'extensions' / name}" for name in ("attrs_init.py:AttrsInit", "sphinx_roles.py:SphinxRoles")))
+    names = ("attrs_init.py:AttrsInit", "sphinx_roles.py:SphinxRoles")
+    extensions = griffe.load_extensions(*(f"{ROOT / 'docs' / 'extensions' / name}" for name in names))
     loader = griffe.GriffeLoader(extensions=extensions, search_paths=[ROOT, ROOT / "plugins"])
     packages = [loader.load(package) for package in ("nonlocal_opt", *FIRST_PARTY_PLUGINS)]
 

@@ -255,7 +255,7 @@ def test_torch_scaler_under_lightning_fp16_is_refused_naming_the_closure_scaler(
     module = Module(_model(), _compose("sam"))
     with pytest.raises(RuntimeError, match=r"evaluates the loss several times.*use nonlocal_opt.GradScaler"):
         _trainer(plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module, _fp16_data())
-    with pytest.raises(TypeError, match="needs a nonlocal_opt.GradScaler"):
+    with pytest.raises(TypeError, match=r"needs a nonlocal_opt\.GradScaler"):
         ClosureMixedPrecision("cpu", torch.amp.GradScaler("cpu"))
 
 

@@ -11,6 +11,7 @@ mkdocs.yml loads it (mkdocstrings ``extensions``).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -44,10 +45,8 @@ def resolve(name: str, scope: griffe.Object, loader: griffe.GriffeLoader) -> str
     head, _, rest = name.partition(".")
     owners = [o for o in (scope, scope.parent) if o is not None and o.is_class]
     candidates = [f"{owner.path}.{name}" for owner in owners]
-    try:
+    with contextlib.suppress(griffe.NameResolutionError):
         candidates.append(scope.resolve(head) + (f".{rest}" if rest else ""))
-    except griffe.NameResolutionError:
-        pass
     candidates.append(name)
     for candidate in candidates:
         found = documented(candidate, loader)
