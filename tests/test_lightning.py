@@ -257,6 +257,9 @@ def test_torch_scaler_under_lightning_fp16_is_refused_naming_the_closure_scaler(
         _trainer(plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module, _fp16_data())
     with pytest.raises(TypeError, match=r"needs a nonlocal_opt\.GradScaler"):
         ClosureMixedPrecision("cpu", torch.amp.GradScaler("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"needs a GPU and none is available: on the CPU pass ClosureMixedPrecision\('cpu'\)"):
+            ClosureMixedPrecision()
 
 
 @pytest.mark.parametrize("rule", list(RULES))

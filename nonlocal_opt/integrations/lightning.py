@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.precision import MixedPrecision
@@ -80,9 +82,16 @@ class ClosureMixedPrecision(MixedPrecision):
     Args:
         device: the device of ``torch.autocast`` and of the scaler (``"cuda"``; ``"cpu"`` runs float16 on the CPU).
         scaler: the scaler (default: a new ``GradScaler(device)``).
+
+    Raises:
+        ValueError: ``"cuda"`` without a GPU.
+        TypeError: ``scaler`` is not a ``nonlocal_opt.GradScaler``.
     """
 
     def __init__(self, device: str = "cuda", scaler: GradScaler | None = None) -> None:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("ClosureMixedPrecision('cuda') needs a GPU and none is available: on the CPU pass "
+                             "ClosureMixedPrecision('cpu') (float16 autocast on the CPU) or use precision='bf16-mixed'")
         scaler = GradScaler(device) if scaler is None else scaler
         if not isinstance(scaler, GradScaler):
             raise TypeError(f"ClosureMixedPrecision needs a nonlocal_opt.GradScaler, got {type(scaler).__name__}: "
