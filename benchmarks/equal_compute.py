@@ -225,6 +225,46 @@ class Sitting:
             print(f"run {done}/{total}: {run.spec.name}, noise {run.noise:g}, seed {run.seed}, {run.phase}, {state}", flush=True)
 
 
+def reported(name: str, config: ComparisonConfig, produced: dict, args) -> dict:
+    """The published form of part ``name``: :func:`report` of its results file and, from its ledger ``produced``,
+    the commit, ``dirty``, ``quick`` and machine seconds."""
+    return report(name, config, args.out / f"{name}.json", args) | {
+        "commit": produced.get("commit"), "dirty": produced.get("dirty"), "quick": produced.get("quick"),
+        "machine_seconds": produced.get("seconds")}
+
+
+def ledger_of(out: Path, name: str) -> dict:
+    """The ledger of part ``name`` in ``out``: its commit, ``dirty``, ``quick`` and machine ``seconds`` so far."""
+    ledger = out / f"{name}.provenance.json"
+    return json.loads(ledger.read_text()) if ledger.exists() else {"seconds": 0.0}
+
+
+def sit(name: str, config: ComparisonConfig, specs: list[dict], args) -> dict:
+    """One sitting of part ``name``: run (or resume) ``specs`` into ``args.out/{name}.json`` under the commit it
+    comes from (:func:`resume_commit`; a ``--quick`` run takes any tree and says whether it was dirty), its ledger
+    rewritten after every run. Returns the ledger; Ctrl-C says how to resume and exits with 130.
+
+    Raises:
+        ProvenanceError: the tree is dirty, or the part's runs came from other code.
+    """
+    path, ledger = args.out / f"{name}.json", args.out / f"{name}.provenance.json"
+    produced = ledger_of(args.out, name)
+    produced["commit"] = quick_commit() if args.quick else resume_commit(produced.get("commit"))
+    produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
+    produced["quick"] = args.quick
+    sitting = Sitting(ledger, produced, progress=not args.no_progress)
+    try:
+        run_comparison(config, load_specs(specs), path, progress=sitting)
+    except KeyboardInterrupt:
+        print(f"part {name}: interrupted; its finished runs are in {path} and its machine time in {ledger}: "
+              "rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        sitting.record()
+    print(f"part {name}: {produced['seconds'] - sitting.before:.0f} s (all sittings: {produced['seconds']:.0f} s)")
+    return produced
+
+
 def quick_commit() -> str | None:
     """``HEAD`` for a ``--quick`` run, which may run from a dirty tree or outside git (``None``)."""
     try:
@@ -273,30 +313,13 @@ def main() -> int:
     reports = {}
     for name in chosen:
         config, specs = plan[name]
-        path, ledger = args.out / f"{name}.json", args.out / f"{name}.provenance.json"
-        produced = json.loads(ledger.read_text()) if ledger.exists() else {"seconds": 0.0}
-        if not args.report_only:
-            try:
-                produced["commit"] = quick_commit() if args.quick else resume_commit(produced.get("commit"))
-            except ProvenanceError as error:
-                print(f"error: part {name}: {error}", file=sys.stderr)
-                return 2
-            produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
-            produced["quick"] = args.quick
-            sitting = Sitting(ledger, produced, progress=not args.no_progress)
-            try:
-                run_comparison(config, load_specs(specs()), path, progress=sitting)
-            except KeyboardInterrupt:
-                print(f"part {name}: interrupted; its finished runs are in {path} and its machine time in {ledger}: "
-                      "rerun the same command to resume", file=sys.stderr)
-                return 130
-            finally:
-                sitting.record()
-            print(f"part {name}: {produced['seconds'] - sitting.before:.0f} s (all sittings: {produced['seconds']:.0f} s)")
-        if path.exists():
-            reports[name] = report(name, config, path, args) | {
-                "commit": produced.get("commit"), "dirty": produced.get("dirty"), "quick": produced.get("quick"),
-                "machine_seconds": produced.get("seconds")}
+        try:
+            produced = ledger_of(args.out, name) if args.report_only else sit(name, config, specs(), args)
+        except ProvenanceError as error:
+            print(f"error: part {name}: {error}", file=sys.stderr)
+            return 2
+        if (args.out / f"{name}.json").exists():
+            reports[name] = reported(name, config, produced, args)
     combined = args.out / "equal_compute.json"
     combined.write_text(json.dumps({"machine": machine(), "parts": reports}, sort_keys=True, separators=(",", ":")))
     print(f"wrote {combined}")

@@ -143,6 +143,25 @@ def test_bad_input_exits_2_with_one_line(script, args, message, tmp_path, capsys
     assert message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_the_conv_lr_check_is_the_study_at_learning_rates_its_grids_do_not_reach(monkeypatch):
+    """``benchmarks/conv_lr_check.py``: each composition is the study's family of the same name (rule, base, fixed
+    settings; a swept one within the family's grid) but for a learning rate above the family's grid."""
+    from nonlocal_opt.comparison import load_specs
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    check, study = importlib.import_module("conv_lr_check"), importlib.import_module("equal_compute")
+    families = {f["name"]: f for f in study.FAMILIES}
+    assert len(load_specs(check.CHECK)) == len(check.CHECK) == 3
+    for spec in check.CHECK:
+        family = families[spec["name"].split(" lr=")[0]]
+        assert (spec["rule"], spec["base"]) == (family["rule"], family["base"]), spec["name"]
+        assert spec["fixed"]["lr"] > max(family["sweep"]["lr"]), spec["name"]
+        for key, value in {**spec["fixed"], **spec.get("sweep", {})}.items():
+            allowed = [family["fixed"][key]] if key in family["fixed"] else family["sweep"].get(key, [])
+            if key != "lr":
+                assert set(value if isinstance(value, list) else [value]) <= set(allowed), (spec["name"], key)
+
+
 def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     common = importlib.import_module("_common")
