@@ -20,11 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_ROOT, machine, run_script
-from equal_compute import ROOT, parts, publishable, reported, sit
+from equal_compute import parse_sitting_arguments, parts, publishable, reported, sit
 from provenance import ProvenanceError
 
 NAME = "conv_lr_check"
@@ -41,14 +39,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the study's --quick conv settings (200 passes, one final seed)")
     parser.add_argument("--out", type=Path, default=OUT_ROOT / NAME, help="results directory")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--publish", action="store_true", help="write docs/results/conv_lr_check.json")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
-    parser.add_argument("--no-progress", action="store_true", help="no line per run")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_sitting_arguments(parser)
     config = parts(argparse.Namespace(quick=args.quick, dataset="fashion-mnist", data_dir=args.data_dir, conv_budget=3000,
                                       out=args.out))["conv_noise0"][0]
     print(machine())

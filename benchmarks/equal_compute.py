@@ -286,6 +286,19 @@ def publishable(reports: dict) -> None:
     same_code(sorted({part["commit"] for part in reports.values()}))
 
 
+def parse_sitting_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add what a script running parts shares (``--data-dir``, ``--threads``, ``--docs``, ``--no-progress``), parse,
+    set the torch threads and create ``args.out``."""
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
+    parser.add_argument("--no-progress", action="store_true", help="no line per run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -293,16 +306,10 @@ def main() -> int:
     parser.add_argument("--parts", default=None, help="comma-separated parts to run (default: all, in order)")
     parser.add_argument("--out", type=Path, default=OUT_ROOT / "equal_compute", help="results directory")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (or synthetic, for smoke tests)")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
     parser.add_argument("--conv-budget", type=int, default=3000, help="passes per ResNet-6 run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--report-only", action="store_true", help="summarise the results files, run nothing")
     parser.add_argument("--publish", action="store_true", help="write docs/results/equal_compute.json and docs/img/results/ figures")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
-    parser.add_argument("--no-progress", action="store_true", help="no line per run")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_sitting_arguments(parser)
     plan = parts(args)
     chosen = [p.strip() for p in args.parts.split(",")] if args.parts else list(plan)
     unknown = [p for p in chosen if p not in plan]
