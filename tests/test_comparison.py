@@ -531,14 +531,17 @@ def test_a_killed_sitting_keeps_the_seconds_of_its_finished_runs(tmp_path, signa
     assert not any(path.name.endswith(".tmp") for path in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("shape", ["23 over two panels", "6 long names, one panel"])
 @pytest.mark.parametrize("axis", ["passes", "seconds", "updates"])
-def test_figures_of_many_optimizers_keep_title_legend_and_panels_apart(axis):
-    """23 optimizers over two panels (one only in the second): every name is in the legend once, no two lines
-    share colour and marker, front lines are solid, and legend, title and panels do not overlap."""
+def test_figures_of_many_optimizers_keep_title_legend_and_panels_apart(axis, shape):
+    """23 optimizers over two panels (one only in the second), or six with long names and a long title on one
+    panel: every name is in the legend once, no two lines share colour and marker, front lines are solid, and
+    legend, title and panels do not overlap or leave the figure."""
     pytest.importorskip("matplotlib")
     from nonlocal_opt.comparison.plots import draw, pyplot
 
-    names = [f"optimizer-{i:02d}" for i in range(23)]
+    one = shape.endswith("one panel")
+    names = [f"rbo-gn K={i} ρ=1→0.1 cosine" for i in range(6)] if one else [f"optimizer-{i:02d}" for i in range(23)]
     xs = [0.0, 10.0, 100.0, 1000.0]
 
     def level(present):
@@ -546,7 +549,8 @@ def test_figures_of_many_optimizers_keep_title_legend_and_panels_apart(axis):
                   for i, n in enumerate(names) if n in present}
         return {"curves": curves, "pareto": {"passes": [names[0]], "seconds": [names[1]]}}
 
-    fig = draw({"0.0": level(names[:-1]), "0.4": level(names)}, axis, "a title")
+    title = "resnet6 on fashion-mnist, budget 3000 passes" if one else "a title"
+    fig = draw({"0.4": level(names)} if one else {"0.0": level(names[:-1]), "0.4": level(names)}, axis, title)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     legend, = fig.legends
@@ -559,7 +563,7 @@ def test_figures_of_many_optimizers_keep_title_legend_and_panels_apart(axis):
     for a in boxes:
         for b in boxes:
             assert a >= b or not boxes[a].overlaps(boxes[b]), f"{a} overlaps {b}"
-    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    lines = {line.get_label(): line for line in fig.axes[-1].get_lines()}
     assert len({(line.get_color(), line.get_marker()) for line in lines.values()}) == len(names)
     front = names[1] if axis == "seconds" else names[0]
     assert {n for n, line in lines.items() if line.get_linestyle() == "-"} == {front}

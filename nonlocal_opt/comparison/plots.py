@@ -19,12 +19,15 @@ def line_styles(names: list[str]) -> dict[str, tuple[Any, str]]:
 
 def draw(summary: dict[str, Any], axis: str, title: str):
     """The figure of one x ``axis`` (a key of ``AXES``): one panel per noise level, one line per optimizer,
-    solid if on the Pareto front of that axis (passes for updates), the legend right of the panels."""
+    solid if on the Pareto front of that axis (passes for updates), the legend below the panels, two columns per
+    panel."""
     plt = pyplot()
     names = sorted({n for level in summary.values() for n in level["curves"]})
     styles = line_styles(names)
     column, front = ("steps" if axis == "updates" else axis), ("seconds" if axis == "seconds" else "passes")
-    fig, panels = plt.subplots(1, len(summary), figsize=(5.2 * len(summary) + 2.8, max(4.4, 1.6 + 0.2 * len(names))),
+    columns = min(len(names), 2 * len(summary))
+    rows = -(-len(names) // columns) if names else 0
+    fig, panels = plt.subplots(1, len(summary), figsize=(5.2 * len(summary) + 1.0, 4.4 + 0.22 * rows),
                                squeeze=False, layout="constrained")
     for panel, (noise, level) in zip(panels[0], summary.items()):
         finals, tops = [], []
@@ -47,7 +50,8 @@ def draw(summary: dict[str, Any], axis: str, title: str):
         panel.set_ylabel("test accuracy (mean over final seeds)")
         panel.grid(alpha=0.3)
     handles = {label: handle for panel in panels[0] for handle, label in zip(*panel.get_legend_handles_labels())}
-    fig.legend([handles[n] for n in sorted(handles)], sorted(handles), loc="outside right upper", fontsize="small")
+    fig.legend([handles[n] for n in sorted(handles)], sorted(handles), loc="outside lower center", ncols=max(columns, 1),
+               fontsize="small")
     fig.suptitle(f"{title}; solid: on the Pareto front ({front})", fontsize="medium")
     return fig
 
