@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import weakref
@@ -25,6 +24,7 @@ from typing import Any
 
 import attrs
 import torch
+from provenance import code_version
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -151,16 +151,6 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), {gpu}, "
             f"torch {torch.__version__}, Python {platform.python_version()}, code {code_version()}")
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout the benchmark runs from (``unknown`` outside git)."""
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                                   capture_output=True, text=True, timeout=30)
-    except OSError:
-        return "unknown"
-    return described.stdout.strip() or "unknown"
 
 
 # Two-sided 95 % quantiles t_{0.975, ν} of Student's t for ν = 1..30 degrees of freedom.

@@ -31,6 +31,15 @@ def head_commit() -> str:
     return _git("rev-parse", "HEAD").strip()
 
 
+def code_version() -> str:
+    """The short hash of ``HEAD``, with ``-dirty`` when the code (``CODE``) has uncommitted changes; ``unknown``
+    outside git. Docs and tests do not make it dirty, as for a part's provenance."""
+    try:
+        return head_commit()[:7] + ("-dirty" if dirty_code() else "")
+    except ProvenanceError:
+        return "unknown"
+
+
 def dirty_code() -> list[str]:
     """Files under ``CODE`` that differ from ``HEAD`` or are untracked (ignored outputs excluded)."""
     return sorted({line[3:] for line in _git("status", "--porcelain", "--untracked-files=all", "--", *CODE).splitlines()})

@@ -225,7 +225,8 @@ def git(repo: Path, *args: str) -> str:
 def test_a_part_is_tied_to_the_commit_of_its_code(tmp_path, monkeypatch):
     """``benchmarks/provenance.py`` on a real repository: a part starts at ``HEAD`` from a clean tree only,
     resumes at a later commit that changed no code (keeping its commit), is refused after a code change,
-    and parts of different code are not published together."""
+    and parts of different code are not published together; the code version printed with results is
+    dirty for uncommitted code only."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     provenance = importlib.import_module("provenance")
     monkeypatch.setattr(provenance, "ROOT", tmp_path)
@@ -238,7 +239,12 @@ def test_a_part_is_tied_to_the_commit_of_its_code(tmp_path, monkeypatch):
     first = git(tmp_path, "rev-parse", "HEAD")
     assert provenance.resume_commit(None) == first
 
+    assert provenance.code_version() == first[:7]
+    (tmp_path / "README.md").write_text("notes being written\n")  # docs in progress: the code is still clean
+    assert provenance.code_version() == first[:7]
+    git(tmp_path, "checkout", "-q", "--", "README.md")
     (tmp_path / "nonlocal_opt" / "rule.py").write_text("A = 2\n")
+    assert provenance.code_version() == f"{first[:7]}-dirty"
     with pytest.raises(provenance.ProvenanceError, match=r"uncommitted changes \(nonlocal_opt/rule\.py\)"):
         provenance.resume_commit(first)
     git(tmp_path, "checkout", "-q", "--", "nonlocal_opt/rule.py")
