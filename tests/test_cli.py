@@ -92,6 +92,25 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     ]
 
 
+LEAVES_NO_PROCESS_GROUP = """
+import sys, torch.distributed as dist
+from nonlocal_opt.cli.main import main
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[1] + "/store", 1), rank=0, world_size=1)
+code = main(["train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "2",
+             "--logdir", sys.argv[1] + "/run"])
+print(code, dist.is_initialized())
+"""
+
+
+def test_a_command_destroys_the_process_group_it_ran_in(tmp_path):
+    """Under torchrun the command ends with PyTorch's shutdown (``destroy_process_group``): gloo's threads
+    left to interpreter exit can abort a finished run (SIGABRT)."""
+    done = subprocess.run([sys.executable, "-c", LEAVES_NO_PROCESS_GROUP, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["0", "False"]
+
+
 @pytest.mark.parametrize("command", ["train", "geometry"])
 def test_cli_defaults_are_train_configs_field_for_field(command):
     """Every ``TrainConfig`` field the subcommand has a flag for defaults to ``TrainConfig()``'s value."""

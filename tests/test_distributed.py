@@ -49,6 +49,8 @@ SCRIPT = textwrap.dedent(
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         params = torch.nn.utils.parameters_to_vector(result.model.parameters()).detach()
         torch.save({"params": params, "val": result.epochs[0]}, f"{out}/{name}-world{world}-rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # PyTorch's shutdown: without it gloo can abort the finished process
     """
 )
 
@@ -82,3 +84,33 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     synced = torch.load(tmp_path / "sam-bn-world2-rank0.pt")
     effect, rounding = ((run["params"] - single["params"]).abs().max() for run in (unsynced, synced))
     assert effect > 1e-4 and effect > 30 * rounding, f"without --sync-bn two processes should differ ({effect} vs {rounding})"
+
+
+CLAIM_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from nonlocal_opt.cli.main import main
+
+    logdir = sys.argv[1] + "/run"
+    if os.environ["RANK"] == "0":
+        time.sleep(3)  # rank 1 is started by now, and waits for rank 0 wherever the run makes it wait
+        print("before the claim:", sorted(os.listdir(logdir)) if os.path.isdir(logdir) else "no log dir")
+    code = main(["train", "--dataset", "landscape:quadratic", "--batch-size", "256", "--limit-train-batches", "2",
+                 "--logdir", logdir])
+    print("exit code:", code)
+    """
+)
+
+
+@pytest.mark.slow
+def test_only_the_main_process_creates_and_claims_the_log_dir(tmp_path):
+    """Another process's files in the log dir (a write probe) made the main process refuse it as not empty,
+    and a directory made by another process is not the run's to remove when its start fails."""
+    script = tmp_path / "claim.py"
+    script.write_text(CLAIM_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                           str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "before the claim: no log dir" in done.stdout
+    assert done.stdout.count("exit code: 0") == 2 and (tmp_path / "run" / "metrics.csv").is_file()

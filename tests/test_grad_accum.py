@@ -132,6 +132,8 @@ DDP_SCRIPT = textwrap.dedent(
         opt.step(MicroBatchClosure(model, mine, loss_sum, backward=backward))
     params = [p.detach().clone() for p in model.parameters()]
     torch.save({"loss": loss, "grads": grads, "params": params, "syncs": calls}, sys.argv[1] + f"/rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # PyTorch's shutdown: without it gloo can abort the finished process
     """
 )
 
@@ -216,6 +218,8 @@ TRAIN_SCRIPT = textwrap.dedent(
                                        limit_val_batches=1, logdir=f"{out}/{rule}-{name}-world{world}", **batches, **settings))
             params = torch.nn.utils.parameters_to_vector(result.model.parameters()).detach()
             torch.save({"params": params, "passes": result.passes}, f"{out}/{rule}-{name}-world{world}-rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # PyTorch's shutdown: without it gloo can abort the finished process
     """
 )
 

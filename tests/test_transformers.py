@@ -172,6 +172,8 @@ DDP_SCRIPT = textwrap.dedent(
     rank = trainer.args.process_index
     torch.save({"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(), "world": trainer.args.world_size},
                f"{sys.argv[1]}/world{trainer.args.world_size}-rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # PyTorch's shutdown: without it gloo can abort the finished process
     """
 )
 

@@ -111,14 +111,30 @@ class ConfigFileError(ValueError):
     """A bad ``--config`` file."""
 
 
+def end_process_group() -> None:
+    """Destroy ``torch.distributed``'s default process group if a command left one (a run under torchrun):
+    PyTorch's shutdown, without which gloo's threads can abort the finished process as it exits (SIGABRT)."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group, and no torch import for it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``nonlocal-opt``; the exit code (module doc). Ctrl-C at any point, start-up included (parsing,
-    imports, data loading, model build), exits 130 without a traceback.
+    imports, data loading, model build), exits 130 without a traceback. A process group the command leaves
+    is destroyed before returning (:func:`end_process_group`).
 
     Args:
         argv: the arguments after the program name (``None``: ``sys.argv[1:]``).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    code = run_command(sys.argv[1:] if argv is None else list(argv))
+    end_process_group()
+    return code
+
+
+def run_command(argv: list[str]) -> int:
+    """The exit code of the command ``argv`` (the arguments after the program name); bad input, divergence
+    and interruption are reported on stderr."""
     command = None
     try:
         from nonlocal_opt.analysis.figures import MissingPlotDependency

@@ -160,33 +160,39 @@ def claim_logdir(logdir: Path, resume: bool, overwrite: bool) -> tuple[LogdirLoc
 
 
 @contextlib.contextmanager
-def claimed_logdir(accelerator, logdir: Path, resume: bool, overwrite: bool, created: list[Path]) -> Iterator[list[str]]:
-    """Hold ``logdir`` for the run (:func:`claim_logdir` on the main process, which alone keeps the lock);
-    yields the notes to print. When the run fails having written nothing, the directories it created go
-    again (:func:`discard_unused`).
+def claimed_logdir(accelerator, logdir: str, resume: bool, overwrite: bool) -> Iterator[tuple[Path, list[str]]]:
+    """Hold ``logdir`` for the run; yields it as a ``Path`` and the notes to print. The main process alone
+    creates it (:func:`writable_logdir`), claims it (:func:`claim_logdir`) and keeps the lock, so that no other
+    process's files are in it while it is checked. When the run fails having written nothing, the directories
+    it created go again (:func:`discard_unused`).
 
     Args:
         accelerator: The run's ``Accelerator``.
-        logdir: The run's log dir.
+        logdir: The run's log dir (``--logdir``).
         resume: The run continues the one in ``logdir`` (``--resume``).
         overwrite: The run replaces the one in ``logdir`` (``--overwrite``).
-        created: The directories made for the log dir (:func:`new_dirs`).
     """
     held: list[LogdirLock] = []
+    created: list[Path] = []
 
     def claim() -> list[str]:
-        lock, notes = claim_logdir(logdir, resume, overwrite)
+        created.extend(new_dirs(logdir))
+        lock, notes = claim_logdir(writable_logdir(logdir), resume, overwrite)
         held.append(lock)
         return notes
 
-    notes = on_main(accelerator, claim)
     try:
-        yield notes
+        notes = on_main(accelerator, claim)
+    except BaseException:
+        discard_unused(Path(logdir), created)
+        raise
+    try:
+        yield Path(logdir), notes
     except BaseException:
         for lock in held:
             lock.release()
         if held:  # the main process, which wrote whatever there is
-            discard_unused(logdir, created)
+            discard_unused(Path(logdir), created)
         raise
     finally:
         for lock in held:

@@ -38,7 +38,7 @@ from nonlocal_opt.training.config import (
 from nonlocal_opt.training.divergence import DivergenceWatch
 from nonlocal_opt.training.evaluation import evaluate
 from nonlocal_opt.training.interruption import StopRequest
-from nonlocal_opt.training.logdir import claimed_logdir, new_dirs, writable_logdir
+from nonlocal_opt.training.logdir import claimed_logdir
 from nonlocal_opt.training.main_process import print_notes
 from nonlocal_opt.training.metrics import MetricsLogger, step_metrics, tracking
 from nonlocal_opt.training.progress import Progress, ProgressDisplay
@@ -80,10 +80,8 @@ def train(config: TrainConfig, step: StepFn = optimizer_step) -> TrainResult:
     started = time.perf_counter()
     config = config.resolved()
     check_run_settings(config)  # bad settings fail before the log dir is claimed
-    created = new_dirs(config.logdir)
-    logdir = writable_logdir(config.logdir)
-    accelerator = build_accelerator(config, logdir)
-    with claimed_logdir(accelerator, logdir, config.resume is not None, config.overwrite, created) as notes:
+    accelerator = build_accelerator(config, Path(config.logdir))
+    with claimed_logdir(accelerator, config.logdir, config.resume is not None, config.overwrite) as (logdir, notes):
         checkpoint, resume_notes = choose_checkpoint(accelerator, logdir, config)
         print_notes(accelerator, notes + resume_notes)
         set_seed(config.seed)
