@@ -3,7 +3,7 @@ a validation split of the noisy training set at the budget it is scored at, repo
 disjoint seeds.
 
 Parts (each its own resumable results file under ``--out``, so parts can run side by side in separate
-processes with ``--parts``):
+processes with ``--parts``; ``--jobs N`` trains N runs of a part at once):
 
 - ``mlp_noise0``, ``mlp_noise0.2``, ``mlp_noise0.4``: Fashion-MNIST MLP 784-256-256-10, B = 4 690 passes
   (10 epochs of SGD at batch 128), every family of ``FAMILIES`` swept (learning rate always; ρ for the
@@ -18,10 +18,10 @@ parts run so far, so the conv and long parts run after them.
 ``--publish`` writes docs/results/equal_compute.json and docs/img/results/equal_compute_*.png;
 ``--report-only`` summarises what the results files hold without running anything.
 
-Each part records the commit that produced it and the machine seconds it took, over every sitting, in
-``OUT/PART.provenance.json``. A part runs only from a clean tree, and resumes at a later commit only when no
-code changed in between; ``--publish`` refuses parts of different code, of a dirty tree or of ``--quick``
-runs (which run from any tree and record whether it was dirty).
+Each part records the commit that produced it, the wall-clock seconds it took over every sitting and the
+largest ``--jobs`` of its sittings, in ``OUT/PART.provenance.json``. A part runs only from a clean tree, and
+resumes at a later commit only when no code changed in between; ``--publish`` refuses parts of different
+code, of a dirty tree or of ``--quick`` runs (which run from any tree and record whether it was dirty).
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def reported(name: str, config: ComparisonConfig, produced: dict, args) -> dict:
     the commit, ``dirty``, ``quick`` and machine seconds."""
     return report(name, config, args.out / f"{name}.json", args) | {
         "commit": produced.get("commit"), "dirty": produced.get("dirty"), "quick": produced.get("quick"),
-        "machine_seconds": produced.get("seconds")}
+        "machine_seconds": produced.get("seconds"), "jobs": produced.get("jobs", 1)}
 
 
 def ledger_of(out: Path, name: str) -> dict:
@@ -252,9 +252,10 @@ def sit(name: str, config: ComparisonConfig, specs: list[dict], args) -> dict:
     produced["commit"] = quick_commit() if args.quick else resume_commit(produced.get("commit"))
     produced["dirty"] = args.quick and bool(produced["commit"] and dirty_code())
     produced["quick"] = args.quick
+    produced["jobs"] = max(produced.get("jobs", 1), args.jobs)
     sitting = Sitting(ledger, produced, progress=not args.no_progress)
     try:
-        run_comparison(config, load_specs(specs), path, progress=sitting)
+        run_comparison(config, load_specs(specs), path, progress=sitting, jobs=args.jobs)
     except KeyboardInterrupt:
         print(f"part {name}: interrupted; its finished runs are in {path} and its machine time in {ledger}: "
               "rerun the same command to resume", file=sys.stderr)
@@ -287,13 +288,19 @@ def publishable(reports: dict) -> None:
 
 
 def parse_sitting_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Add what a script running parts shares (``--data-dir``, ``--threads``, ``--docs``, ``--no-progress``), parse,
-    set the torch threads and create ``args.out``."""
+    """Add what a script running parts shares (``--data-dir``, ``--threads``, ``--jobs``, ``--docs``, ``--no-progress``),
+    parse, set the torch threads and create ``args.out``."""
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (1: the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process: the same records, up to JOBS cores busy "
+                             "(the ledger's seconds are wall-clock; it keeps the largest JOBS of its sittings)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs directory --publish writes into")
     parser.add_argument("--no-progress", action="store_true", help="no line per run")
     args = parser.parse_args()
+    for flag in ("threads", "jobs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     return args

@@ -90,7 +90,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"use the first N test samples only ({_quick_default('test_subset')})")
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     parser.add_argument("--plots", default=None, metavar="PREFIX", help="write PREFIX_passes.png, PREFIX_seconds.png, PREFIX_updates.png")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (of each run, with --jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process; the records are the same as with 1, "
+                             "the seconds of each run see the others")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -105,8 +108,9 @@ def run_compare(args) -> int:
     from nonlocal_opt.comparison.curves import markdown_table
     from nonlocal_opt.comparison.quick import quick_specs
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for flag in ("threads", "jobs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.specs is None and not args.quick:
         raise ValueError("compare needs --specs FILE (the optimizers to compare), or --quick for the registered rules' own specs")
     specs = load_specs(args.specs) if args.specs is not None else quick_specs()
@@ -123,7 +127,7 @@ def run_compare(args) -> int:
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
-    store = run_comparison(config, specs, Path(args.out), progress=not args.no_progress)
+    store = run_comparison(config, specs, Path(args.out), progress=not args.no_progress, jobs=args.jobs, threads=args.threads)
     summary = summarize(json.loads(Path(args.out).read_text()))
     for noise in config.label_noise:
         level = summary[repr(noise)]

@@ -7,10 +7,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from nonlocal_opt.comparison.data import Splits, load_splits
 from nonlocal_opt.comparison.runner import RunSpec, train_run
 from nonlocal_opt.comparison.specs import ComparisonConfig, OptimizerSpec
 from nonlocal_opt.comparison.storage import ResultStore
+from nonlocal_opt.comparison.workers import train_in_workers
 
 
 def score(record: dict[str, Any], select_by: str) -> float:
@@ -25,14 +28,16 @@ def score(record: dict[str, Any], select_by: str) -> float:
 
 
 class Comparison:
-    """Plans and runs a comparison into ``store``; ``progress`` is called after each run with
-    ``(done, total, run, record, cached)``."""
+    """Plans and runs a comparison into ``store``: every tuning run first, then the final runs of the picks;
+    ``progress`` is called after each run with ``(done, total, run, record, cached)``. With ``jobs > 1`` the
+    runs not in the store train in that many worker processes (:mod:`~nonlocal_opt.comparison.workers`) of
+    ``threads`` torch threads each; the records are the same as with one."""
 
     def __init__(self, config: ComparisonConfig, specs: list[OptimizerSpec], store: ResultStore,
-                 progress: Callable[..., None] | None = None):
+                 progress: Callable[..., None] | None = None, jobs: int = 1, threads: int = 1):
         self.config, self.specs, self.store, self.progress = config, specs, store, progress
+        self.jobs, self.threads = jobs, threads
         self._splits: dict[float, Splits] = {}
-        self._picks: dict[tuple[str, float], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self.done = 0
 
     def splits(self, noise: float) -> Splits:
@@ -40,62 +45,82 @@ class Comparison:
             self._splits[noise] = load_splits(self.config, noise)
         return self._splits[noise]
 
-    def total(self) -> int:
-        """Runs in the plan (tuning runs of one-point specs are skipped: there is nothing to choose)."""
-        tuning_levels = {self.config.tuning_noise(n) for n in self.config.label_noise}
-        tune = sum(len(s.points()) * len(self.config.tuning_seeds) for s in self.specs if len(s.points()) > 1)
-        return tune * len(tuning_levels) + len(self.specs) * len(self.config.final_seeds) * len(self.config.label_noise)
+    def tuning_runs(self) -> list[RunSpec]:
+        """The sweeps at every tuning noise level (none for one-point specs: there is nothing to choose)."""
+        levels = dict.fromkeys(self.config.tuning_noise(n) for n in self.config.label_noise)
+        return [RunSpec(spec, hp, seed, level, "tune") for level in levels for spec in self.specs
+                if len(spec.points()) > 1 for hp in spec.points() for seed in self.config.tuning_seeds]
 
-    def run(self, run: RunSpec) -> dict[str, Any]:
-        key = run.key(self.config)
-        record = self.store.get(key)
-        cached = record is not None
-        if record is None:
-            record = train_run(self.config, run, self.splits(run.noise))
-            record["key"] = key
-            self.store.put(key, record)
+    def total(self) -> int:
+        """Runs in the plan."""
+        return len(self.tuning_runs()) + len(self.specs) * len(self.config.final_seeds) * len(self.config.label_noise)
+
+    def record(self, run: RunSpec, record: dict[str, Any]) -> None:
+        """Store the new ``record`` of ``run``."""
+        record["key"] = run.key(self.config)
+        self.store.put(record["key"], record)
+        self.report(run, record, cached=False)
+
+    def report(self, run: RunSpec, record: dict[str, Any], cached: bool) -> None:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total(), run, record, cached)
-        return record
+
+    def run_all(self, runs: list[RunSpec]) -> None:
+        """Train the ``runs`` the store does not hold yet, in ``jobs`` processes."""
+        missing = []
+        for run in runs:
+            record = self.store.get(run.key(self.config))
+            if record is None:
+                missing.append(run)
+            else:
+                self.report(run, record, cached=True)
+        if self.jobs > 1 and len(missing) > 1:
+            for run, record in train_in_workers(self.config, missing, self.jobs, self.threads):
+                self.record(run, record)
+            return
+        for run in missing:
+            self.record(run, train_run(self.config, run, self.splits(run.noise)))
 
     def pick(self, spec: OptimizerSpec, noise: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The grid point with the highest mean tuning score at ``noise`` and the table of scores
-        (``None``: a tuning run diverged)."""
-        if (spec.name, noise) in self._picks:
-            return self._picks[spec.name, noise]
+        (``None``: a tuning run diverged); its tuning runs must be in the store."""
         points = spec.points()
         if len(points) == 1:
             return points[0], []
         table = []
         for hp in points:
-            records = [self.run(RunSpec(spec, hp, seed, noise, "tune")) for seed in self.config.tuning_seeds]
+            records = [self.store.get(RunSpec(spec, hp, seed, noise, "tune").key(self.config)) for seed in self.config.tuning_seeds]
             scores = [score(r, self.config.select_by) for r in records]
             mean = sum(scores) / len(scores)
             table.append({"hp": hp, "score": mean if math.isfinite(mean) else None,
                           "diverged": sum(bool(r["diverged"]) for r in records)})
         best = max(range(len(table)), key=lambda i: (-math.inf if table[i]["score"] is None else table[i]["score"], -i))
-        self._picks[spec.name, noise] = points[best], table
         return points[best], table
 
     def execute(self) -> dict[str, Any]:
         """Run everything not already in the store; returns ``{noise: {name: {"hp", "tuning"}}}``."""
-        self.store.picks = picks = {}
+        self.store.picks = picks = {}  # the file holds the picks of a finished plan only
+        self.run_all(self.tuning_runs())
+        finals = []
         for noise in self.config.label_noise:
             tuned_at = self.config.tuning_noise(noise)
             level: dict[str, Any] = picks.setdefault(repr(noise), {})
             for spec in self.specs:
                 hp, table = self.pick(spec, tuned_at)
                 level[spec.name] = {"hp": hp, "tuned_at_noise": tuned_at, "tuning": table}
-                for seed in self.config.final_seeds:
-                    self.run(RunSpec(spec, hp, seed, noise, "final"))
+                finals += [RunSpec(spec, hp, seed, noise, "final") for seed in self.config.final_seeds]
+        self.run_all(finals)
         self.store.save()
         return picks
 
 
-def run_comparison(config: ComparisonConfig, specs: list[OptimizerSpec], out, progress: bool | Callable[..., None] = True
-                   ) -> ResultStore:
-    """Run (or resume) the comparison into the results file ``out``; ``progress=True`` shows a tqdm bar."""
+def run_comparison(config: ComparisonConfig, specs: list[OptimizerSpec], out, progress: bool | Callable[..., None] = True,
+                   jobs: int = 1, threads: int | None = None) -> ResultStore:
+    """Run (or resume) the comparison into the results file ``out``; ``progress=True`` shows a tqdm bar.
+    ``jobs`` runs train at once, each in a process of ``threads`` torch threads (default: this process's)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     store = ResultStore(out, config, specs)
     bar = None
     callback = progress if callable(progress) else None
@@ -111,7 +136,7 @@ def run_comparison(config: ComparisonConfig, specs: list[OptimizerSpec], out, pr
             bar.update(1)
 
     try:
-        comparison = Comparison(config, specs, store, callback)
+        comparison = Comparison(config, specs, store, callback, jobs, threads or torch.get_num_threads())
         comparison.execute()
     finally:
         if bar is not None:

@@ -1,0 +1,52 @@
+"""Runs of a comparison in worker processes (``jobs > 1``). Each run is seeded by itself, so a run's record
+is the same whichever process trains it and in whichever order; only its timings see the other runs.
+The parent alone writes the results file."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from nonlocal_opt.comparison.data import Splits, load_splits
+from nonlocal_opt.comparison.runner import RunSpec, train_run
+from nonlocal_opt.comparison.specs import ComparisonConfig
+
+_splits: dict[float, Splits] = {}  # a worker's data splits, loaded once per noise level
+
+
+def _start_worker(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    torch.set_num_threads(threads)
+
+
+def _train(job: tuple[int, ComparisonConfig, RunSpec]) -> tuple[int, dict[str, Any]]:
+    index, config, run = job
+    if run.noise not in _splits:
+        _splits[run.noise] = load_splits(config, run.noise)
+    return index, train_run(config, run, _splits[run.noise])
+
+
+def train_in_workers(config: ComparisonConfig, runs: list[RunSpec], jobs: int, threads: int
+                     ) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
+    """Train ``runs`` in ``jobs`` worker processes of ``threads`` torch threads each; yields each run with its
+    record as it finishes. Leaving the loop early, an interrupt, or a failed run stops the workers.
+
+    Args:
+        config: The comparison's settings.
+        runs: The runs to train.
+        jobs: Worker processes (at most ``len(runs)`` are started).
+        threads: ``torch.set_num_threads`` of each worker.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    pool = context.Pool(min(jobs, len(runs)), initializer=_start_worker, initargs=(threads,))
+    try:
+        for index, record in pool.imap_unordered(_train, [(i, config, run) for i, run in enumerate(runs)]):
+            yield runs[index], record
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
