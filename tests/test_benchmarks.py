@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -207,6 +208,14 @@ def test_step_cost_compares_with_peer_sams_in_one_run():
     assert {"asam, eta=0.01", "gsam", "wsam", "wsam, coupled", "friendly-sam"} <= set(rows)  # every SAM variant next to SAM
     assert rows["sgd"].split("|")[4].strip() == "1.00"  # the unit of every ratio
     assert rows["sam"].split("|")[6].strip() == "1.00"  # the unit of the ratios to SAM
+
+
+def test_compare_jobs_times_both_and_finds_the_same_records():
+    done = run("compare_jobs.py", "--quick", "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"\d+ runs of 60 passes: jobs 1 [\d.]+ s, jobs 2 [\d.]+ s, speed-up [\d.]+", lines[1]), lines
+    assert lines[-1] == "records equal but for timings: yes"
 
 
 def test_gpu_script_skips_cleanly_without_a_gpu():
