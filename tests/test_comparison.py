@@ -135,6 +135,18 @@ def test_a_third_party_rule_is_compared_by_its_registered_name_and_charged_its_p
     assert (record["steps"], record["passes"]) == (10, 30)
 
 
+def test_a_rule_registered_at_run_time_is_refused_for_worker_processes(tmp_path):
+    """Worker processes load the installed plugins only: a rule registered in this process cannot be built
+    there, so ``jobs > 1`` refuses it before any run, naming the rule, its plugin and the fix."""
+    spec = {"name": "mine", "rule": "three-pass-test", "base": "adamw", "fixed": {"lr": 1e-3}}
+    with registered(ThreePassPlugin(), "three-pass-plugin"):
+        specs = load_specs([spec, SAM])
+        with pytest.raises(ValueError, match=r"^rule 'three-pass-test' of plugin 'three-pass-plugin'.* registered in this "
+                                             r"process only.*--jobs 1\)$"):
+            run_comparison(config(budget=30), specs, tmp_path / "r.json", progress=False, jobs=2)
+    assert not (tmp_path / "r.json").exists()
+
+
 # --- settings, seeds, splits ------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from nonlocal_opt.comparison.data import Splits, load_splits
 from nonlocal_opt.comparison.runner import RunSpec, train_run
 from nonlocal_opt.comparison.specs import ComparisonConfig, OptimizerSpec
 from nonlocal_opt.comparison.storage import ResultStore
-from nonlocal_opt.comparison.workers import train_in_workers
+from nonlocal_opt.comparison.workers import check_workers_can_build, train_in_workers
 
 
 def score(record: dict[str, Any], select_by: str) -> float:
@@ -121,6 +121,8 @@ def run_comparison(config: ComparisonConfig, specs: list[OptimizerSpec], out, pr
     ``jobs`` runs train at once, each in a process of ``threads`` torch threads (default: this process's)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1:
+        check_workers_can_build(specs)
     store = ResultStore(out, config, specs)
     bar = None
     callback = progress if callable(progress) else None

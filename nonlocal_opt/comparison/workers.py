@@ -13,7 +13,8 @@ import torch
 
 from nonlocal_opt.comparison.data import Splits, load_splits
 from nonlocal_opt.comparison.runner import RunSpec, train_run
-from nonlocal_opt.comparison.specs import ComparisonConfig
+from nonlocal_opt.comparison.specs import ComparisonConfig, OptimizerSpec
+from nonlocal_opt.plugins.registry import CORE_PLUGIN, registrations
 
 _splits: dict[float, Splits] = {}  # a worker's data splits, loaded once per noise level
 
@@ -28,6 +29,25 @@ def _train(job: tuple[int, ComparisonConfig, RunSpec]) -> tuple[int, dict[str, A
     if run.noise not in _splits:
         _splits[run.noise] = load_splits(config, run.noise)
     return index, train_run(config, run, _splits[run.noise])
+
+
+def check_workers_can_build(specs: list[OptimizerSpec]) -> None:
+    """Raise ``ValueError`` when a spec names a class that a plugin registered at run time: a worker process
+    loads the installed plugins only (entry points), so it could not build that optimizer.
+
+    Args:
+        specs: The comparison's specs.
+    """
+    here_only = []
+    for spec in specs:
+        for kind, name in (("rule", spec.rule), ("base", spec.base), ("projector", spec.projector), ("manifold", spec.manifold)):
+            found = registrations(kind).get(name) or (registrations("base").get(name) if kind == "rule" else None)
+            if found is not None and found.distribution is None and found.plugin != CORE_PLUGIN:
+                here_only.append(f"{kind} {name!r} of {found.provider}")
+    if here_only:
+        raise ValueError(f"{'; '.join(dict.fromkeys(here_only))} is registered in this process only, and worker processes "
+                         "load installed plugins only: install the plugin as a package with a nonlocal_opt entry point, "
+                         "or train one run at a time (--jobs 1)")
 
 
 def train_in_workers(config: ComparisonConfig, runs: list[RunSpec], jobs: int, threads: int
