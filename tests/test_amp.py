@@ -152,6 +152,29 @@ def test_unscale_inside_the_closure_works():
     assert len(norms) == 4 and max(norms) < 10  # unscaled: a scaled gradient's norm is about 65536 times larger
 
 
+def test_unscale_after_a_closure_step_leaves_its_unscaled_gradients():
+    """A host that reads the gradient norm after the step (the Hugging Face Trainer) calls ``unscale_`` again:
+    the last pass's gradients are unscaled already and stay as they are, and the next step runs. The
+    gradients of a new scaled backward are unscaled as usual."""
+    scaler = nonlocal_opt.GradScaler("cpu")
+    run, plain = Run("sam", scaler), Run("sam", None)
+    run.step()
+    plain.step()
+    left = [p.grad.clone() for p in run.model.parameters()]
+    torch.testing.assert_close(left, [p.grad for p in plain.model.parameters()], rtol=1e-6, atol=1e-6)
+    scaler.unscale_(run.opt)
+    assert all(torch.equal(p.grad, g) for p, g in zip(run.model.parameters(), left))
+    run.step()  # no "unscale_(opt) was called before scaler.step(opt, closure)"
+    plain.step()
+    torch.testing.assert_close(run.theta(), plain.theta(), rtol=1e-6, atol=1e-6)
+    for model, opt, scale in ((run.model, run.opt, scaler.scale), (plain.model, plain.opt, lambda loss: loss)):
+        opt.zero_grad()
+        scale(F.cross_entropy(model(run.x), run.y)).backward()
+    scaler.unscale_(run.opt)
+    torch.testing.assert_close([p.grad for p in run.model.parameters()], [p.grad for p in plain.model.parameters()],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_mistakes_get_clear_errors():
     scaler = nonlocal_opt.GradScaler("cpu")
     run = Run("sam", scaler)

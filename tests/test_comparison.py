@@ -428,7 +428,7 @@ def test_cli_interrupted_with_jobs_keeps_finished_runs_and_stops_its_workers(tmp
     out = tmp_path / "out.json"
     command = [sys.executable, "-m", "nonlocal_opt", "compare", "--specs", str(specs), "--dataset", "synthetic",
                "--train-subset", "512", "--test-subset", "256", "--val-size", "128", "--batch-size", "32",
-               "--budget", "600", "--evals", "2", "--tuning-seeds", "0,3", "--final-seeds", "1", "--no-progress",
+               "--budget", "1000", "--evals", "2", "--tuning-seeds", "0,3", "--final-seeds", "1", "--no-progress",
                "--jobs", "2", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

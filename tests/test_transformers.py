@@ -1,6 +1,7 @@
 """``NonlocalTrainer``: the Hugging Face ``Trainer`` running composed optimizers, on CPU, without the network.
 
-SAM at ρ = 0 over SGD equals the stock ``Trainer`` with ``torch.optim.SGD`` (float64, clipping active);
+SAM at ρ = 0 over SGD equals the stock ``Trainer`` with ``torch.optim.SGD`` (float64, clipping active), and
+under fp16 as on a GPU, overflows included;
 per-device batch 4 × ``gradient_accumulation_steps`` 2 equals batch 8; RBO and Entropy-SGD train a module
 returning a loss and a tiny GPT-2 built from a config; a save/resume round trip is bit-identical; on two
 gloo processes (torchrun) the replicas stay equal and equal one process on the same global batches.
@@ -8,6 +9,7 @@ gloo processes (torchrun) the replicas stay equal and equal one process on the s
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -35,10 +37,11 @@ class Regression(torch.nn.Module):
 
 
 class Samples(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32):
+    def __init__(self, n: int = 32, dtype: torch.dtype = torch.float64):
         generator = torch.Generator().manual_seed(1)
         self.x = torch.randn(n, 4, generator=generator, dtype=torch.float64)
         self.y = self.x.sum(dim=1).sin() + 0.1 * torch.randn(n, generator=generator, dtype=torch.float64)
+        self.x, self.y = self.x.to(dtype), self.y.to(dtype)
 
     def __len__(self):
         return len(self.y)
@@ -83,6 +86,44 @@ def test_sam_at_rho_0_over_sgd_equals_the_stock_trainer_with_sgd(tmp_path):
                      max_grad_norm=0.0)
     assert (torch.nn.utils.parameters_to_vector(unclipped.model.parameters())
             - torch.nn.utils.parameters_to_vector(ours.model.parameters())).abs().max() > 1e-4  # clipping was active
+
+
+def on_gpu(trainer_class, init_scale: float):
+    """``trainer_class`` whose accelerator does fp16 as on a GPU: a ``torch.amp.GradScaler`` and autocast
+    (on the CPU Accelerate makes neither)."""
+
+    class OnGpu(trainer_class):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+            self.accelerator.native_amp = True
+
+    return OnGpu
+
+
+def test_fp16_steps_and_skips_overflows_like_the_stock_trainer(tmp_path):
+    """fp16 as on a GPU, from a loss scale that overflows: SAM at ρ = 0 over SGD equals the stock Trainer with
+    SGD under torch's scaler. The same steps are skipped, the scale backs off alike, the LR schedule stands
+    still on a skipped step, and the logged gradient norms agree (the Trainer's unscale after the step
+    leaves the step's unscaled gradients as they are)."""
+    settings = dict(model=Regression().float(), data=Samples(dtype=torch.float32), fp16=True, max_steps=8,
+                    max_grad_norm=0.0)  # unclipped: the norm the Trainer logs after the step is the step's
+    ours = _fit(on_gpu(NonlocalTrainer, 2.0**18), tmp_path / "ours",
+                lambda p: nonlocal_opt.SAM(p, lr=0.1, rho=0.0, momentum=0.9), **settings)
+    settings["model"] = Regression().float()
+    stock = _fit(on_gpu(transformers.Trainer, 2.0**18), tmp_path / "stock",
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), **settings)
+    assert isinstance(ours.accelerator.scaler, nonlocal_opt.GradScaler)
+    assert type(stock.accelerator.scaler) is torch.amp.GradScaler
+    assert ours.accelerator.scaler.get_scale() == stock.accelerator.scaler.get_scale() < 2.0**18  # it backed off
+    _assert_same(ours.model, stock.model, 1e-6)
+    assert not torch.equal(ours.model.net[0].weight, Regression().float().net[0].weight)
+    lr = [trainer.optimizer.param_groups[0]["lr"] for trainer in (ours, stock)]
+    assert lr[0] == pytest.approx(lr[1], abs=1e-12) and lr[0] > 0  # skipped steps left the linear decay unfinished
+    norms = [[row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row] for trainer in (ours, stock)]
+    assert len(norms[0]) == len(norms[1]) == 8
+    finite = [(a, b) for a, b in zip(*norms) if math.isfinite(b)]
+    assert finite and all(a == pytest.approx(b, rel=1e-5) for a, b in finite)
 
 
 @pytest.mark.parametrize("rule", ["sam", "rbo"])
@@ -149,11 +190,17 @@ def test_what_cannot_work_is_refused(tmp_path):
     clipping = nonlocal_opt.SAM(model.parameters(), lr=0.1, max_grad_norm=1.0)
     with pytest.raises(ValueError, match=r"max_grad_norm=2.0\) and the optimizer's max_grad_norm=\[1.0\] differ"):
         build(clipping, _args(tmp_path, max_grad_norm=2.0))
-    fp16 = _args(tmp_path, max_grad_norm=1.0)
-    fp16.fp16 = True  # on CPU TrainingArguments refuses fp16 itself: the flag as a GPU run would set it
-    with pytest.raises(ValueError, match=r"fp16=True is not supported.*bf16"):
-        build(clipping, fp16)
     build(clipping, _args(tmp_path, max_grad_norm=1.0))  # the same norm twice is fine
+
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    class ShardedScaler(NonlocalTrainer):  # FSDP1's scaler: no step(opt, closure) to put in its place
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.accelerator.scaler = ShardedGradScaler("cpu")
+
+    with pytest.raises(ValueError, match=r"^NonlocalTrainer: Accelerate's scaler is a ShardedGradScaler.*bf16$"):
+        ShardedScaler(model=model, args=_args(tmp_path, fp16=True), train_dataset=Samples(), optimizers=(clipping, None))
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -20,6 +20,7 @@ try:
 except ImportError as error:  # transformers is an optional extra of nonlocal-opt
     raise ImportError("nonlocal_opt.integrations.transformers needs transformers: pip install nonlocal-opt[transformers]") from error
 
+from nonlocal_opt.integrations.accelerate import use_closure_scaler
 from nonlocal_opt.integrations.accumulation import MicroBatchClosure, sample_count
 from nonlocal_opt.integrations.wrappers import stats, unwrap
 from nonlocal_opt.optim.composed import ComposedOptimizer
@@ -62,9 +63,6 @@ def refusal(args: transformers.TrainingArguments, optimizer: Any) -> str | None:
         return (f"NonlocalTrainer runs a nonlocal-opt optimizer, got {type(optimizer).__name__}: pass "
                 "optimizers=(nonlocal_opt.SAM(model.parameters(), ...), None) (None: the Trainer's LR schedule); "
                 "for a torch optimizer use transformers.Trainer")
-    if args.fp16:
-        return ("NonlocalTrainer: fp16=True is not supported (the Trainer's GradScaler cannot step with a closure); "
-                "use bf16=True or full precision")
     if args.deepspeed:
         return "NonlocalTrainer: DeepSpeed steps its own optimizer and cannot run a composed optimizer; drop deepspeed=..."
     if args.fsdp:
@@ -104,7 +102,10 @@ class NonlocalTrainer(transformers.Trainer):
     ``compute_loss`` (the model's mean) weighted by its samples. ``max_grad_norm`` becomes the optimizer's
     clipping (:func:`clip_with_the_rule`), the logged ``loss`` is the loss at ``θ_t`` (the first pass), the
     LR schedule steps once per optimizer step, and checkpoints hold the optimizer's state (the rule's
-    included). What cannot work is refused at construction (:func:`refusal`).
+    included). Under ``fp16`` on a GPU the Trainer's scaler becomes a ``nonlocal_opt.GradScaler``
+    (:func:`~nonlocal_opt.integrations.accelerate.use_closure_scaler`): every pass is unscaled, and a step
+    that overflowed is skipped without advancing the LR schedule. What cannot work is refused at
+    construction (:func:`refusal`).
 
     Args:
         *args: Passed on to ``transformers.Trainer``.
@@ -112,7 +113,7 @@ class NonlocalTrainer(transformers.Trainer):
 
     Raises:
         TypeError: no composed optimizer was passed.
-        ValueError: a setting that cannot work with a closure (fp16, DeepSpeed, FSDP, DataParallel).
+        ValueError: a setting that cannot work with a closure (DeepSpeed, FSDP, DataParallel).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -123,6 +124,10 @@ class NonlocalTrainer(transformers.Trainer):
         problem = refusal(self.args, optimizer)
         if problem is not None:
             raise (TypeError if not isinstance(optimizer, ComposedOptimizer) else ValueError)(problem)
+        try:
+            use_closure_scaler(self.accelerator)  # fp16 on a GPU: a scaler whose step takes the closure
+        except NotImplementedError as error:
+            raise ValueError(f"NonlocalTrainer: {error}") from None
         clip_with_the_rule(optimizer, self.args.max_grad_norm)
         self.micro_batches: list[Any] = []
 
@@ -160,7 +165,12 @@ class NonlocalTrainer(transformers.Trainer):
                                     backward=self.accelerator.backward)
         self.optimizer.optimizer.step(closure)
         self.optimizer.pending = True
-        return torch.as_tensor(stats(self.optimizer.optimizer)["loss"], dtype=torch.float32, device=self.args.device)
+        step = stats(self.optimizer.optimizer)
+        if self.accelerator.scaler is not None and step["nonfinite"]:
+            # an fp16 overflow skipped the step inside it, where Accelerate cannot see it: tell the Trainer, which
+            # then leaves the LR schedule where it is, as for torch's scaler
+            self.optimizer.optimizer._is_overflow = True
+        return torch.as_tensor(step["loss"], dtype=torch.float32, device=self.args.device)
 
     def micro_batch_sum(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """``Σ_{i∈B_j} ℓ_i``: ``compute_loss`` (a mean) times the samples of the micro-batch ``inputs``.

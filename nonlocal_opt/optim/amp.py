@@ -10,6 +10,7 @@ while a multi-pass rule makes new gradients in every pass and uses the first (SA
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,7 +78,14 @@ class GradScaler(torch.amp.GradScaler):
     ``scaler.update()``. Every pass's gradients are unscaled before the rule uses them; an overflow in any
     pass skips the whole step and ``update()`` backs the scale off. Without a closure it is torch's scaler.
     Same constructor as ``torch.amp.GradScaler``.
+
+    After such a step the gradients in ``p.grad`` (the last pass's) are unscaled already: an ``unscale_(opt)``
+    before any new backward (a host reading the gradient norm after the step) leaves them as they are.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._stepped_grads: dict[int, list[tuple[Any, int]]] = {}  # id(opt) → its gradients after a closure step
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """``optimizer.step(closure)`` with every pass unscaled (:meth:`scaled_step`); torch's ``step`` without a closure.
@@ -136,17 +144,39 @@ class GradScaler(torch.amp.GradScaler):
             yield
         finally:
             optimizer.resources.scaled_passes = None
+        self._stepped_grads[id(optimizer)] = _grad_versions(optimizer)
         state["found_inf_per_device"] = {device: passes.found_inf}
         state["stage"] = OptState.STEPPED
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Torch's ``unscale_``; inside the closure of :meth:`step`, unscale the running pass (once per pass).
+        """Torch's ``unscale_``; inside the closure of :meth:`step`, unscale the running pass (once per pass);
+        nothing for gradients a closure step left and no backward has changed since.
 
         Args:
             optimizer: the optimizer whose gradients to unscale.
         """
         passes = optimizer.resources.scaled_passes if isinstance(optimizer, ComposedOptimizer) else None
+        if passes is None and _unchanged(self._stepped_grads.get(id(optimizer)), optimizer):
+            return
         if passes is None or not self.is_enabled():
             super().unscale_(optimizer)
         elif not passes.unscaled:
             passes.unscale([p.grad for group in optimizer.param_groups for p in group["params"]])
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"]]
+
+
+def _grad_versions(optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
+    """Each parameter's ``p.grad`` as a weak reference (a freed gradient is never taken for a new one) with its
+    version counter, which a backward writing into it advances."""
+    return [(None, 0) if g is None else (weakref.ref(g), g._version) for g in _grads(optimizer)]
+
+
+def _unchanged(recorded: list[tuple[Any, int]] | None, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s gradients are still the ones :func:`_grad_versions` ``recorded``, unwritten since."""
+    grads = _grads(optimizer)
+    if recorded is None or len(recorded) != len(grads):
+        return False
+    return all(g is None if ref is None else (ref() is g and g._version == version) for (ref, version), g in zip(recorded, grads))
