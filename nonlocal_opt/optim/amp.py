@@ -77,10 +77,13 @@ class GradScaler(torch.amp.GradScaler):
     inside the closure ``scaler.scale(loss).backward()``, then ``scaler.step(opt, closure)`` and
     ``scaler.update()``. Every pass's gradients are unscaled before the rule uses them; an overflow in any
     pass skips the whole step and ``update()`` backs the scale off. Without a closure it is torch's scaler.
-    Same constructor as ``torch.amp.GradScaler``.
 
     After such a step the gradients in ``p.grad`` (the last pass's) are unscaled already: an ``unscale_(opt)``
     before any new backward (a host reading the gradient norm after the step) leaves them as they are.
+
+    Args:
+        *args: ``torch.amp.GradScaler``'s.
+        **kwargs: ``torch.amp.GradScaler``'s.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
