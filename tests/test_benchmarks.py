@@ -218,6 +218,17 @@ def test_compare_jobs_times_both_and_finds_the_same_records():
     assert lines[-1] == "records equal but for timings: yes"
 
 
+def test_hf_fp16_agrees_on_the_cpu_stand_in_and_skips_without_a_gpu():
+    pytest.importorskip("transformers")
+    done = run("hf_fp16.py", "--cpu-stand-in", "--steps", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("largest parameter difference 0.00e+00;")
+    assert done.stdout.splitlines()[-1].endswith("; agree")
+    if not torch.cuda.is_available():
+        skipped = run("hf_fp16.py")
+        assert skipped.returncode == 0 and skipped.stdout.startswith("no CUDA device: skipped")
+
+
 def test_gpu_script_skips_cleanly_without_a_gpu():
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     done = run("gpu_step.py")
