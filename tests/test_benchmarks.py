@@ -411,10 +411,11 @@ def test_results_tables_group_parts_into_workloads(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read results file")
 
 
-def test_published_study_names_clean_commits_of_this_history():
-    """Every part of docs/results/equal_compute.json comes from a commit of this repository's history, from a
-    clean tree and not a --quick run, with every run in the published layout."""
-    published = json.loads((ROOT / "docs" / "results" / "equal_compute.json").read_text())
+@pytest.mark.parametrize("results", ["equal_compute.json", "conv_lr_check.json"])
+def test_published_study_names_clean_commits_of_this_history(results):
+    """Every published part (docs/results/equal_compute.json, conv_lr_check.json) comes from a commit of this
+    repository's history, from a clean tree and not a --quick run, with every run in the published layout."""
+    published = json.loads((ROOT / "docs" / "results" / results).read_text())
     if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     for name, part in published["parts"].items():
