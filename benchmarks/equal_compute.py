@@ -44,6 +44,7 @@ from nonlocal_opt.comparison import ComparisonConfig, load_specs, run_comparison
 from nonlocal_opt.comparison.curves import markdown_table
 from nonlocal_opt.comparison.plots import plot_summary
 from nonlocal_opt.comparison.quick import QUICK_SETTINGS
+from nonlocal_opt.comparison.workers import WorkerDied
 
 ROOT = Path(__file__).resolve().parents[1]
 SGDM = {"base": "sgd", "momentum": 0.9}
@@ -260,6 +261,9 @@ def sit(name: str, config: ComparisonConfig, specs: list[dict], args) -> dict:
         print(f"part {name}: interrupted; its finished runs are in {path} and its machine time in {ledger}: "
               "rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except WorkerDied as error:
+        print(f"part {name}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         sitting.record()
     print(f"part {name}: {produced['seconds'] - sitting.before:.0f} s (all sittings: {produced['seconds']:.0f} s)")

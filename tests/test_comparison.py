@@ -437,9 +437,12 @@ def test_cli_refuses_a_results_file_from_other_settings(tmp_path, capsys):
     assert err.count("\n") == 1 and "different comparison" in err
 
 
-def test_cli_interrupted_with_jobs_keeps_finished_runs_and_stops_its_workers(tmp_path):
-    """Ctrl-C during ``--jobs 2``: exit 130 in one line, the results file holds the finished runs, and the
-    worker processes are gone; the same command then resumes the rest."""
+def children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+
+
+def started_with_jobs(tmp_path) -> tuple[list[str], Path, subprocess.Popen]:
+    """``nonlocal-opt compare --jobs 2`` over 9 runs, started and waited for until its first run is written."""
     specs = tmp_path / "specs.json"
     specs.write_text(json.dumps([{**SGDM, "sweep": {"lr": [0.01, 0.03, 0.1, 0.3]}}]))
     out = tmp_path / "out.json"
@@ -447,13 +450,25 @@ def test_cli_interrupted_with_jobs_keeps_finished_runs_and_stops_its_workers(tmp
                               "--train-subset", "512", "--test-subset", "256", "--val-size", "128", "--batch-size", "32",
                               "--budget", "1000", "--evals", "2", "--tuning-seeds", "0,3", "--final-seeds", "1",
                               "--no-progress", "--jobs", "2", "--out", str(out)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
     while not out.exists() and parent.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    workers = [int(pid) for task in Path(f"/proc/{parent.pid}/task").iterdir()
-               for pid in (task / "children").read_text().split()]
+    return command, out, parent
+
+
+def resumes(command: list[str], out: Path, finished: dict) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert finished.items() <= json.loads(out.read_text())["runs"].items() and len(json.loads(out.read_text())["runs"]) == 9
+
+
+def test_cli_interrupted_with_jobs_keeps_finished_runs_and_stops_its_workers(tmp_path):
+    """Ctrl-C during ``--jobs 2``: exit 130 in one line, the results file holds the finished runs, and the
+    worker processes are gone; the same command then resumes the rest."""
+    command, out, parent = started_with_jobs(tmp_path)
+    workers = children(parent.pid)
     parent.send_signal(signal_module.SIGINT)
     _, err = parent.communicate(timeout=120)
     assert parent.returncode == 130 and "Traceback" not in err, err
@@ -464,9 +479,22 @@ def test_cli_interrupted_with_jobs_keeps_finished_runs_and_stops_its_workers(tmp
     assert len(workers) >= 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finished = json.loads(out.read_text())["runs"]
     assert 1 <= len(finished) < 9
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert finished.items() <= json.loads(out.read_text())["runs"].items() and len(json.loads(out.read_text())["runs"]) == 9
+    resumes(command, out, finished)
+
+
+def test_cli_says_so_when_a_worker_dies_and_keeps_finished_runs(tmp_path):
+    """A worker killed mid-run (as the kernel does when memory runs out): exit 1 at once with one line naming
+    the run and the fix, not a hang; the finished runs are kept and the same command resumes."""
+    command, out, parent = started_with_jobs(tmp_path)
+    workers = [pid for pid in children(parent.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(workers[0], signal_module.SIGKILL)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("nonlocal-opt compare: a worker process died while training sgd-m") and "fewer --jobs" in line
+    finished = json.loads(out.read_text())["runs"]
+    assert 1 <= len(finished) < 9
+    resumes(command, out, finished)
 
 
 def test_cli_runs_writes_json_and_figures(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args) -> int:
     """Run or resume the comparison, print the summary table per noise level; 0 also when runs diverged
-    (they are recorded as diverged).
+    (they are recorded as diverged), 1 when a worker process of ``--jobs`` died.
 
     Args:
         args: the parsed ``compare`` arguments.
@@ -107,6 +108,7 @@ def run_compare(args) -> int:
     from nonlocal_opt.comparison import load_specs, run_comparison, summarize
     from nonlocal_opt.comparison.curves import markdown_table
     from nonlocal_opt.comparison.quick import quick_specs
+    from nonlocal_opt.comparison.workers import WorkerDied
 
     for flag in ("threads", "jobs"):
         if getattr(args, flag) < 1:
@@ -127,7 +129,12 @@ def run_compare(args) -> int:
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
-    store = run_comparison(config, specs, Path(args.out), progress=not args.no_progress, jobs=args.jobs, threads=args.threads)
+    try:
+        store = run_comparison(config, specs, Path(args.out), progress=not args.no_progress, jobs=args.jobs,
+                               threads=args.threads)
+    except WorkerDied as error:
+        print(f"nonlocal-opt compare: {error}", file=sys.stderr)
+        return 1
     summary = summarize(json.loads(Path(args.out).read_text()))
     for noise in config.label_noise:
         level = summary[repr(noise)]

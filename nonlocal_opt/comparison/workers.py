@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -24,11 +26,10 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train(job: tuple[int, ComparisonConfig, RunSpec]) -> tuple[int, dict[str, Any]]:
-    index, config, run = job
+def _train(config: ComparisonConfig, run: RunSpec) -> dict[str, Any]:
     if run.noise not in _splits:
         _splits[run.noise] = load_splits(config, run.noise)
-    return index, train_run(config, run, _splits[run.noise])
+    return train_run(config, run, _splits[run.noise])
 
 
 def check_workers_can_build(specs: list[OptimizerSpec]) -> None:
@@ -53,7 +54,8 @@ def check_workers_can_build(specs: list[OptimizerSpec]) -> None:
 def train_in_workers(config: ComparisonConfig, runs: list[RunSpec], jobs: int, threads: int
                      ) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
     """Train ``runs`` in ``jobs`` worker processes of ``threads`` torch threads each; yields each run with its
-    record as it finishes. Leaving the loop early, an interrupt, or a failed run stops the workers.
+    record as it finishes. Leaving the loop early, an interrupt, or a failed run stops the workers; a worker
+    that dies (killed, out of memory) raises ``WorkerDied``.
 
     Args:
         config: The comparison's settings.
@@ -62,11 +64,22 @@ def train_in_workers(config: ComparisonConfig, runs: list[RunSpec], jobs: int, t
         threads: ``torch.set_num_threads`` of each worker.
     """
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-    pool = context.Pool(min(jobs, len(runs)), initializer=_start_worker, initargs=(threads,))
+    pool = ProcessPoolExecutor(min(jobs, len(runs)), mp_context=context, initializer=_start_worker, initargs=(threads,))
+    futures = {pool.submit(_train, config, run): run for run in runs}
     try:
-        for index, record in pool.imap_unordered(_train, [(i, config, run) for i, run in enumerate(runs)]):
-            yield runs[index], record
-        pool.close()
+        for future in as_completed(futures):
+            try:
+                record = future.result()
+            except BrokenProcessPool:
+                raise WorkerDied(f"a worker process died while training {futures[future].spec.name} (killed, or out "
+                                 "of memory?); the finished runs are kept: rerun to resume, with fewer --jobs if "
+                                 "memory ran out") from None
+            yield futures[future], record
     finally:
-        pool.terminate()
-        pool.join()
+        for process in list((pool._processes or {}).values()):  # running runs end now, not when they finish
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of :func:`train_in_workers` ended without finishing its run."""
