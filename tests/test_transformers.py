@@ -88,6 +88,16 @@ def test_sam_at_rho_0_over_sgd_equals_the_stock_trainer_with_sgd(tmp_path):
             - torch.nn.utils.parameters_to_vector(ours.model.parameters())).abs().max() > 1e-4  # clipping was active
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state: an fp16 Trainer's would refuse later runs without mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def on_gpu(trainer_class, init_scale: float):
     """``trainer_class`` whose accelerator does fp16 as on a GPU: a ``torch.amp.GradScaler`` and autocast
     (on the CPU Accelerate makes neither)."""
@@ -101,7 +111,7 @@ def on_gpu(trainer_class, init_scale: float):
     return OnGpu
 
 
-def test_fp16_steps_and_skips_overflows_like_the_stock_trainer(tmp_path):
+def test_fp16_steps_and_skips_overflows_like_the_stock_trainer(tmp_path, fresh_accelerator_state):
     """fp16 as on a GPU, from a loss scale that overflows: SAM at ρ = 0 over SGD equals the stock Trainer with
     SGD under torch's scaler. The same steps are skipped, the scale backs off alike, the LR schedule stands
     still on a skipped step, and the logged gradient norms agree (the Trainer's unscale after the step
@@ -177,7 +187,7 @@ def test_save_and_resume_is_bit_identical(tmp_path):
     assert _losses(resumed)[-3:] == _losses(whole)[-3:]
 
 
-def test_what_cannot_work_is_refused(tmp_path):
+def test_what_cannot_work_is_refused(tmp_path, fresh_accelerator_state):
     model = Regression()
 
     def build(optimizer, args):

@@ -1,8 +1,8 @@
 """The ``nonlocal-opt`` command: ``train``, ``plugins``, ``landscape``, ``geometry`` and ``compare`` (see docs/trainer.md).
 
-Exit codes: 0 success; 1 the run diverged (non-finite loss, most steps refused, or the loss exploded);
-2 bad input, one line on stderr; 130 interrupted (Ctrl-C / SIGINT; 143 for SIGTERM), after a checkpoint
-and with the command that resumes the run.
+Exit codes: 0 success; 1 the run diverged (non-finite loss, most steps refused, or the loss exploded), or a
+worker process of ``compare --jobs`` died; 2 bad input, one line on stderr; 130 interrupted (Ctrl-C /
+SIGINT; 143 for SIGTERM), after a checkpoint and with the command that resumes the run.
 """
 
 from __future__ import annotations

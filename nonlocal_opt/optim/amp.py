@@ -164,7 +164,7 @@ class GradScaler(torch.amp.GradScaler):
         if passes is None or not self.is_enabled():
             super().unscale_(optimizer)
         elif not passes.unscaled:
-            passes.unscale([p.grad for group in optimizer.param_groups for p in group["params"]])
+            passes.unscale(_grads(optimizer))
 
 
 def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
